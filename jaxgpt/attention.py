@@ -1,0 +1,102 @@
+"""The lecture's ladder from averaging the past to scaled dot-product attention.
+
+Each rung is a pure function with the same contract: tokens at time t may only look at times <= t.
+
+    causal_mean_loop     the double loop: x[b, t] = mean(x[b, :t+1])          (the readable reference)
+    causal_mean_matmul   the same with one matmul by a row-normalised lower-triangular matrix
+    causal_mean_softmax  the same with zeros masked to -inf and a softmax: weights become learnable
+    attention_weights    data-dependent weights: softmax(q @ k^T / sqrt(head_size)), masked
+    attention            weights @ v, with dropout on the weights (nanoGPT's attn_dropout)
+
+`causal=False` gives the encoder (unmasked) form of the seeds' "Attention is all you need" notes.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+
+def causal_mask(T: int, S: int | None = None) -> jax.Array:
+    """Boolean (T, S) matrix: query i may attend to key j iff j <= i + (S - T).
+
+    With S == T this is `tril(ones(T, T))`. With S > T the T queries are the last T positions of a
+    length-S sequence (a KV cache), so each still sees exactly its own past.
+    """
+    S = T if S is None else S
+    return jnp.tril(jnp.ones((T, S), dtype=bool), k=S - T)
+
+
+def causal_mean_loop(x_BTC: jax.Array) -> jax.Array:
+    """x_bow[b, t] = mean_{i <= t} x[b, i], written as the lecture's double loop."""
+    chex.assert_rank(x_BTC, 3)
+    B, T, _ = x_BTC.shape
+    rows = []
+    for b in range(B):
+        rows.append(jnp.stack([jnp.mean(x_BTC[b, : t + 1], axis=0) for t in range(T)]))
+    return jnp.stack(rows)
+
+
+def causal_mean_matmul(x_BTC: jax.Array) -> jax.Array:
+    """The same average as one matmul: lower-triangular ones, each row divided by its sum."""
+    chex.assert_rank(x_BTC, 3)
+    T = x_BTC.shape[1]
+    wei_TT = jnp.tril(jnp.ones((T, T), x_BTC.dtype))
+    wei_TT = wei_TT / wei_TT.sum(axis=1, keepdims=True)
+    return wei_TT @ x_BTC  # (T, T) @ (B, T, C) -> (B, T, C)
+
+
+def causal_mean_softmax(x_BTC: jax.Array) -> jax.Array:
+    """The same average via softmax: affinities start at zero, the future is set to -inf."""
+    chex.assert_rank(x_BTC, 3)
+    T = x_BTC.shape[1]
+    wei_TT = jnp.where(causal_mask(T), jnp.zeros((T, T), x_BTC.dtype), -jnp.inf)
+    wei_TT = jax.nn.softmax(wei_TT, axis=-1)
+    return wei_TT @ x_BTC
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout as in PyTorch; the identity when `rate == 0` or `key is None` (evaluation)."""
+    if rate == 0.0 or key is None:
+        return x
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def attention_weights(q: jax.Array, k: jax.Array, *, causal: bool = True) -> jax.Array:
+    """softmax(q @ k^T * head_size**-0.5) over keys, with the future masked when `causal`.
+
+    q: (..., T, head_size), k: (..., S, head_size) -> (..., T, S). The softmax runs in float32 so
+    that bfloat16 inputs do not lose the normalisation.
+    """
+    chex.assert_equal_shape_suffix([q, k], 1)
+    chex.assert_equal(q.ndim, k.ndim)
+    head_size = q.shape[-1]
+    scores = jnp.einsum("...td,...sd->...ts", q, k) * head_size**-0.5
+    scores = scores.astype(jnp.float32)
+    if causal:
+        scores = jnp.where(causal_mask(q.shape[-2], k.shape[-2]), scores, -jnp.inf)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    dropout_rate: float = 0.0,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """Scaled dot-product attention: `attention_weights(q, k) @ v`.
+
+    q: (..., T, hs), k: (..., S, hs), v: (..., S, hv) -> (..., T, hv). With `dropout_rate > 0` a
+    `key` must be given (training); without one the weights are used as they are (evaluation).
+    """
+    chex.assert_equal_shape_prefix([k, v], k.ndim - 1)
+    wei = attention_weights(q, k, causal=causal)
+    wei = dropout(wei, dropout_rate, key)
+    return jnp.einsum("...ts,...sd->...td", wei.astype(v.dtype), v)

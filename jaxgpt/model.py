@@ -1,0 +1,312 @@
+"""The GPT of the lecture and of nanoGPT as Flax NNX modules.
+
+Names follow nanoGPT (`wte`, `wpe`, `h`, `ln_1`, `attn`, `c_attn`, `c_proj`, `ln_2`, `mlp`, `c_fc`,
+`ln_f`, `lm_head`) so checkpoints map one to one; each class says which lecture object it is.
+Modules hold parameters only. Randomness (dropout) arrives as an explicit `key` argument: `key=None`
+means evaluation (no dropout), so the same module is a pure function of (params, inputs, key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxgpt.attention import attention, dropout
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf GELU, as torch's nn.GELU()
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # GPT-2's original approximation
+    "relu": jax.nn.relu,  # the lecture's gpt.py
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Model hyper-parameters. Field names are nanoGPT's, so `GPTConfig(**ckpt['model_args'])` works."""
+
+    block_size: int = 1024  # maximum context length
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers (nanoGPT's `bias`)
+    activation: str = "gelu"  # 'gelu' (exact) | 'gelu_tanh' | 'relu'
+    tie_embeddings: bool = True  # lm_head shares wte's matrix (nanoGPT, GPT-2)
+    pos_encoding: str = "learned"  # 'learned' (wpe table) | 'sinusoidal' (the Transformer paper)
+    attention: str = "fused"  # 'fused' (nanoGPT's one c_attn) | 'heads' (the lecture's list of Head)
+    norm_position: str = "pre"  # 'pre' (GPT-2) | 'post' (the Transformer paper's Add & Norm)
+    ln_eps: float = 1e-5
+    dtype: str = "float32"  # computation dtype ('bfloat16' for mixed precision)
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
+                "each head gets n_embd // n_head channels"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        choices = {
+            "activation": tuple(ACTIVATIONS),
+            "pos_encoding": ("learned", "sinusoidal"),
+            "attention": ("fused", "heads"),
+            "norm_position": ("pre", "post"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError:
+                raise ValueError(f"model.{name} is not a dtype: {getattr(self, name)!r}") from None
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
+    """n independent keys, or n Nones when there is no randomness (evaluation)."""
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+def _linear(config: GPTConfig, n_in: int, n_out: int, rngs: nnx.Rngs, std: float = 0.02) -> nnx.Linear:
+    return nnx.Linear(
+        n_in,
+        n_out,
+        use_bias=config.bias,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        kernel_init=nnx.initializers.normal(std),
+        bias_init=nnx.initializers.zeros,
+        rngs=rngs,
+    )
+
+
+def _residual_std(config: GPTConfig) -> float:
+    """nanoGPT's special init for projections into the residual stream (GPT-2 paper)."""
+    return 0.02 / math.sqrt(2 * config.n_layer)
+
+
+def _layer_norm(config: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # use_fast_variance=False: E[(x - mean)^2] like torch, not E[x^2] - mean^2.
+    return nnx.LayerNorm(
+        config.n_embd,
+        epsilon=config.ln_eps,
+        use_bias=config.bias,
+        use_fast_variance=False,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        rngs=rngs,
+    )
+
+
+def sinusoidal_positions(T: int, C: int) -> jax.Array:
+    """The Transformer paper's fixed encoding: PE[p, 2i] = sin(p / 10000^(2i/C)), PE[p, 2i+1] = cos(.)."""
+    pos = np.arange(T, dtype=np.float64)[:, None]
+    div = np.power(10000.0, np.arange(0, C, 2, dtype=np.float64) / C)
+    pe = np.zeros((T, C), dtype=np.float64)
+    pe[:, 0::2] = np.sin(pos / div)
+    pe[:, 1::2] = np.cos(pos / div)[:, : C // 2]
+    return jnp.asarray(pe, dtype=jnp.float32)
+
+
+class Head(nnx.Module):
+    """One head of causal self-attention: the lecture's `Head` (key, query, value projections)."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        self.key = _linear(config, config.n_embd, config.head_size, rngs)
+        self.query = _linear(config, config.n_embd, config.head_size, rngs)
+        self.value = _linear(config, config.n_embd, config.head_size, rngs)
+        self.dropout_rate = config.dropout
+
+    def __call__(self, x_BTC: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        k_BTD, q_BTD, v_BTD = self.key(x_BTC), self.query(x_BTC), self.value(x_BTC)
+        return attention(q_BTD, k_BTD, v_BTD, causal=True, dropout_rate=self.dropout_rate, key=key)
+
+
+class MultiHeadAttention(nnx.Module):
+    """The lecture's `MultiHeadAttention`: heads side by side, concatenated, then projected."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        self.heads = nnx.List([Head(config, rngs=rngs) for _ in range(config.n_head)])
+        self.c_proj = _linear(config, config.n_embd, config.n_embd, rngs, std=_residual_std(config))
+        self.dropout_rate = config.dropout
+
+    def __call__(self, x_BTC: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        *head_keys, proj_key = _split(key, len(self.heads) + 1)
+        out_BTC = jnp.concatenate([h(x_BTC, key=k) for h, k in zip(self.heads, head_keys)], axis=-1)
+        return dropout(self.c_proj(out_BTC), self.dropout_rate, proj_key)
+
+
+class CausalSelfAttention(nnx.Module):
+    """nanoGPT's fused form: one matmul makes q, k and v for all heads at once."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        self.c_attn = _linear(config, config.n_embd, 3 * config.n_embd, rngs)
+        self.c_proj = _linear(config, config.n_embd, config.n_embd, rngs, std=_residual_std(config))
+        self.n_head = config.n_head
+        self.dropout_rate = config.dropout
+
+    def qkv(self, x_BTC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Projects x to queries, keys and values split into heads: three (B, H, T, head_size)."""
+        B, T, C = x_BTC.shape
+        qkv_BT3C = self.c_attn(x_BTC)
+        q, k, v = jnp.split(qkv_BT3C, 3, axis=-1)
+        to_heads = lambda t: t.reshape(B, T, self.n_head, C // self.n_head).transpose(0, 2, 1, 3)  # noqa: E731
+        return to_heads(q), to_heads(k), to_heads(v)
+
+    def project(self, y_BHTD: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        """Re-assembles the heads side by side and projects back into the residual stream."""
+        B, H, T, D = y_BHTD.shape
+        y_BTC = y_BHTD.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+        return dropout(self.c_proj(y_BTC), self.dropout_rate, key)
+
+    def __call__(self, x_BTC: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        att_key, proj_key = _split(key, 2)
+        q_BHTD, k_BHTD, v_BHTD = self.qkv(x_BTC)
+        y_BHTD = attention(q_BHTD, k_BHTD, v_BHTD, causal=True, dropout_rate=self.dropout_rate, key=att_key)
+        return self.project(y_BHTD, key=proj_key)
+
+
+class MLP(nnx.Module):
+    """The lecture's `FeedForward`: expand 4x, non-linearity, project back."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        self.c_fc = _linear(config, config.n_embd, 4 * config.n_embd, rngs)
+        self.c_proj = _linear(config, 4 * config.n_embd, config.n_embd, rngs, std=_residual_std(config))
+        self.activation = config.activation
+        self.dropout_rate = config.dropout
+
+    def __call__(self, x_BTC: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        h_BT4C = ACTIVATIONS[self.activation](self.c_fc(x_BTC))
+        return dropout(self.c_proj(h_BT4C), self.dropout_rate, key)
+
+
+class Block(nnx.Module):
+    """Communication (attention) then computation (MLP), each with a residual connection.
+
+    Pre-LN (GPT-2, the lecture) normalises each branch's input; post-LN (the Transformer paper's
+    "Add & Norm") normalises after each residual sum.
+    """
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        self.ln_1 = _layer_norm(config, rngs)
+        attn_cls = CausalSelfAttention if config.attention == "fused" else MultiHeadAttention
+        self.attn = attn_cls(config, rngs=rngs)
+        self.ln_2 = _layer_norm(config, rngs)
+        self.mlp = MLP(config, rngs=rngs)
+        self.norm_position = config.norm_position
+
+    def __call__(self, x_BTC: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        attn_key, mlp_key = _split(key, 2)
+        if self.norm_position == "pre":
+            x_BTC = x_BTC + self.attn(self.ln_1(x_BTC), key=attn_key)
+            x_BTC = x_BTC + self.mlp(self.ln_2(x_BTC), key=mlp_key)
+        else:
+            x_BTC = self.ln_1(x_BTC + self.attn(x_BTC, key=attn_key))
+            x_BTC = self.ln_2(x_BTC + self.mlp(x_BTC, key=mlp_key))
+        return x_BTC
+
+
+class GPT(nnx.Module):
+    """Token + position embeddings, a stack of Blocks, a final LayerNorm and the language-model head."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtypes = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
+        init = nnx.initializers.normal(0.02)
+        # The lecture's token_embedding_table and position_embedding_table.
+        self.wte = nnx.Embed(config.vocab_size, config.n_embd, embedding_init=init, rngs=rngs, **dtypes)
+        if config.pos_encoding == "learned":
+            self.wpe = nnx.Embed(config.block_size, config.n_embd, embedding_init=init, rngs=rngs, **dtypes)
+        else:
+            self.wpe = None
+        self.h = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layer)])  # the lecture's blocks
+        self.ln_f = _layer_norm(config, rngs)
+        if config.tie_embeddings:
+            self.lm_head = None  # logits come from wte.attend: one matrix for input and output
+        else:
+            self.lm_head = nnx.Linear(
+                config.n_embd, config.vocab_size, use_bias=False, kernel_init=init, rngs=rngs, **dtypes
+            )
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    def embed(self, idx_BT: jax.Array, *, start: int | jax.Array = 0) -> jax.Array:
+        """Token embeddings plus the embeddings of positions start, start + 1, ..."""
+        T = idx_BT.shape[1]
+        tok_emb_BTC = self.wte(idx_BT)
+        if self.wpe is not None:
+            pos_emb_TC = self.wpe(start + jnp.arange(T))
+        else:
+            table = sinusoidal_positions(self.config.block_size, self.config.n_embd)
+            pos_emb_TC = jax.lax.dynamic_slice_in_dim(table, start, T).astype(tok_emb_BTC.dtype)
+        return tok_emb_BTC + pos_emb_TC
+
+    def head(self, x_BTC: jax.Array) -> jax.Array:
+        """Final LayerNorm and projection to vocabulary logits (float32)."""
+        x_BTC = self.ln_f(x_BTC)
+        logits_BTV = self.wte.attend(x_BTC) if self.lm_head is None else self.lm_head(x_BTC)
+        return logits_BTV.astype(jnp.float32)
+
+    def __call__(self, idx_BT: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        """idx (B, T) int token ids -> logits (B, T, vocab_size). `key` enables dropout."""
+        chex.assert_rank(idx_BT, 2)
+        B, T = idx_BT.shape
+        if T > self.config.block_size:
+            raise ValueError(
+                f"cannot forward a sequence of length {T}: the model's block_size is {self.config.block_size}"
+            )
+        drop_key, *block_keys = _split(key, self.config.n_layer + 1)
+        x_BTC = dropout(self.embed(idx_BT), self.config.dropout, drop_key)
+        for block, block_key in zip(self.h, block_keys):
+            x_BTC = block(x_BTC, key=block_key)
+        logits_BTV = self.head(x_BTC)
+        chex.assert_shape(logits_BTV, (B, T, self.config.vocab_size))
+        return logits_BTV
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; as nanoGPT, position embeddings are not counted when `non_embedding`."""
+        n = sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
+        if non_embedding and self.wpe is not None:
+            n -= self.wpe.embedding.size
+        return int(n)
+
+
+class BigramLanguageModel(nnx.Module):
+    """The lecture's first model: each token reads the logits of the next one from a table row."""
+
+    def __init__(self, vocab_size: int, block_size: int = 8, *, rngs: nnx.Rngs):
+        # torch's nn.Embedding default init, N(0, 1), as in the lecture.
+        self.token_embedding_table = nnx.Embed(
+            vocab_size, vocab_size, embedding_init=nnx.initializers.normal(1.0), rngs=rngs
+        )
+        self.block_size = block_size  # only bounds the context that `generate` keeps
+
+    def __call__(self, idx_BT: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        chex.assert_rank(idx_BT, 2)
+        return self.token_embedding_table(idx_BT).astype(jnp.float32)
+
+
+def loss_fn(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """Mean cross-entropy of next-token prediction, computed in float32 (F.cross_entropy)."""
+    chex.assert_equal_shape_prefix([logits_BTV, targets_BT], targets_BT.ndim)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
+    return losses.mean()

@@ -1,0 +1,72 @@
+"""nanoGPT's optimiser recipe in Optax.
+
+AdamW whose weight decay touches only parameters with >= 2 dimensions (matmul weights and
+embeddings; not biases or LayerNorm gains), a global-norm gradient clip, and nanoGPT's learning rate
+schedule: linear warmup, cosine decay to `min_lr`, then constant.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def get_lr(
+    it: int | jax.Array,
+    *,
+    learning_rate: float,
+    warmup_iters: int,
+    lr_decay_iters: int,
+    min_lr: float,
+) -> jax.Array:
+    """nanoGPT's `get_lr`: the learning rate for iteration `it` (0-based). Works on traced `it`."""
+    it = jnp.asarray(it, jnp.float32)
+    warmup = learning_rate * (it + 1) / (warmup_iters + 1)
+    span = max(lr_decay_iters - warmup_iters, 1)
+    decay_ratio = jnp.clip((it - warmup_iters) / span, 0.0, 1.0)
+    cosine = min_lr + 0.5 * (1.0 + jnp.cos(math.pi * decay_ratio)) * (learning_rate - min_lr)
+    return jnp.where(it < warmup_iters, warmup, jnp.where(it > lr_decay_iters, min_lr, cosine))
+
+
+def lr_schedule(
+    learning_rate: float,
+    *,
+    decay_lr: bool = True,
+    warmup_iters: int = 0,
+    lr_decay_iters: int = 1,
+    min_lr: float = 0.0,
+) -> optax.Schedule:
+    """An Optax schedule (a function of the update count) for nanoGPT's settings."""
+    if not decay_lr:
+        return optax.constant_schedule(learning_rate)
+    return lambda count: get_lr(
+        count,
+        learning_rate=learning_rate,
+        warmup_iters=warmup_iters,
+        lr_decay_iters=lr_decay_iters,
+        min_lr=min_lr,
+    )
+
+
+def decay_mask(params) -> object:
+    """True for the leaves that get weight decay: those with ndim >= 2 (nanoGPT's rule)."""
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def adamw(
+    learning_rate: float | optax.Schedule,
+    *,
+    weight_decay: float = 0.1,
+    beta1: float = 0.9,
+    beta2: float = 0.95,
+    eps: float = 1e-8,
+    grad_clip: float = 1.0,
+) -> optax.GradientTransformation:
+    """Clip the global gradient norm to `grad_clip` (0 disables), then AdamW with nanoGPT's decay mask."""
+    tx = optax.adamw(learning_rate, b1=beta1, b2=beta2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    if grad_clip and grad_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
+    return tx
