@@ -72,7 +72,8 @@ def from_torch_state_dict(config: GPTConfig, state_dict: Mapping) -> GPT:
         if value.shape != expected:
             raise ValueError(f"tensor {name!r} has shape {tuple(value.shape)} but the model expects {expected}")
         value = value.T if transpose else value
-        leaves.append((path, variable.replace(jnp.asarray(value, dtype=variable.dtype))))
+        # jnp.array copies: a zero-copy view of a torch tensor would change when torch trains in place.
+        leaves.append((path, variable.replace(jnp.array(value, dtype=variable.dtype))))
         used.add(name)
     if config.tie_embeddings:
         used.add("lm_head.weight")
@@ -88,7 +89,7 @@ def to_torch_state_dict(model: GPT) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transpose = torch_name(path)
-        value = np.asarray(variable.value)
+        value = np.asarray(variable[...])
         out[name] = np.ascontiguousarray(value.T) if transpose else value
     if model.config.tie_embeddings:
         out["lm_head.weight"] = out["transformer.wte.weight"]

@@ -1,0 +1,57 @@
+"""nanoGPT's optimiser recipe: the schedule, the decay mask, clipping."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxgpt import GPT, GPTConfig, optim
+from tests.reference.torch_gpt import get_lr as torch_get_lr
+
+RECIPE = dict(learning_rate=1e-3, warmup_iters=100, lr_decay_iters=5000, min_lr=1e-4)
+
+
+@pytest.mark.parametrize("it", [0, 1, 50, 99, 100, 101, 2500, 4999, 5000, 5001, 9000])
+def test_get_lr_equals_nanogpt(it):
+    assert float(optim.get_lr(it, **RECIPE)) == pytest.approx(torch_get_lr(it, **RECIPE), rel=1e-6)
+
+
+def test_schedule_is_jit_able_and_constant_without_decay():
+    schedule = jax.jit(optim.lr_schedule(**RECIPE))
+    assert float(schedule(jnp.asarray(2500))) == pytest.approx(torch_get_lr(2500, **RECIPE), rel=1e-6)
+    assert float(optim.lr_schedule(3e-4, decay_lr=False)(123)) == pytest.approx(3e-4)
+
+
+def test_decay_mask_is_two_or_more_dims():
+    model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=8), rngs=nnx.Rngs(0))
+    mask = optim.decay_mask(nnx.state(model, nnx.Param))
+    decayed = {".".join(map(str, p)) for p, v in nnx.to_flat_state(mask) if v[...]}
+    assert decayed == {
+        "wte.embedding",
+        "wpe.embedding",
+        "h.0.attn.c_attn.kernel",
+        "h.0.attn.c_proj.kernel",
+        "h.0.mlp.c_fc.kernel",
+        "h.0.mlp.c_proj.kernel",
+    }
+
+
+def test_biases_are_not_decayed_but_weights_are():
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,))}
+    tx = optim.adamw(1.0, weight_decay=0.5, grad_clip=0.0)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new["w"], 0.5)  # decoupled decay: w - lr * wd * w
+    np.testing.assert_allclose(new["b"], 1.0)
+
+
+def test_global_norm_clip():
+    params = {"w": jnp.zeros((4,))}
+    tx = optim.adamw(1.0, weight_decay=0.0, grad_clip=1.0)
+    grads = {"w": jnp.full((4,), 10.0)}
+    clip_state = tx.init(params)
+    clipped, _ = optax.clip_by_global_norm(1.0).update(grads, clip_state[0])
+    assert float(optax.tree.norm(clipped)) == pytest.approx(1.0)
