@@ -144,8 +144,9 @@ def prepare(
         raise FileExistsError(f"{out_dir} already holds {existing}: pass --overwrite or choose another --out")
 
     is_char = str(tokenizer) == "char"
+    tok = None if is_char else load_tokenizer(tokenizer)  # fail on a bad spec before reading the corpus
     n_chars, chars = _scan(input_path, chunk_chars, is_char, progress)
-    tok = CharTokenizer(sorted(chars)) if is_char else load_tokenizer(tokenizer)
+    tok = CharTokenizer(sorted(chars)) if is_char else tok
     n_train = int(n_chars * train_fraction)  # nanoGPT: train_data = data[:int(n * 0.9)]
     if n_train == 0 or (train_fraction < 1.0 and n_train == n_chars):
         raise ValueError(f"input {input_path} has {n_chars} characters: too short to split into train and val")
