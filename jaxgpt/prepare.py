@@ -75,6 +75,27 @@ def _safe_cut(buf: str) -> int:
     return pos + 1
 
 
+def _safe_pieces(text: str, target: int) -> list[str]:
+    """`text` cut at safe places (see `_safe_cut`) into pieces of about `target` characters or more.
+
+    Encoding pieces in a batch is as exact as encoding the whole, and keeps the tokenizer's per-call
+    bookkeeping (offsets, token strings) small.
+    """
+    pieces, start = [], 0
+    while len(text) - start > target:
+        window = target
+        cut = _safe_cut(text[start : start + window])
+        while cut == 0 and start + window < len(text):  # one long line: widen until a boundary shows
+            window *= 2
+            cut = _safe_cut(text[start : start + window])
+        if cut == 0:
+            break
+        pieces.append(text[start : start + cut])
+        start += cut
+    pieces.append(text[start:])
+    return pieces
+
+
 class _Writer:
     """Encodes text pieces of one split and appends their ids to a file, cutting only at safe places."""
 
@@ -97,7 +118,10 @@ class _Writer:
             return
         piece, self.buf = self.buf[:cut], self.buf[cut:]
         try:
-            ids = self.tokenizer.encode(piece)
+            if self.anywhere or not hasattr(self.tokenizer, "encode_batch"):
+                ids = self.tokenizer.encode(piece)
+            else:
+                ids = np.concatenate(self.tokenizer.encode_batch(_safe_pieces(piece, 1 << 16)))
         except ValueError as e:
             raise ValueError(f"at character {self.offset} of this split: {e}") from None
         self.offset += len(piece)

@@ -132,7 +132,9 @@ class HFTokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         """`encode` of several texts at once (the Rust side runs them in parallel)."""
-        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        # encode_batch_fast (tokenizers >= 0.20) skips the offsets, which nobody here reads.
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        encodings = encode(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:

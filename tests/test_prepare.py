@@ -143,3 +143,15 @@ def test_module_entry_point(tmp_path):
     assert "encode" in done.stderr  # the progress bar
     missing = subprocess.run(cmd[:4] + ["nowhere.txt", "--out", "x"], capture_output=True, text=True, env=env)
     assert missing.returncode != 0 and missing.stderr.strip().startswith("error:")
+
+
+def test_safe_pieces_cut_only_at_pre_token_boundaries(shakespeare_path, tmp_path):
+    from jaxgpt.prepare import _safe_pieces
+
+    text = shakespeare_path.read_text()[:30_000] + "x" * 5_000 + "\n  indented\nend"
+    pieces = _safe_pieces(text, 1_000)
+    assert "".join(pieces) == text and len(pieces) > 20
+    for left, right in zip(pieces, pieces[1:]):
+        assert left.endswith("\n") and not right[0].isspace()
+    tok = HFTokenizer(train_bpe(text[:10_000]))
+    np.testing.assert_array_equal(np.concatenate(tok.encode_batch(pieces)), tok.encode(text))
