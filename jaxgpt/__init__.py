@@ -3,6 +3,7 @@
 from jaxgpt.convert import (
     from_torch_state_dict,
     load_gpt2_pretrained,
+    load_init_from,
     load_nanogpt_checkpoint,
     save_nanogpt_checkpoint,
     to_torch_state_dict,
@@ -34,6 +35,7 @@ __all__ = [
     "TiktokenTokenizer",
     "from_torch_state_dict",
     "load_gpt2_pretrained",
+    "load_init_from",
     "load_nanogpt_checkpoint",
     "load_tokenizer",
     "loss_fn",

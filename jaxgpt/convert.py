@@ -236,7 +236,7 @@ def _torch_named(tree, config: GPTConfig) -> dict[str, np.ndarray]:
     out = {}
     for path, leaf in nnx.to_flat_state(state):
         name, transpose = torch_name(path)
-        value = getattr(leaf, "value", leaf)
+        value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
         if isinstance(value, jax.ShapeDtypeStruct):
             out[name] = value
             continue
@@ -460,3 +460,25 @@ def load_gpt2_pretrained(local_dir: str | os.PathLike, **config_overrides) -> GP
     elif n_positions is not None and config.block_size > n_positions:
         raise ValueError(f"block_size={config.block_size} exceeds the model's {n_positions} positions")
     return from_torch_state_dict(config, state_dict)
+
+
+def load_init_from(spec: str, **config_overrides) -> tuple[GPT, object | None, dict]:
+    """`(model, tokenizer_or_None, info)` for an `init_from` string of train.py / sample.py.
+
+    - 'nanogpt:PATH': a nanoGPT out_dir or ckpt.pt (`load_nanogpt_checkpoint`; info as there);
+    - 'gpt2:PATH' / 'hf:PATH': a local Hugging Face GPT-2 folder (`load_gpt2_pretrained`), with its
+      tokenizer.json when the folder has one; info is {'iter_num': 0, 'source': PATH}.
+    `config_overrides` set GPTConfig fields (dropout to fine-tune, a smaller block_size for GPT-2).
+    """
+    kind, sep, path = spec.partition(":")
+    if not sep or not path or kind not in ("nanogpt", "gpt2", "hf"):
+        raise ValueError(f"init_from {spec!r} is not 'nanogpt:PATH', 'gpt2:PATH' or 'hf:PATH'")
+    if kind == "nanogpt":
+        return load_nanogpt_checkpoint(path, **config_overrides)
+    model = load_gpt2_pretrained(path, **config_overrides)
+    tokenizer = None
+    if (Path(path) / "tokenizer.json").is_file():
+        from jaxgpt.tokenizer import HFTokenizer
+
+        tokenizer = HFTokenizer.from_file(Path(path) / "tokenizer.json")
+    return model, tokenizer, {"iter_num": 0, "best_val_loss": _NANOGPT_DEFAULT_BEST_VAL_LOSS, "source": path}

@@ -15,7 +15,7 @@ from flax import nnx
 
 import jaxgpt
 from jaxgpt import optim
-from jaxgpt.convert import load_gpt2_pretrained, load_nanogpt_checkpoint, save_nanogpt_checkpoint
+from jaxgpt.convert import load_gpt2_pretrained, load_init_from, load_nanogpt_checkpoint, save_nanogpt_checkpoint
 from tests.reference.torch_gpt import GPT as TorchGPT
 from tests.reference.torch_gpt import TorchGPTConfig, configure_optimizers
 
@@ -56,7 +56,7 @@ def _logits(model: jaxgpt.GPT, idx_BT: jax.Array) -> jax.Array:
 
 
 def _params(model: nnx.Module) -> dict:
-    return {path: np.asarray(v.value) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def _nanogpt_ckpt(ref: TorchGPT, *, compiled: bool, dataset: str = "shakespeare_char") -> dict:
@@ -97,6 +97,9 @@ def test_nanogpt_checkpoint_loads_with_same_logits(tmp_path, compiled):
     assert info["best_val_loss"] == pytest.approx(1.4697)
     assert info["config"]["dataset"] == "shakespeare_char"
     assert info["model_args"] == NANO_ARGS
+    via_spec, _, _ = load_init_from(f"nanogpt:{out_dir}", dropout=0.1)
+    assert via_spec.config == jaxgpt.GPTConfig(**{**NANO_ARGS, "dropout": 0.1})
+    _bits_equal(model, via_spec)
 
 
 def _write_nanogpt_meta(path, text: str) -> None:
@@ -209,15 +212,18 @@ def test_saved_ckpt_loads_the_way_nanogpt_sample_and_resume_do(tmp_path):
     adam = jaxgpt.convert._adam_state(opt_state)
     c_fc = ref.transformer.h[1].mlp.c_fc.weight
     np.testing.assert_array_equal(
-        torch_opt.state[c_fc]["exp_avg"].numpy(), np.asarray(adam.mu["h"][1]["mlp"]["c_fc"]["kernel"].value).T
+        torch_opt.state[c_fc]["exp_avg"].numpy(), np.asarray(adam.mu["h"][1]["mlp"]["c_fc"]["kernel"].get_value()).T
     )
     np.testing.assert_array_equal(
-        torch_opt.state[ref.transformer.ln_f.bias]["exp_avg_sq"].numpy(), np.asarray(adam.nu["ln_f"]["bias"].value)
+        torch_opt.state[ref.transformer.ln_f.bias]["exp_avg_sq"].numpy(),
+        np.asarray(adam.nu["ln_f"]["bias"].get_value()),
     )
     assert float(torch_opt.state[c_fc]["step"]) == 3
 
 
 def test_nanogpt_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="is not 'nanogpt:PATH', 'gpt2:PATH' or 'hf:PATH'"):
+        load_init_from("resume")
     with pytest.raises(FileNotFoundError, match="no nanoGPT checkpoint at .*out_dir"):
         load_nanogpt_checkpoint(tmp_path / "nowhere")
     (tmp_path / "garbage").mkdir()
@@ -269,8 +275,12 @@ def test_gpt2_safetensors_folder_loads_with_same_logits(tmp_path):
     idx = _tokens(97, 64)
     np.testing.assert_allclose(np.asarray(_logits(model, idx)), _hf_logits(hf, idx), rtol=1e-4, atol=1e-4)
 
+    via_spec, tokenizer, info = load_init_from(f"gpt2:{tmp_path}")
+    assert tokenizer is None and info["iter_num"] == 0  # save_pretrained writes no tokenizer.json
+    _bits_equal(model, via_spec)
+
     cropped = jaxgpt.GPT.from_pretrained(tmp_path, block_size=16)  # nanoGPT's crop_block_size
-    assert cropped.wpe.embedding.value.shape == (16, 32)
+    assert cropped.wpe.embedding.get_value().shape == (16, 32)
     np.testing.assert_allclose(
         np.asarray(_logits(cropped, idx[:, :16])), _hf_logits(hf, idx[:, :16]), rtol=1e-4, atol=1e-4
     )
