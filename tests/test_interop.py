@@ -279,6 +279,10 @@ def test_gpt2_safetensors_folder_loads_with_same_logits(tmp_path):
     assert tokenizer is None and info["iter_num"] == 0  # save_pretrained writes no tokenizer.json
     _bits_equal(model, via_spec)
 
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    _bits_equal(model, jaxgpt.GPT.from_pretrained(tmp_path / "sharded"))
+
     cropped = jaxgpt.GPT.from_pretrained(tmp_path, block_size=16)  # nanoGPT's crop_block_size
     assert cropped.wpe.embedding.get_value().shape == (16, 32)
     np.testing.assert_allclose(
