@@ -1,6 +1,13 @@
 """jaxgpt: the GPT of "Let's build GPT" and nanoGPT as pure JAX functions and Flax NNX modules."""
 
-from jaxgpt.convert import from_torch_state_dict, to_torch_state_dict
+from jaxgpt.convert import (
+    from_torch_state_dict,
+    load_gpt2_pretrained,
+    load_init_from,
+    load_nanogpt_checkpoint,
+    save_nanogpt_checkpoint,
+    to_torch_state_dict,
+)
 from jaxgpt.model import (
     GPT,
     MLP,
@@ -12,7 +19,7 @@ from jaxgpt.model import (
     MultiHeadAttention,
     loss_fn,
 )
-from jaxgpt.tokenizer import CharTokenizer
+from jaxgpt.tokenizer import CharTokenizer, HFTokenizer, TiktokenTokenizer, load_tokenizer, tokenizer_from_dict
 
 __all__ = [
     "GPT",
@@ -22,10 +29,18 @@ __all__ = [
     "CausalSelfAttention",
     "CharTokenizer",
     "GPTConfig",
+    "HFTokenizer",
     "Head",
     "MultiHeadAttention",
+    "TiktokenTokenizer",
     "from_torch_state_dict",
+    "load_gpt2_pretrained",
+    "load_init_from",
+    "load_nanogpt_checkpoint",
+    "load_tokenizer",
     "loss_fn",
+    "save_nanogpt_checkpoint",
     "to_torch_state_dict",
+    "tokenizer_from_dict",
 ]
 __version__ = "0.1.0"

@@ -249,6 +249,16 @@ class GPT(nnx.Module):
     def block_size(self) -> int:
         return self.config.block_size
 
+    @classmethod
+    def from_pretrained(cls, local_dir: str, **config_overrides) -> GPT:
+        """GPT-2 weights from a local Hugging Face folder (config.json + model.safetensors or pytorch_model.bin).
+
+        See `jaxgpt.convert.load_gpt2_pretrained`; nothing is downloaded.
+        """
+        from jaxgpt.convert import load_gpt2_pretrained  # convert imports this module
+
+        return load_gpt2_pretrained(local_dir, **config_overrides)
+
     def embed(self, idx_BT: jax.Array, *, start: int | jax.Array = 0) -> jax.Array:
         """Token embeddings plus the embeddings of positions start, start + 1, ..."""
         T = idx_BT.shape[1]
