@@ -1,0 +1,447 @@
+"""Side-by-side training-step benchmark: jaxgpt against the PyTorch reference on the same machine.
+
+One process, alternating rounds, same config, same batches, same optimiser recipe (nanoGPT's AdamW:
+warmup + cosine learning rate, weight decay 0.1 on >= 2-D parameters, betas (0.9, 0.99), global-norm
+clip 1.0). Implementations:
+
+    jax        one jitted train step per call (params and optimiser state donated), batches fed from host
+    jax_scan   K train steps per jitted call (`lax.scan`), batches drawn on the device with
+               `jaxgpt.data.get_batch` from the whole token array held on the device
+    torch      tests/reference/torch_gpt.py in eager mode (`configure_optimizers`, nanoGPT's loop)
+    torch_compile  the same model wrapped in `torch.compile` (its compile time is reported as first step)
+
+Reported per shape: median ms/step, tokens/s, ratios against torch eager and compiled, first-step time
+(compile included), peak memory (RSS growth of a fresh subprocess over its first steps; for jax also
+XLA's own buffer plan) and achieved GFLOP/s with nanoGPT's FLOPs-per-token estimate 6N + 12·L·T·C.
+
+    PYTHONPATH=$PWD python benchmarks/bench_train.py                       # both CPU shapes, ~5 min
+    PYTHONPATH=$PWD python benchmarks/bench_train.py --shapes shakespeare_char_cpu --rounds 3
+    PYTHONPATH=$PWD python benchmarks/bench_train.py --write benchmarks/RESULTS.md
+
+The train step lives in `build_jax_steps`; swapping it for the library's training step changes one
+function. `--xla-flags` sets XLA_FLAGS before jax starts (jax is imported only after argument parsing),
+for trying XLA CPU flags; none tried so far measured faster (see RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATA = pathlib.Path(
+    os.environ.get("JAXGPT_SHAKESPEARE", ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt")
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A benchmark shape: nanoGPT's config/train_shakespeare_char.py and its CPU variant."""
+
+    batch_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float
+    learning_rate: float = 1e-3
+    warmup_iters: int = 100
+    lr_decay_iters: int = 5000
+    min_lr: float = 1e-4
+    # defaults for the timing loop: rounds x steps per implementation, K steps per scanned call
+    rounds: int = 5
+    steps: int = 10
+    scan_k: int = 10
+
+
+SHAPES = {
+    "shakespeare_char_cpu": Shape(12, 64, 4, 4, 128, 0.0, lr_decay_iters=2000, rounds=5, steps=20, scan_k=20),
+    "shakespeare_char": Shape(64, 256, 6, 6, 384, 0.2, rounds=3, steps=2, scan_k=2),
+}
+IMPLS = ("jax", "jax_scan", "torch", "torch_compile")
+WEIGHT_DECAY, BETAS, GRAD_CLIP, VOCAB = 0.1, (0.9, 0.99), 1.0, 65
+
+
+def load_tokens():
+    import numpy as np
+
+    text = DATA.read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    return np.array([stoi[c] for c in text], dtype=np.uint16)
+
+
+def host_batches(tokens, shape: Shape, n: int, seed: int = 0):
+    """n fixed (x, y) int64 numpy batches, shared by every implementation."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ix = rng.integers(0, len(tokens) - shape.block_size, shape.batch_size)
+        w = np.stack([tokens[i : i + shape.block_size + 1] for i in ix]).astype(np.int64)
+        out.append((np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])))
+    return out
+
+
+def flops_per_token(shape: Shape) -> int:
+    """nanoGPT's estimate_mfu: 6N + 12·L·T·C, N the non-embedding parameter count (wte counted, tied)."""
+    C, L = shape.n_embd, shape.n_layer
+    n = VOCAB * C + L * (12 * C * C + 2 * C) + C  # wte + blocks (no bias) + ln_f; wpe excluded
+    return 6 * n + 12 * L * shape.block_size * C
+
+
+# ----------------------------------------------------------------------------------------------- jax
+
+
+def build_jax_steps(shape: Shape, tokens, scan_k: int):
+    """The jaxgpt train step: split model, jitted pure step donating params and optimiser state.
+
+    Returns (state, step, step_k): `step(params, opt_state, x, y, key, it)` does one update;
+    `step_k(params, opt_state, data, key, it)` does `scan_k` updates with batches drawn on the device.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    import jaxgpt
+    from jaxgpt import data as jdata
+    from jaxgpt import optim
+
+    config = jaxgpt.GPTConfig(
+        vocab_size=VOCAB,
+        block_size=shape.block_size,
+        n_layer=shape.n_layer,
+        n_head=shape.n_head,
+        n_embd=shape.n_embd,
+        dropout=shape.dropout,
+        bias=False,
+    )
+    model = jaxgpt.GPT(config, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    schedule = optim.lr_schedule(
+        shape.learning_rate,
+        warmup_iters=shape.warmup_iters,
+        lr_decay_iters=shape.lr_decay_iters,
+        min_lr=shape.min_lr,
+    )
+    tx = optim.adamw(schedule, weight_decay=WEIGHT_DECAY, beta1=BETAS[0], beta2=BETAS[1], grad_clip=GRAD_CLIP)
+    opt_state = tx.init(params)
+
+    def loss_of(params, x_BT, y_BT, key):
+        model = nnx.merge(graphdef, params)
+        return jaxgpt.loss_fn(model(x_BT, key=key if shape.dropout > 0 else None), y_BT)
+
+    def update(params, opt_state, x_BT, y_BT, key):
+        loss, grads = jax.value_and_grad(loss_of)(params, x_BT, y_BT, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    def step(params, opt_state, x_BT, y_BT, key):
+        return update(params, opt_state, x_BT, y_BT, key)
+
+    def step_k(params, opt_state, data, key):
+        def body(carry, key):
+            params, opt_state = carry
+            batch_key, drop_key = jax.random.split(key)
+            x_BT, y_BT = jdata.get_batch(batch_key, data, shape.batch_size, shape.block_size)
+            params, opt_state, loss = update(params, opt_state, x_BT, y_BT, drop_key)
+            return (params, opt_state), loss
+
+        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), jax.random.split(key, scan_k))
+        return params, opt_state, losses
+
+    step = jax.jit(step, donate_argnames=("params", "opt_state"))
+    step_k = jax.jit(step_k, donate_argnames=("params", "opt_state"))
+    return params, opt_state, step, step_k, jnp.asarray(tokens)
+
+
+class JaxRunner:
+    def __init__(self, shape: Shape, tokens, batches, scan: bool):
+        import jax
+        import jax.numpy as jnp
+
+        self.jax, self.scan, self.shape = jax, scan, shape
+        self.k = shape.scan_k if scan else 1
+        self.params, self.opt_state, self.step1, self.stepk, self.data = build_jax_steps(shape, tokens, self.k)
+        self.batches = [(jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32)) for x, y in batches]
+        self.key = jax.random.key(1)
+        self.i = 0
+
+    def memory_plan(self) -> int:
+        """XLA's buffer plan for one call: arguments + outputs + temporaries - aliased (donated)."""
+        x, y = self.batches[0]
+        if self.scan:
+            lowered = self.stepk.lower(self.params, self.opt_state, self.data, self.key)
+        else:
+            lowered = self.step1.lower(self.params, self.opt_state, x, y, self.key)
+        m = lowered.compile().memory_analysis()
+        return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+    def call(self) -> float:
+        """Runs one call; returns seconds per train step."""
+        self.key, sub = self.jax.random.split(self.key)
+        t0 = time.perf_counter()
+        if self.scan:
+            self.params, self.opt_state, loss = self.stepk(self.params, self.opt_state, self.data, sub)
+        else:
+            x, y = self.batches[self.i % len(self.batches)]
+            self.params, self.opt_state, loss = self.step1(self.params, self.opt_state, x, y, sub)
+        loss.block_until_ready()
+        self.i += 1
+        return (time.perf_counter() - t0) / self.k
+
+
+# --------------------------------------------------------------------------------------------- torch
+
+
+class TorchRunner:
+    k = 1
+
+    def __init__(self, shape: Shape, batches, compiled: bool):
+        import torch
+
+        from tests.reference import torch_gpt
+
+        torch.manual_seed(0)
+        self.torch, self.tg, self.shape = torch, torch_gpt, shape
+        config = torch_gpt.TorchGPTConfig(
+            vocab_size=VOCAB,
+            block_size=shape.block_size,
+            n_layer=shape.n_layer,
+            n_head=shape.n_head,
+            n_embd=shape.n_embd,
+            dropout=shape.dropout,
+            bias=False,
+        )
+        self.model = torch_gpt.GPT(config)
+        self.model.train()
+        self.opt = torch_gpt.configure_optimizers(self.model, WEIGHT_DECAY, shape.learning_rate, BETAS)
+        self.fwd = torch.compile(self.model) if compiled else self.model
+        self.batches = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches]
+        self.i = 0
+
+    def call(self) -> float:
+        s = self.shape
+        t0 = time.perf_counter()
+        lr = self.tg.get_lr(self.i, s.learning_rate, s.warmup_iters, s.lr_decay_iters, s.min_lr)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        x, y = self.batches[self.i % len(self.batches)]
+        _, loss = self.fwd(x, y)
+        loss.backward()
+        self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        loss.item()
+        self.i += 1
+        return time.perf_counter() - t0
+
+
+def make_runner(impl: str, shape: Shape, tokens, batches):
+    if impl.startswith("jax"):
+        return JaxRunner(shape, tokens, batches, scan=impl == "jax_scan")
+    import torch
+
+    torch.set_num_threads(2)
+    return TorchRunner(shape, batches, compiled=impl == "torch_compile")
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_probe(impl: str, shape_name: str) -> dict:
+    """In this (fresh) process: peak RSS growth over setup-to-after-3-calls, excluding imports."""
+    shape = SHAPES[shape_name]
+    tokens = load_tokens()
+    batches = host_batches(tokens, shape, 2)
+    import jax  # noqa: F401  (import cost is not the step's memory)
+    import torch  # noqa: F401
+
+    before = rss_bytes()
+    runner = make_runner(impl, shape, tokens, batches)
+    for _ in range(3):
+        runner.call()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_rss_delta": peak - before}
+
+
+def run_probe(impl: str, shape_name: str) -> dict:
+    cmd = [sys.executable, __file__, "--probe", impl, "--shapes", shape_name]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # carries XLA_FLAGS
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError) as e:
+        return {"error": str(e).splitlines()[0][:80]}
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def bench_shape(name: str, impls: list[str], rounds: int, steps: int, memory: bool) -> list[dict]:
+    shape = SHAPES[name]
+    tokens = load_tokens()
+    batches = host_batches(tokens, shape, 8)
+    rows: dict[str, dict] = {}
+    runners = {}
+    for impl in impls:  # set up and take the first (compiling) step of each
+        row = rows.setdefault(impl, {"impl": impl, "times": []})
+        try:
+            t0 = time.perf_counter()
+            runner = make_runner(impl, shape, tokens, batches)
+            t1 = time.perf_counter()
+            runner.call()
+            row["setup_s"], row["first_s"] = t1 - t0, time.perf_counter() - t1
+            runners[impl] = runner
+            if impl.startswith("jax"):
+                row["xla_plan"] = runner.memory_plan()
+        except Exception as e:  # noqa: BLE001  (a failing backend is a table entry, not a crash)
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+            print(f"[{name}] {impl} failed: {row['error']}", file=sys.stderr)
+    order = list(runners)
+    for r in range(rounds):  # alternate, rotating the order so no implementation always goes first
+        for impl in order[r % len(order) :] + order[: r % len(order)]:
+            runner = runners[impl]
+            calls = max(1, steps // runner.k)
+            rows[impl]["times"] += [runner.call() for _ in range(calls)]
+        print(f"[{name}] round {r + 1}/{rounds} done", file=sys.stderr)
+    tokens_per_step = shape.batch_size * shape.block_size
+    fpt = flops_per_token(shape)
+    for row in rows.values():
+        if row["times"]:
+            row["ms"] = 1e3 * statistics.median(row["times"])
+            row["tok_s"] = tokens_per_step / (row["ms"] / 1e3)
+            row["gflops"] = fpt * row["tok_s"] / 1e9
+        if memory and "error" not in row:
+            row.update(run_probe(row["impl"], name))
+    return list(rows.values())
+
+
+def fmt_table(name: str, rows: list[dict]) -> str:
+    ref = {r["impl"]: r.get("tok_s") for r in rows}
+    shape = SHAPES[name]
+    lines = [
+        f"**{name}** (batch {shape.batch_size}, block {shape.block_size}, {shape.n_layer} layers, "
+        f"{shape.n_head} heads, {shape.n_embd} wide, dropout {shape.dropout}; K={shape.scan_k} for jax_scan)",
+        "",
+        "| impl | median ms/step | tokens/s | vs torch eager | vs torch.compile | setup s | first step s | "
+        "peak RSS growth MiB | XLA buffers MiB | GFLOP/s | steps timed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "ms" not in r:
+            lines.append(f"| {r['impl']} | failed: {r.get('error', '?')} | | | | | | | | | |")
+            continue
+
+        def ratio(other, r=r):
+            return f"{r['tok_s'] / ref[other]:.2f}x" if ref.get(other) else "n/a"
+
+        mem = f"{r['peak_rss_delta'] / 2**20:.0f}" if "peak_rss_delta" in r else r.get("error", "-")
+        plan = f"{r['xla_plan'] / 2**20:.0f}" if "xla_plan" in r else "-"
+        lines.append(
+            f"| {r['impl']} | {r['ms']:.1f} | {r['tok_s']:,.0f} | {ratio('torch')} | {ratio('torch_compile')} | "
+            f"{r['setup_s']:.2f} | {r['first_s']:.2f} | {mem} | {plan} | {r['gflops']:.1f} | {len(r['times'])} |"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import jax
+    import torch
+
+    return (
+        f"{model}, {os.cpu_count()} cores, {platform.system()}; jax {jax.__version__}, torch {torch.__version__} "
+        f"(2 threads); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    )
+
+
+def write_results(path: pathlib.Path, text: str) -> None:
+    """Replaces the '### Latest run' block under '## Training step', keeping the rest of the file."""
+    marker_start, marker_end = "<!-- bench_train:start -->", "<!-- bench_train:end -->"
+    block = f"{marker_start}\n{text}\n{marker_end}"
+    old = path.read_text() if path.exists() else "# Benchmarks\n\n## Training step\n\n"
+    if marker_start in old:
+        head, rest = old.split(marker_start, 1)
+        new = head + block + rest.split(marker_end, 1)[1]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    path.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of {', '.join(IMPLS)}")
+    p.add_argument("--rounds", type=int, help="alternating rounds (default per shape)")
+    p.add_argument("--steps", type=int, help="train steps per implementation per round (default per shape)")
+    p.add_argument("--scan-k", type=int, help="train steps per jitted call for jax_scan (default per shape)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-implementation memory subprocesses")
+    p.add_argument("--xla-flags", help="set XLA_FLAGS to this before jax starts (default: the environment's)")
+    p.add_argument("--write", type=pathlib.Path, help="write the table into this markdown file (RESULTS.md)")
+    p.add_argument("--probe", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    shapes = args.shapes.split(",")
+    impls = args.impls.split(",")
+    for s in shapes:
+        if s not in SHAPES:
+            p.error(f"unknown shape {s!r}: choose from {', '.join(SHAPES)}")
+    for i in impls:
+        if i not in IMPLS:
+            p.error(f"unknown impl {i!r}: choose from {', '.join(IMPLS)}")
+    if not DATA.exists():
+        p.error(f"tiny Shakespeare not found at {DATA}: set JAXGPT_SHAKESPEARE")
+    if args.scan_k is not None:
+        for s in shapes:
+            SHAPES[s] = dataclasses.replace(SHAPES[s], scan_k=args.scan_k)
+    if args.xla_flags is not None:
+        os.environ["XLA_FLAGS"] = args.xla_flags
+
+    if args.probe:
+        print(json.dumps(memory_probe(args.probe, shapes[0])))
+        return 0
+
+    tables = []
+    for s in shapes:
+        shape = SHAPES[s]
+        rows = bench_shape(s, impls, args.rounds or shape.rounds, args.steps or shape.steps, not args.no_memory)
+        tables.append(fmt_table(s, rows))
+        print(tables[-1] + "\n", flush=True)
+    text = (
+        f"Machine: {machine()}.\n"
+        "Measured with other jobs sharing the CPU: compare rows of one run (taken alternating in one process), "
+        "not numbers across runs.\n\n" + "\n\n".join(tables)
+    )
+    if args.write:
+        write_results(args.write, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
