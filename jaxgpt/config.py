@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.progress = True  # the tqdm bar
     c.plot = True  # out_dir/loss.png at each evaluation
     c.sample_tokens = 500  # characters of generated text printed at the end (0: none)
+    c.compile_cache = True  # keep compiled programs in $JAXGPT_CACHE/xla: reruns and resumes start faster
     # optimisation
     c.batch_size = 12
     c.grad_accum_steps = 1  # nanoGPT's gradient_accumulation_steps

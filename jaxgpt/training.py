@@ -48,6 +48,15 @@ class TrainingError(RuntimeError):
     """A run that cannot start or continue (bad out_dir, no checkpoint to resume, non-finite loss)."""
 
 
+def enable_compilation_cache(path: str | os.PathLike, min_compile_time_secs: float = 1.0) -> None:
+    """Keeps compiled XLA programs in `path`, so a rerun or a resumed run skips most compilation."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_secs)
+    compilation_cache.reset_cache()  # take the new directory even if something was compiled before
+
+
 EVAL_SALT = 0x5EED  # eval batches come from a key stream apart from the training batches'
 
 
@@ -137,12 +146,14 @@ def make_train_chunk(
 
 
 def make_estimate_loss(graphdef: nnx.GraphDef, *, batch_size: int, block_size: int, eval_iters: int) -> Callable:
-    """The jitted `estimate_loss(params, data, key) -> mean loss over eval_iters random batches` (no dropout).
+    """The jitted `estimate_loss(params, splits, keys) -> mean loss of each split` (no dropout).
 
-    `data` is the token array on the device, or pre-drawn batches `(x, y)` of shape (eval_iters, B, T).
+    `splits` is a tuple of datasets, each the token array on the device or pre-drawn batches `(x, y)` of
+    shape (eval_iters, B, T); `keys` one key per split. Each split's loss is the mean over `eval_iters`
+    random batches (nanoGPT's `estimate_loss`); train and val share one compiled call.
     """
 
-    def estimate(params, data, key):
+    def one_split(params, data, key):
         def batch_loss(inputs):
             k, xy = inputs
             if xy is None:
@@ -151,8 +162,11 @@ def make_estimate_loss(graphdef: nnx.GraphDef, *, batch_size: int, block_size: i
                 x_BT, y_BT = xy
             return _loss(graphdef, params, x_BT, y_BT, None, False)
 
-        xy = None if not isinstance(data, tuple) else data
+        xy = data if isinstance(data, tuple) else None
         return jax.lax.map(batch_loss, (jax.random.split(key, eval_iters), xy)).mean()
+
+    def estimate(params, splits, keys):
+        return tuple(one_split(params, data, key) for data, key in zip(splits, keys))
 
     return jax.jit(estimate)
 
@@ -300,6 +314,8 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
     log = log or (lambda s: tqdm.write(s, file=sys.stdout))
     config_lib.validate(config)
     out_dir = _check_out_dir(config)
+    if config.compile_cache and not jax.config.jax_compilation_cache_dir:
+        enable_compilation_cache(data_lib.cache_dir() / "xla")
     dataset = data_lib.load_dataset(config.data.path or None, config.data.train_fraction)
     block_size = config.model.block_size
     _check_data(dataset, block_size)
@@ -365,13 +381,12 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
                    meta=dict(meta_base, best_val_loss=None if math.isinf(best_val) else best_val))
 
     def evaluate() -> dict:
-        losses = {}
-        for i, (name, data) in enumerate((("train", train_data), ("val", val_data))):
-            k = eval_key(base_key, step, i)
-            if not on_device:
-                data = host_batches(data, jax.random.split(k, config.eval_iters), config.batch_size, block_size)
-            losses[name] = float(estimate(params, data, k))
-        return losses
+        keys = (eval_key(base_key, step, 0), eval_key(base_key, step, 1))
+        splits = (train_data, val_data)
+        if not on_device:
+            splits = tuple(host_batches(d, jax.random.split(k, config.eval_iters), config.batch_size, block_size)
+                           for d, k in zip(splits, keys))
+        return dict(zip(("train", "val"), map(float, estimate(params, splits, keys))))
 
     def do_eval() -> None:
         nonlocal best_val
