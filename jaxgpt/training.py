@@ -338,12 +338,13 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
     history: list[dict] = []
     metrics_path = out_dir / "metrics.jsonl"
     if config.resume:
-        restored = ckptr.restore("latest", params=params, opt_state=opt_state, key=base_key)
-        saved = config_lib.from_dict(restored["meta"]["config"])
+        saved = config_lib.from_dict(ckptr.restore_meta("latest")["config"])
         for k, v in saved.model.items():
             if k != "vocab_size" and config.model[k] != v:
+                ckptr.close()
                 raise TrainingError(f"resume: the checkpoint has model.{k}={v!r} but the config says "
                                     f"{config.model[k]!r}; drop the override or use another out_dir")
+        restored = ckptr.restore("latest", params=params, opt_state=opt_state, key=base_key)
         params, opt_state = restored["params"], restored["opt_state"]
         step, base_key = int(restored["train"]["step"]), restored["train"]["key"]
         best_val = restored["meta"].get("best_val_loss") or math.inf
