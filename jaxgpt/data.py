@@ -7,12 +7,23 @@ a jitted train step with the dataset already on the device.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
+import pathlib
+import pickle
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
 from functools import partial
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxgpt.tokenizer import CharTokenizer
 
 ArrayLike = jax.Array | np.ndarray
 
@@ -58,3 +69,116 @@ def get_batch(
     x_BT, y_BT = _gather(key, jnp.asarray(data), batch_size, block_size)
     chex.assert_shape([x_BT, y_BT], (batch_size, block_size))
     return x_BT, y_BT
+
+
+# ---------------------------------------------------------------------------------------------------
+# Datasets on disk: a text file (character level), a nanoGPT data directory, or tiny Shakespeare
+# downloaded into a cache directory on first use.
+# ---------------------------------------------------------------------------------------------------
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_BYTES = 1_115_394
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used (missing, empty, too short, corrupt); the message is one line."""
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Token ids of the train and val splits (numpy arrays or memmaps) and the tokenizer, if any."""
+
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: CharTokenizer | None
+    vocab_size: int
+    source: str
+
+
+def cache_dir() -> pathlib.Path:
+    """Where downloads go: $JAXGPT_CACHE, else ~/.cache/jaxgpt."""
+    return pathlib.Path(os.environ.get("JAXGPT_CACHE") or pathlib.Path.home() / ".cache" / "jaxgpt")
+
+
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: str | os.PathLike, *, size: int | None, sha256: str | None, timeout: float = 30.0):
+    """Fetches `url` into `dest`, checked against `size` and `sha256`.
+
+    The bytes go to a temporary file beside `dest`, renamed onto `dest` only when they check, so a
+    failed or interrupted download never leaves a corrupt file where the next run would trust it.
+    Raises `DataError` (one line) when the network fails or the check does not pass.
+    """
+    dest = pathlib.Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    tmp = pathlib.Path(tmp_name)
+    try:
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+                shutil.copyfileobj(response, out)
+        except (OSError, urllib.error.URLError) as e:
+            raise DataError(f"could not download {url} ({e}); set --config.data.path to a local text file") from None
+        got_size = tmp.stat().st_size
+        if size is not None and got_size != size:
+            raise DataError(f"download of {url} has {got_size} bytes, expected {size}; not saved")
+        if sha256 is not None and (digest := _sha256(tmp)) != sha256:
+            raise DataError(f"download of {url} has sha256 {digest}, expected {sha256}; not saved")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def default_text_path() -> pathlib.Path:
+    """Tiny Shakespeare in the cache directory, downloaded and checked on first use."""
+    path = cache_dir() / "tinyshakespeare" / "input.txt"
+    if not path.exists():
+        download(SHAKESPEARE_URL, path, size=SHAKESPEARE_BYTES, sha256=SHAKESPEARE_SHA256)
+    return path
+
+
+def _load_nanogpt_dir(path: pathlib.Path) -> Dataset:
+    for name in ("train.bin", "val.bin"):
+        if not (path / name).is_file():
+            raise DataError(f"{path} is a directory without {name}: give a text file or a nanoGPT data directory")
+    train = np.memmap(path / "train.bin", dtype=np.uint16, mode="r") if (path / "train.bin").stat().st_size else None
+    val = np.memmap(path / "val.bin", dtype=np.uint16, mode="r") if (path / "val.bin").stat().st_size else None
+    if train is None or val is None:
+        raise DataError(f"{path}: train.bin or val.bin is empty")
+    tokenizer, vocab_size = None, 50304  # nanoGPT's default without meta.pkl: GPT-2's vocabulary, padded
+    if (path / "meta.pkl").is_file():
+        with open(path / "meta.pkl", "rb") as f:
+            meta = pickle.load(f)
+        vocab_size = int(meta["vocab_size"])
+        if "itos" in meta:
+            tokenizer = CharTokenizer([meta["itos"][i] for i in range(vocab_size)])
+    return Dataset(train, val, tokenizer, vocab_size, str(path))
+
+
+def load_dataset(path: str | os.PathLike | None, train_fraction: float = 0.9) -> Dataset:
+    """Loads a text file (character-level, the lecture's split) or a nanoGPT data directory.
+
+    `path` '' or None means tiny Shakespeare from the cache (downloaded when missing).
+    """
+    path = pathlib.Path(path) if path else default_text_path()
+    if not path.exists():
+        raise DataError(f"dataset {path} does not exist: set --config.data.path to a text file or data directory")
+    if path.is_dir():
+        return _load_nanogpt_dir(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"dataset {path} is not UTF-8 text") from None
+    if not text:
+        raise DataError(f"dataset {path} is empty")
+    tokenizer = CharTokenizer.from_text(text)
+    train, val = split(tokenizer.encode(text), train_fraction)
+    return Dataset(np.asarray(train), np.asarray(val), tokenizer, tokenizer.vocab_size, str(path))

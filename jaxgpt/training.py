@@ -1,0 +1,498 @@
+"""Training: a pure, jitted train step over the split NNX state, and the loop around it.
+
+The step is functional, the way Flax's gemma and MaxText do it: `graphdef, params = nnx.split(model)`;
+`train_chunk(params, opt_state, data, base_key, step0)` runs `n_steps` optimizer steps in one `lax.scan`
+(so a CPU pays Python dispatch once per chunk, not per step), `nnx.merge`s the model inside, donates
+`params` and `opt_state`, and returns the per-step losses. Gradient accumulation is a `lax.scan` over
+micro-batches inside each step.
+
+Every random choice is a function of (seed, step): the batch and the dropout masks of step i come from
+`fold_in(base_key, i)`. The data position and the RNG are therefore restored by restoring the step, and
+N steps in one run equal N/2 + resume + N/2 bit for bit.
+
+`train(config)` is the loop, and the only place with I/O: evaluation, metrics.jsonl, loss.png, tqdm,
+checkpoints, Ctrl-C / SIGTERM handling, the final sample and summary line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pathlib
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxgpt import checkpoint as ckpt_lib
+from jaxgpt import config as config_lib
+from jaxgpt import data as data_lib
+from jaxgpt import optim
+from jaxgpt.model import loss_fn
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue (bad out_dir, no checkpoint to resume, non-finite loss)."""
+
+
+def enable_compilation_cache(path: str | os.PathLike, min_compile_time_secs: float = 1.0) -> None:
+    """Keeps compiled XLA programs in `path`, so a rerun or a resumed run skips most compilation."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_secs)
+    compilation_cache.reset_cache()  # take the new directory even if something was compiled before
+
+
+EVAL_SALT = 0x5EED  # eval batches come from a key stream apart from the training batches'
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """nanoGPT's AdamW recipe with the config's learning-rate schedule."""
+    schedule = optim.lr_schedule(
+        config.learning_rate,
+        decay_lr=config.decay_lr,
+        warmup_iters=config.warmup_iters,
+        lr_decay_iters=config.lr_decay_iters,
+        min_lr=config.min_lr,
+    )
+    return optim.adamw(
+        schedule,
+        weight_decay=config.weight_decay,
+        beta1=config.beta1,
+        beta2=config.beta2,
+        grad_clip=config.grad_clip,
+    )
+
+
+def step_keys(base_key: jax.Array, step: jax.Array | int, grad_accum_steps: int) -> tuple[jax.Array, jax.Array]:
+    """(batch keys, dropout keys) of a step's micro-batches, each of shape (grad_accum_steps, ...)."""
+    keys = jax.random.split(jax.random.fold_in(base_key, step), 2 * grad_accum_steps)
+    return keys[:grad_accum_steps], keys[grad_accum_steps:]
+
+
+def _loss(graphdef: nnx.GraphDef, params: nnx.State, x_BT: jax.Array, y_BT: jax.Array, key, use_dropout: bool):
+    model = nnx.merge(graphdef, params)
+    return loss_fn(model(x_BT, key=key if use_dropout else None), y_BT)
+
+
+def make_train_chunk(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    batch_size: int,
+    block_size: int,
+    grad_accum_steps: int = 1,
+    use_dropout: bool = False,
+) -> Callable:
+    """The jitted `train_chunk(params, opt_state, data, base_key, step0, *, n_steps)`.
+
+    `data` is either the whole token array on the device (batches are drawn inside, with
+    `jaxgpt.data`'s gather) or a pair of pre-drawn host batches `(x, y)` of shape
+    (n_steps, grad_accum_steps, batch_size, block_size). Returns (params, opt_state, {'loss': (n_steps,)}):
+    the mean micro-batch loss of each step, computed with the parameters before that step's update.
+    """
+    grad_fn = jax.value_and_grad(partial(_loss, graphdef, use_dropout=use_dropout))
+
+    def one_step(params, opt_state, data, base_key, step, xy_ABT):
+        batch_keys, drop_keys = step_keys(base_key, step, grad_accum_steps)
+
+        def micro(grads, inputs):
+            i, batch_key, drop_key = inputs
+            if xy_ABT is None:
+                x_BT, y_BT = data_lib._gather(batch_key, data, batch_size, block_size)
+            else:
+                x_BT, y_BT = xy_ABT[0][i], xy_ABT[1][i]
+            loss, g = grad_fn(params, x_BT, y_BT, drop_key)
+            return (g if grads is None else jax.tree.map(jnp.add, grads, g)), loss
+
+        if grad_accum_steps == 1:
+            grads, loss = micro(None, (0, batch_keys[0], drop_keys[0]))
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            grads, losses = jax.lax.scan(micro, zeros, (jnp.arange(grad_accum_steps), batch_keys, drop_keys))
+            grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+            loss = losses.mean()
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    def train_chunk(params, opt_state, data, base_key, step0, *, n_steps: int):
+        on_device = not isinstance(data, tuple)
+
+        def body(carry, inputs):
+            params, opt_state = carry
+            i, xy = inputs
+            params, opt_state, loss = one_step(params, opt_state, data, base_key, step0 + i, None if on_device else xy)
+            return (params, opt_state), loss
+
+        xs = (jnp.arange(n_steps), None if on_device else data)
+        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), xs)
+        return params, opt_state, {"loss": losses}
+
+    return jax.jit(train_chunk, donate_argnames=("params", "opt_state"), static_argnames=("n_steps",))
+
+
+def make_estimate_loss(graphdef: nnx.GraphDef, *, batch_size: int, block_size: int, eval_iters: int) -> Callable:
+    """The jitted `estimate_loss(params, splits, keys) -> mean loss of each split` (no dropout).
+
+    `splits` is a tuple of datasets, each the token array on the device or pre-drawn batches `(x, y)` of
+    shape (eval_iters, B, T); `keys` one key per split. Each split's loss is the mean over `eval_iters`
+    random batches (nanoGPT's `estimate_loss`); train and val share one compiled call.
+    """
+
+    def one_split(params, data, key):
+        def batch_loss(inputs):
+            k, xy = inputs
+            if xy is None:
+                x_BT, y_BT = data_lib._gather(k, data, batch_size, block_size)
+            else:
+                x_BT, y_BT = xy
+            return _loss(graphdef, params, x_BT, y_BT, None, False)
+
+        xy = data if isinstance(data, tuple) else None
+        return jax.lax.map(batch_loss, (jax.random.split(key, eval_iters), xy)).mean()
+
+    def estimate(params, splits, keys):
+        return tuple(one_split(params, data, key) for data, key in zip(splits, keys))
+
+    return jax.jit(estimate)
+
+
+def eval_key(base_key: jax.Array, step: int, split_index: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base_key, EVAL_SALT), step), split_index)
+
+
+def host_batches(data: np.ndarray, keys: jax.Array, batch_size: int, block_size: int) -> tuple[np.ndarray, ...]:
+    """The batches `_gather` draws with raw uint32 `keys` of shape (*lead, 2), gathered on the host from `data`.
+
+    For datasets kept off the device (large np.memmap): the same offsets as the on-device path, so both
+    paths train on the same windows. Returns x, y int32 of shape (*lead, batch_size, block_size).
+    """
+    lead = keys.shape[:-1]
+    flat = jnp.reshape(keys, (-1, keys.shape[-1]))
+    high = len(data) - block_size
+    ix_NB = np.asarray(jax.vmap(lambda k: jax.random.randint(k, (batch_size,), 0, high))(flat))
+    window = ix_NB[..., None] + np.arange(block_size + 1)
+    tokens = np.asarray(data[window], dtype=np.int32).reshape(*lead, batch_size, block_size + 1)
+    return tokens[..., :-1], tokens[..., 1:]
+
+
+def generate_simple(model: nnx.Module, idx_BT: jax.Array, max_new_tokens: int, key: jax.Array,
+                    temperature: float = 1.0) -> jax.Array:
+    """Samples `max_new_tokens` tokens after `idx_BT`, one forward pass per token over the last block_size.
+
+    A plain reference sampler (no KV cache): the window is a fixed-size slice of a preallocated buffer,
+    so one compiled loop serves every step.
+    """
+    chex.assert_rank(idx_BT, 2)
+    B, T0 = idx_BT.shape
+    block_size = int(model.block_size)
+    total = T0 + max_new_tokens
+    graphdef, params = nnx.split(model)
+    W = min(block_size, total)
+
+    @jax.jit
+    def run(params, buf_BL, key):
+        def body(t, carry):
+            buf_BL, key = carry
+            start = jnp.maximum(t - W, 0)
+            window_BW = jax.lax.dynamic_slice_in_dim(buf_BL, start, W, axis=1)
+            logits_BWV = nnx.merge(graphdef, params)(window_BW)
+            logits_BV = jax.lax.dynamic_index_in_dim(logits_BWV, t - 1 - start, axis=1, keepdims=False)
+            key, sub = jax.random.split(key)
+            nxt_B = jax.random.categorical(sub, logits_BV / temperature).astype(buf_BL.dtype)
+            return jax.lax.dynamic_update_slice_in_dim(buf_BL, nxt_B[:, None], t, axis=1), key
+
+        buf_BL, _ = jax.lax.fori_loop(T0, total, body, (buf_BL, key))
+        return buf_BL
+
+    buf_BL = jnp.zeros((B, total), jnp.int32).at[:, :T0].set(idx_BT.astype(jnp.int32))
+    return run(params, buf_BL, key)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------
+
+
+def _has_checkpoint(out_dir: pathlib.Path, which: str) -> bool:
+    d = out_dir / "checkpoints" / which
+    return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+
+
+def _check_out_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
+    """Checks, changing nothing, that out_dir is writable and fits `resume` / `overwrite`."""
+    out_dir = pathlib.Path(config.out_dir).absolute()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(
+            f"out_dir {out_dir} is not writable ({e.strerror}): choose another --config.out_dir"
+        ) from None
+    if config.resume and not _has_checkpoint(out_dir, "latest"):
+        raise TrainingError(f"resume=True but there is no checkpoint in {out_dir / 'checkpoints' / 'latest'}: "
+                            "train without --config.resume first, or point --config.out_dir at a run")
+    if not config.resume and not config.overwrite and any(_has_checkpoint(out_dir, w) for w in ckpt_lib.WHICH):
+        raise TrainingError(f"out_dir {out_dir} already holds a run: pass --config.resume=True to continue it, "
+                            "--config.overwrite=True to start afresh, or another --config.out_dir")
+    return out_dir
+
+
+def _clear_out_dir(out_dir: pathlib.Path) -> None:
+    """A fresh run starts from an empty record: old checkpoints (overwrite=True), metrics and plot go."""
+    if (out_dir / "checkpoints").exists():
+        shutil.rmtree(out_dir / "checkpoints")
+    for name in ("metrics.jsonl", "loss.png"):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def _boundaries(start: int, max_iters: int, eval_interval: int, steps_per_call: int) -> list[tuple[int, int]]:
+    """Chunks [a, b) of steps: at most steps_per_call long, never crossing a multiple of eval_interval."""
+    chunks, a = [], start
+    while a < max_iters:
+        next_eval = (a // eval_interval + 1) * eval_interval
+        b = min(a + steps_per_call, next_eval, max_iters)
+        chunks.append((a, b))
+        a = b
+    return chunks
+
+
+class _Interrupt:
+    """Turns SIGINT / SIGTERM into a flag the loop checks between compiled calls; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _check_data(dataset: data_lib.Dataset, block_size: int) -> None:
+    for name, arr in (("train", dataset.train), ("val", dataset.val)):
+        try:
+            data_lib.check_length(arr, block_size, what=f"the {name} split of {dataset.source}")
+        except ValueError as e:
+            raise data_lib.DataError(str(e)) from None
+
+
+def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Runs (or resumes) training as `config` says; returns a summary dict.
+
+    Raises `ConfigError`, `DataError` or `TrainingError` with a one-line message for bad input or faults.
+    """
+    from tqdm.auto import tqdm
+
+    log = log or (lambda s: tqdm.write(s, file=sys.stdout))
+    config_lib.validate(config)
+    out_dir = _check_out_dir(config)
+    if config.compile_cache and not jax.config.jax_compilation_cache_dir:
+        enable_compilation_cache(data_lib.cache_dir() / "xla")
+    dataset = data_lib.load_dataset(config.data.path or None, config.data.train_fraction)
+    block_size = config.model.block_size
+    _check_data(dataset, block_size)
+    vocab_size = config.model.vocab_size or dataset.vocab_size
+    if vocab_size < dataset.vocab_size:
+        raise config_lib.ConfigError(
+            f"config key 'model.vocab_size'={vocab_size} is smaller than the dataset's vocabulary "
+            f"({dataset.vocab_size})"
+        )
+    if not config.resume:
+        _clear_out_dir(out_dir)  # every check has passed: only now is anything removed
+
+    model = config_lib.build_model(config, vocab_size, nnx.Rngs(config.seed))
+    graphdef, params = nnx.split(model)
+    tx = make_optimizer(config)
+    opt_state = tx.init(params)
+    base_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+    step, best_val = 0, math.inf
+    ckptr = ckpt_lib.Checkpointer(out_dir)
+    history: list[dict] = []
+    metrics_path = out_dir / "metrics.jsonl"
+    if config.resume:
+        saved = config_lib.from_dict(ckptr.restore_meta("latest")["config"])
+        for k, v in saved.model.items():
+            if k != "vocab_size" and config.model[k] != v:
+                ckptr.close()
+                raise TrainingError(f"resume: the checkpoint has model.{k}={v!r} but the config says "
+                                    f"{config.model[k]!r}; drop the override or use another out_dir")
+        restored = ckptr.restore("latest", params=params, opt_state=opt_state, key=base_key)
+        params, opt_state = restored["params"], restored["opt_state"]
+        step, base_key = int(restored["train"]["step"]), restored["train"]["key"]
+        best_val = restored["meta"].get("best_val_loss") or math.inf
+        if metrics_path.exists():
+            history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+            history = [r for r in history if r["step"] <= step]
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+        log(f"resumed from {ckptr.managers['latest'].directory} at step {step} (best val loss {best_val:.4f})")
+
+    n_params = sum(p.size for p in jax.tree.leaves(params))
+    tokens_per_step = config.batch_size * block_size * config.grad_accum_steps
+    log(f"{config.model.name}: {n_params / 1e6:.2f}M parameters, vocab {vocab_size}, {len(dataset.train):,} train / "
+        f"{len(dataset.val):,} val tokens from {dataset.source}; {tokens_per_step:,} tokens per step")
+
+    on_device = config.data.on_device
+    train_data = jnp.asarray(dataset.train, jnp.int32) if on_device else dataset.train
+    val_data = jnp.asarray(dataset.val, jnp.int32) if on_device else dataset.val
+    train_chunk = make_train_chunk(graphdef, tx, batch_size=config.batch_size, block_size=block_size,
+                                   grad_accum_steps=config.grad_accum_steps,
+                                   use_dropout=config.model.dropout > 0 and config.model.name == "gpt")
+    estimate = make_estimate_loss(graphdef, batch_size=config.batch_size, block_size=block_size,
+                                  eval_iters=config.eval_iters)
+    schedule = optim.lr_schedule(config.learning_rate, decay_lr=config.decay_lr, warmup_iters=config.warmup_iters,
+                                 lr_decay_iters=config.lr_decay_iters, min_lr=config.min_lr)
+    meta_base = {"config": config_lib.to_dict(config), "vocab_size": vocab_size,
+                 "tokenizer": dataset.tokenizer.to_dict() if dataset.tokenizer else None}
+
+    def record(r: dict) -> None:
+        history.append(r)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(r) + "\n")
+
+    def save(which: str) -> None:
+        ckptr.save(which, step, params=params, opt_state=opt_state, key=base_key,
+                   meta=dict(meta_base, best_val_loss=None if math.isinf(best_val) else best_val))
+
+    def evaluate() -> dict:
+        keys = (eval_key(base_key, step, 0), eval_key(base_key, step, 1))
+        splits = (train_data, val_data)
+        if not on_device:
+            splits = tuple(host_batches(d, jax.random.split(k, config.eval_iters), config.batch_size, block_size)
+                           for d, k in zip(splits, keys))
+        return dict(zip(("train", "val"), map(float, estimate(params, splits, keys))))
+
+    def do_eval() -> None:
+        nonlocal best_val
+        losses = evaluate()
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise TrainingError(f"non-finite eval loss at step {step} (train {losses['train']}, val {losses['val']}): "
+                                f"training stopped; the last good checkpoint is kept in {out_dir / 'checkpoints'}")
+        record({"step": step, "train_loss": losses["train"], "val_loss": losses["val"], "time": time.time() - t0})
+        improved = losses["val"] < best_val
+        best_val = min(best_val, losses["val"])
+        log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+            + (" (best)" if improved else ""))
+        if step > 0:
+            if improved:
+                save("best")
+            if improved or config.always_save_checkpoint:
+                save("latest")
+        if config.plot:
+            from jaxgpt.plotting import plot_losses
+
+            title = f"{config.model.name} on {pathlib.Path(dataset.source).name}"
+            plot_losses(history, out_dir / "loss.png", title=title)
+
+    t0 = time.time()
+    train_time, train_steps, interrupted = 0.0, 0, None
+    start_step = step
+    if config.eval_only:
+        do_eval()
+        ckptr.close()
+        return {"step": step, "best_val_loss": best_val, "wall_time": time.time() - t0, "tokens_per_s": 0.0}
+    bar = tqdm(total=config.max_iters, initial=step, disable=not config.progress, dynamic_ncols=True, file=sys.stderr,
+               desc="train")
+    try:
+        with _Interrupt() as interrupt:
+            if step % config.eval_interval == 0 and step not in {r["step"] for r in history if "val_loss" in r}:
+                do_eval()
+            for a, b in _boundaries(step, config.max_iters, config.eval_interval, config.steps_per_call):
+                if interrupt.signum is not None:
+                    interrupted = interrupt.signum
+                    break
+                t_call = time.perf_counter()
+                data = train_data
+                if not on_device:
+                    keys = jax.vmap(lambda s: step_keys(base_key, s, config.grad_accum_steps)[0])(jnp.arange(a, b))
+                    data = host_batches(train_data, keys, config.batch_size, block_size)
+                params, opt_state, metrics = train_chunk(params, opt_state, data, base_key, jnp.int32(a), n_steps=b - a)
+                losses = np.asarray(metrics["loss"])  # the one host sync per chunk
+                dt = time.perf_counter() - t_call
+                if a > start_step or not train_steps:  # the first call also compiles: replaced once others ran
+                    train_time, train_steps = (train_time, train_steps) if a > start_step else (0.0, 0)
+                    train_time += dt
+                    train_steps += b - a
+                bad = np.flatnonzero(~np.isfinite(losses))
+                if bad.size:
+                    last = ckptr.latest_step("latest")
+                    kept = "no checkpoint yet" if last is None else f"the last good checkpoint (step {last}) is kept"
+                    raise TrainingError(f"loss is {losses[bad[0]]} at step {a + int(bad[0])}: training stopped; "
+                                        f"{kept} in {out_dir / 'checkpoints' / 'latest'}")
+                step = b
+                ms = 1000 * dt / (b - a)
+                for s in range(a, b):
+                    if s % config.log_interval == 0:
+                        record({"step": s, "loss": float(losses[s - a]), "lr": float(schedule(s)),
+                                "ms_per_step": ms, "tokens_per_s": tokens_per_step / (ms / 1000)})
+                bar.update(b - a)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens_per_step / (ms / 1000):,.0f}",
+                                ms_step=f"{ms:.1f}")
+                if step % config.eval_interval == 0 or step == config.max_iters:
+                    do_eval()
+            else:
+                interrupted = interrupt.signum
+            save("latest")  # at the end, or on Ctrl-C / SIGTERM: between calls, so the state is whole
+            if interrupted is not None:
+                log(f"interrupted ({signal.Signals(interrupted).name}) at step {step}: checkpoint saved in "
+                    f"{out_dir / 'checkpoints' / 'latest'}; continue with --config.resume=True")
+    finally:
+        bar.close()
+        ckptr.close()
+    wall = time.time() - t0
+    tokens_per_s = train_steps * tokens_per_step / train_time if train_time > 0 else 0.0
+    summary = {"step": step, "best_val_loss": best_val, "wall_time": wall, "tokens_per_s": tokens_per_s,
+               "interrupted": interrupted is not None}
+    if interrupted is None and config.sample_tokens > 0:
+        model = nnx.merge(graphdef, params)
+        summary["sample"] = _sample_text(model, dataset.tokenizer, config.sample_tokens, config.seed)
+        log("-" * 40 + "\n" + summary["sample"] + "\n" + "-" * 40)
+    log(f"done: step {step}, best val loss {best_val:.4f}, wall time {wall:.1f} s, {tokens_per_s:,.0f} tokens/s "
+        f"(train steps)")
+    return summary
+
+
+def _sample_text(model: nnx.Module, tokenizer, n_tokens: int, seed: int) -> str:
+    """A sample from the trained model, starting from a newline (nanoGPT's default prompt) or token 0."""
+    start = tokenizer.encode("\n") if tokenizer is not None and "\n" in tokenizer.stoi else np.zeros(1, np.int32)
+    try:
+        from jaxgpt.sampling import generate  # the KV-cache sampler, when present
+    except ImportError:
+        generate = None
+    key = jax.random.PRNGKey(seed)
+    if generate is not None:
+        try:
+            ids = generate(model, jnp.asarray(start)[None, :], n_tokens, key=key)
+        except TypeError:
+            generate = None
+    if generate is None:
+        ids = generate_simple(model, jnp.asarray(start)[None, :], n_tokens, key)
+    ids = np.asarray(ids)[0]
+    return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids.tolist()))

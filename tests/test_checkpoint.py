@@ -1,0 +1,62 @@
+"""Orbax checkpoints: latest / best, what they hold, and load_model for sampling."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxgpt import checkpoint, training
+from jaxgpt.model import GPT
+from jaxgpt.tokenizer import CharTokenizer
+from tests.test_training import tiny_config, tiny_text
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, shakespeare_path):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    training.enable_compilation_cache(tmp / "xla", min_compile_time_secs=0)
+    text = tiny_text(tmp, shakespeare_path)
+    out = tmp / "run"
+    summary = training.train(tiny_config(text, out, max_iters=8, eval_interval=4))
+    return out, text, summary
+
+
+def test_load_model_restores_best_and_latest(run):
+    out, text, summary = run
+    model, tok, info = checkpoint.load_model(out)  # 'best' by default
+    assert isinstance(model, GPT) and isinstance(tok, CharTokenizer)
+    assert tok == CharTokenizer.from_text(text.read_text())
+    assert info["which"] == "best" and info["best_val_loss"] == pytest.approx(summary["best_val_loss"])
+    assert info["config"]["model"]["n_embd"] == 16 and info["config"]["batch_size"] == 4
+    assert info["step"] in (4, 8)
+    latest_model, _, latest = checkpoint.load_model(out, "latest")
+    assert latest["step"] == 8
+    logits = latest_model(np.asarray([tok.encode("First")]))
+    assert logits.shape == (1, 5, tok.vocab_size) and np.isfinite(np.asarray(logits)).all()
+
+
+def test_restore_gives_back_the_saved_arrays(run, tmp_path):
+    out, text, _ = run
+    model, _, info = checkpoint.load_model(out, "latest")
+    graphdef, params = nnx.split(model)
+    tx = training.make_optimizer(tiny_config(text, out))
+    opt_state = tx.init(params)
+    copy = tmp_path / "copy"
+    saver = checkpoint.Checkpointer(copy)
+    key = jax.random.PRNGKey(42)
+    saver.save("latest", 3, params=params, opt_state=opt_state, key=key, meta={"config": info["config"], "x": 1})
+    restored = saver.restore("latest", params=params, opt_state=opt_state, key=jax.random.PRNGKey(0))
+    saver.close()
+    for a, b in zip(jax.tree.leaves((params, opt_state, key)),
+                    jax.tree.leaves((restored["params"], restored["opt_state"], restored["train"]["key"]))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(restored["train"]["step"]) == 3 and restored["meta"]["x"] == 1
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing")):
+        checkpoint.load_model(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="which"):
+        checkpoint.load_model(tmp_path, "middle")

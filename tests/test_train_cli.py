@@ -1,0 +1,88 @@
+"""train.py end to end in a subprocess: a tiny run, resume, Ctrl-C, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jaxgpt import checkpoint
+from tests.test_training import tiny_text
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+TINY = [
+    "--config.model.n_layer=1", "--config.model.n_head=2", "--config.model.n_embd=16", "--config.model.block_size=8",
+    "--config.batch_size=4", "--config.eval_iters=2", "--config.warmup_iters=2", "--config.lr_decay_iters=8",
+    "--config.progress=False",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")  # shared XLA cache: later runs skip compilation
+    return dict(os.environ, JAXGPT_CACHE=str(cache), PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+
+
+def _train(env, *args, timeout=300):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "shakespeare_char_cpu.py"), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_tiny_run_then_resume(env, tmp_path, shakespeare_path):
+    text = tiny_text(tmp_path, shakespeare_path)
+    out = tmp_path / "out"
+    common = [*TINY, f"--config.data.path={text}", f"--config.out_dir={out}", "--config.eval_interval=4",
+              "--config.steps_per_call=2", "--config.sample_tokens=30"]
+    r = _train(env, *common, "--config.max_iters=4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "best val loss" in r.stdout and "tokens/s" in r.stdout.splitlines()[-1]
+    assert (out / "loss.png").exists() and checkpoint.load_model(out, "latest")[2]["step"] == 4
+    r = _train(env, *common, "--config.max_iters=8", "--config.resume=True")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed" in r.stdout and checkpoint.load_model(out, "latest")[2]["step"] == 8
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s < 8] == sorted(s for s in steps if s < 8)  # one continuous record
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(env, tmp_path, shakespeare_path):
+    text = tiny_text(tmp_path, shakespeare_path)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "shakespeare_char_cpu.py"),
+           *TINY, f"--config.data.path={text}", f"--config.out_dir={out}", "--config.max_iters=100000",
+           "--config.eval_interval=100000", "--config.steps_per_call=5", "--config.lr_decay_iters=100000"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "interrupted (SIGINT)" in stdout and "--config.resume=True" in stdout
+    step = checkpoint.load_model(out, "latest")[2]["step"]
+    assert step > 0 and step % 5 == 0  # saved between compiled calls
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.model.nlayer=3"], "unknown config key 'model.nlayer' (did you mean 'model.n_layer'?)"),
+        (["--config.batch_size=abc"], "--config.batch_size=abc"),
+        (["--config.model.n_head=3"], "model.n_embd=128 is not divisible by model.n_head=3"),
+        (["--config.data.path=/no/such/file.txt"], "/no/such/file.txt does not exist"),
+    ],
+)
+def test_bad_input_is_one_error_line(env, tmp_path, args, message):
+    r = _train(env, *args, f"--config.out_dir={tmp_path / 'out'}", timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
