@@ -12,6 +12,7 @@ from jaxgpt.model import (
     MultiHeadAttention,
     loss_fn,
 )
+from jaxgpt.sampling import generate, generate_stream
 from jaxgpt.tokenizer import CharTokenizer
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "Head",
     "MultiHeadAttention",
     "from_torch_state_dict",
+    "generate",
+    "generate_stream",
     "loss_fn",
     "to_torch_state_dict",
 ]
