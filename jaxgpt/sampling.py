@@ -254,24 +254,13 @@ def prefill(model: GPT, idx_BT: jax.Array, cache):
     return model.head(x_BTC), (tuple(new_k), tuple(new_v))
 
 
-def _cached_attention(q_BH1D, k_BH1D, v_BH1D, k_cache, v_cache, pos):
-    """One query at position `pos` against the cached past (slots < pos) and its own key and value.
-
-    The new key and value are used directly rather than read back from the updated cache: the only
-    reader of the updated cache is then the loop carry, so XLA writes the slot in place instead of
-    materialising a fresh copy of the cache for the attention matmul. The softmax is split in two
-    parts (past, self) sharing one maximum, which is the same softmax.
-    """
+def _cached_attention(q_BH1D, k_cache, v_cache, pos):
+    """One query at position `pos` against a fixed-size cache whose slots > pos are not yet valid."""
     S = k_cache.shape[2]
-    scale = q_BH1D.shape[-1] ** -0.5
-    past_BH1S = jnp.einsum("bhtd,bhsd->bhts", q_BH1D, k_cache).astype(jnp.float32) * scale
-    past_BH1S = jnp.where(jnp.arange(S) < pos, past_BH1S, -jnp.inf)
-    self_BH11 = jnp.sum(q_BH1D * k_BH1D, axis=-1, keepdims=True).astype(jnp.float32) * scale
-    m_BH11 = jnp.maximum(jnp.max(past_BH1S, axis=-1, keepdims=True), self_BH11)
-    e_past_BH1S, e_self_BH11 = jnp.exp(past_BH1S - m_BH11), jnp.exp(self_BH11 - m_BH11)
-    denom_BH11 = jnp.sum(e_past_BH1S, axis=-1, keepdims=True) + e_self_BH11
-    y_BH1D = jnp.einsum("bhts,bhsd->bhtd", e_past_BH1S.astype(v_cache.dtype), v_cache) + e_self_BH11 * v_BH1D
-    return (y_BH1D / denom_BH11).astype(v_cache.dtype)
+    scores_BH1S = jnp.einsum("bhtd,bhsd->bhts", q_BH1D, k_cache) * q_BH1D.shape[-1] ** -0.5
+    scores_BH1S = jnp.where(jnp.arange(S) <= pos, scores_BH1S.astype(jnp.float32), -jnp.inf)
+    wei_BH1S = jax.nn.softmax(scores_BH1S, axis=-1)
+    return jnp.einsum("bhts,bhsd->bhtd", wei_BH1S.astype(v_cache.dtype), v_cache)
 
 
 def decode_step(model: GPT, tok_B: jax.Array, pos: jax.Array, cache, attns: list[_Attn] | None = None):
@@ -289,9 +278,12 @@ def decode_step(model: GPT, tok_B: jax.Array, pos: jax.Array, cache, attns: list
 
         def attend(q, k, v, k_cache=k_cache, v_cache=v_cache, updated=updated):
             k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
-            updated["k"] = jax.lax.dynamic_update_slice_in_dim(k_cache, k, pos, axis=2)
-            updated["v"] = jax.lax.dynamic_update_slice_in_dim(v_cache, v, pos, axis=2)
-            return _cached_attention(q, k, v, k_cache, v_cache, pos)
+            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, pos, axis=2)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, pos, axis=2)
+            # The barrier keeps XLA from fusing the slot write into the attention matmul's operand
+            # (a fresh copy of the cache each step): the write stays a lone in-place update.
+            updated["k"], updated["v"] = jax.lax.optimization_barrier((k_cache, v_cache))
+            return _cached_attention(q, updated["k"], updated["v"], pos)
 
         x_B1C = _block(block, attn, x_B1C, attend)
         new_k.append(updated["k"])
