@@ -20,6 +20,8 @@ from jaxgpt.model import (
     loss_fn,
 )
 from jaxgpt.tokenizer import CharTokenizer, HFTokenizer, TiktokenTokenizer, load_tokenizer, tokenizer_from_dict
+from jaxgpt.sampling import generate, generate_stream
+from jaxgpt.tokenizer import CharTokenizer
 
 __all__ = [
     "GPT",
@@ -38,6 +40,8 @@ __all__ = [
     "load_init_from",
     "load_nanogpt_checkpoint",
     "load_tokenizer",
+    "generate",
+    "generate_stream",
     "loss_fn",
     "save_nanogpt_checkpoint",
     "to_torch_state_dict",

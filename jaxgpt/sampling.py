@@ -1,0 +1,464 @@
+"""Sampling from a trained model: the lecture's `generate`, and a compiled key/value-cache decoder.
+
+Two paths with one contract (`idx` (B, T) int32 in, (B, T + max_new_tokens) out):
+
+    use_cache=False  the lecture's loop: each new token runs a full forward over the last
+                     `block_size` tokens. Readable, and the reference the cache is tested against.
+    use_cache=True   one compiled prefill writes every layer's keys and values into a fixed-size
+                     cache; a compiled `lax.fori_loop` then feeds one token per step, reading the
+                     cache instead of recomputing the past.
+
+Past `block_size` both follow nanoGPT exactly: each token is conditioned on the last `block_size`
+tokens at positions 0 .. block_size-1. Positions are added at the input (learned or sinusoidal), so
+once the window slides every cached key and value changes; the cached path then switches to a
+compiled loop of full-window forwards (only the last layer's last query and MLP row are computed).
+
+Randomness is explicit: the i-th new token is drawn with `jax.random.fold_in(key, i)`, so the same
+key gives the same text whether it is generated at once, in streamed chunks, with or without cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Iterator
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxgpt.attention import attention
+from jaxgpt.model import GPT, CausalSelfAttention
+
+# --------------------------------------------------------------------------------------------------
+# Choosing the next token
+# --------------------------------------------------------------------------------------------------
+
+
+def filter_logits(logits_BV: jax.Array, *, top_k: int | None = None, top_p: float | jax.Array | None = None):
+    """Sets the logits of tokens that may not be sampled to -inf.
+
+    top_k: keep the k largest logits (nanoGPT: everything below the k-th value goes). top_p: keep
+    the smallest set of most likely tokens whose probability reaches p (nucleus sampling); the most
+    likely token is always kept. Applied in that order, after the temperature.
+    """
+    chex.assert_rank(logits_BV, 2)
+    V = logits_BV.shape[-1]
+    if top_k is not None and top_k < V:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if top_p is not None:
+        probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+        sorted_BV = jnp.sort(probs_BV, axis=-1)[:, ::-1]
+        mass_before_BV = jnp.cumsum(sorted_BV, axis=-1) - sorted_BV
+        # the smallest probability still kept: the sorted token whose predecessors hold < p of the mass
+        kept_BV = mass_before_BV < top_p
+        kept_BV = kept_BV.at[:, 0].set(True)
+        floor_B1 = jnp.min(jnp.where(kept_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        logits_BV = jnp.where(probs_BV < floor_B1, -jnp.inf, logits_BV)
+    return logits_BV
+
+
+def sample_next(
+    logits_BV: jax.Array,
+    key: jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    top_k: int | None = None,
+    top_p: float | jax.Array | None = None,
+    greedy: bool = False,
+) -> jax.Array:
+    """One token per row: argmax when `greedy`, else softmax(filtered logits / temperature) sampled."""
+    if greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV.astype(jnp.float32) / temperature
+    logits_BV = filter_logits(logits_BV, top_k=top_k, top_p=top_p)
+    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sampler:
+    """The static part of the sampling settings (what changes the compiled program)."""
+
+    greedy: bool
+    top_k: int | None
+    use_top_p: bool
+
+    def __call__(self, logits_BV, key, temperature, top_p):
+        return sample_next(
+            logits_BV,
+            key,
+            temperature=temperature,
+            top_k=self.top_k,
+            top_p=top_p if self.use_top_p else None,
+            greedy=self.greedy,
+        )
+
+
+def _check_args(model, idx, max_new_tokens, temperature, top_k, top_p) -> np.ndarray:
+    """Validates the arguments of `generate`; returns idx as a host int32 array."""
+    idx_np = np.asarray(idx)
+    if idx_np.ndim != 2 or idx_np.shape[0] < 1 or idx_np.shape[1] < 1:
+        raise ValueError(f"idx must be a (batch, time) array with at least one token, got shape {idx_np.shape}")
+    if not np.issubdtype(idx_np.dtype, np.integer):
+        raise ValueError(f"idx must hold integer token ids, got dtype {idx_np.dtype}")
+    vocab_size = _vocab_size(model)
+    if idx_np.min() < 0 or idx_np.max() >= vocab_size:
+        raise ValueError(f"idx holds token ids outside [0, {vocab_size}): min {idx_np.min()}, max {idx_np.max()}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float, np.floating)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float, np.floating)) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    return idx_np.astype(np.int32)
+
+
+def _vocab_size(model) -> int:
+    if isinstance(model, GPT):
+        return model.config.vocab_size
+    return int(model.token_embedding_table.num_embeddings)
+
+
+def _sampler(model, temperature, top_k, top_p) -> _Sampler:
+    vocab_size = _vocab_size(model)
+    top_k = None if top_k is None or top_k >= vocab_size else int(top_k)
+    return _Sampler(greedy=temperature == 0, top_k=top_k, use_top_p=top_p is not None and top_p < 1.0)
+
+
+def _bucket(n: int, cap: int | None = None, minimum: int = 8) -> int:
+    """n rounded up to a power of two (at least `minimum`, at most `cap`): few shapes, few compiles."""
+    b = max(minimum, 1 << max(0, n - 1).bit_length())
+    return b if cap is None else min(b, cap)
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference: the lecture's generate
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _reference_step(graphdef, state, window_BT, length, key, sampler, temperature, top_p):
+    """Logits of the last real token of a right-padded window, and the token drawn from them.
+
+    Right padding changes nothing before it (attention is causal, positions start at 0), so one
+    compiled function serves every window length up to its bucket.
+    """
+    model = nnx.merge(graphdef, state)
+    logits_BV = model(window_BT)[:, length - 1, :]
+    return sampler(logits_BV, key, temperature, top_p)
+
+
+def _generate_reference(model, idx_BT: np.ndarray, max_new_tokens: int, key, sampler, temperature, top_p, offset=0):
+    """The lecture's loop; the i-th new token uses key fold_in(key, offset + i)."""
+    block_size = model.block_size
+    graphdef, state = nnx.split(model)
+    idx = idx_BT
+    for i in range(max_new_tokens):
+        idx_cond = idx[:, -block_size:]  # crop the context to the last block_size tokens
+        T = idx_cond.shape[1]
+        window = np.zeros((idx.shape[0], _bucket(T, cap=block_size)), np.int32)
+        window[:, :T] = idx_cond
+        idx_next = _reference_step(
+            graphdef, state, window, T, jax.random.fold_in(key, offset + i), sampler, temperature, top_p
+        )
+        idx = np.concatenate([idx, np.asarray(idx_next)[:, None]], axis=1)
+    return idx
+
+
+# --------------------------------------------------------------------------------------------------
+# The key/value cache
+# --------------------------------------------------------------------------------------------------
+
+
+class _Attn:
+    """A block's attention as three functions: x -> (q, k, v) in (B, H, T, D), and y -> projection.
+
+    The fused form uses CausalSelfAttention.qkv / .project. The lecture's per-head form stacks the
+    heads' key, query and value kernels once, outside the decode loop, so each step runs one matmul
+    instead of 3 * n_head small ones.
+    """
+
+    def __init__(self, attn):
+        self.attn = attn
+        if isinstance(attn, CausalSelfAttention):
+            return
+        heads = list(attn.heads)
+        self.H = len(heads)
+        parts = [getattr(h, name) for name in ("query", "key", "value") for h in heads]
+        self.kernel = jnp.concatenate([p.kernel.value for p in parts], axis=1)
+        self.bias = None if parts[0].bias is None else jnp.concatenate([p.bias.value for p in parts])
+        self.dtype = parts[0].dtype
+
+    def qkv(self, x_BTC):
+        if isinstance(self.attn, CausalSelfAttention):
+            return self.attn.qkv(x_BTC)
+        B, T, C = x_BTC.shape
+        x_BTC = x_BTC.astype(self.dtype)
+        qkv_BT3C = x_BTC @ self.kernel.astype(self.dtype)
+        if self.bias is not None:
+            qkv_BT3C = qkv_BT3C + self.bias.astype(self.dtype)
+        qkv_3BHTD = qkv_BT3C.reshape(B, T, 3, self.H, C // self.H).transpose(2, 0, 3, 1, 4)
+        return qkv_3BHTD[0], qkv_3BHTD[1], qkv_3BHTD[2]
+
+    def project(self, y_BHTD):
+        if isinstance(self.attn, CausalSelfAttention):
+            return self.attn.project(y_BHTD)
+        B, H, T, D = y_BHTD.shape
+        return self.attn.c_proj(y_BHTD.transpose(0, 2, 1, 3).reshape(B, T, H * D))
+
+
+def _block(block, attn: _Attn, x_BTC, attend):
+    """A Block with its attention's core replaced by `attend(q, k, v) -> y` (pre or post LayerNorm)."""
+    if block.norm_position == "pre":
+        x_BTC = x_BTC + attn.project(attend(*attn.qkv(block.ln_1(x_BTC))))
+        return x_BTC + block.mlp(block.ln_2(x_BTC))
+    x_BTC = block.ln_1(x_BTC + attn.project(attend(*attn.qkv(x_BTC))))
+    return block.ln_2(x_BTC + block.mlp(x_BTC))
+
+
+def init_cache(model: GPT, batch_size: int) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """Empty per-layer key and value caches, each (B, n_head, block_size, head_size)."""
+    c = model.config
+    shape = (batch_size, c.n_head, c.block_size, c.head_size)
+    zeros = lambda: jnp.zeros(shape, jnp.dtype(c.dtype))  # noqa: E731
+    return tuple(zeros() for _ in range(c.n_layer)), tuple(zeros() for _ in range(c.n_layer))
+
+
+def prefill(model: GPT, idx_BT: jax.Array, cache):
+    """Runs the prompt through the model, writing its keys and values at positions 0 .. T-1.
+
+    Returns (logits (B, T, V), cache). T <= block_size.
+    """
+    chex.assert_rank(idx_BT, 2)
+    T = idx_BT.shape[1]
+    ks, vs = cache
+    new_k, new_v = [], []
+    x_BTC = model.embed(idx_BT)
+    for block, k_cache, v_cache in zip(model.h, ks, vs):
+        written = {}
+
+        def attend(q, k, v, written=written):
+            written["k"], written["v"] = k, v
+            return attention(q, k, v, causal=True)
+
+        x_BTC = _block(block, _Attn(block.attn), x_BTC, attend)
+        new_k.append(jax.lax.dynamic_update_slice_in_dim(k_cache, written["k"].astype(k_cache.dtype), 0, axis=2))
+        new_v.append(jax.lax.dynamic_update_slice_in_dim(v_cache, written["v"].astype(v_cache.dtype), 0, axis=2))
+    del T
+    return model.head(x_BTC), (tuple(new_k), tuple(new_v))
+
+
+def _cached_attention(q_BH1D, k_cache, v_cache, pos):
+    """One query at position `pos` against a fixed-size cache whose slots > pos are not yet valid."""
+    S = k_cache.shape[2]
+    scores_BH1S = jnp.einsum("bhtd,bhsd->bhts", q_BH1D, k_cache) * q_BH1D.shape[-1] ** -0.5
+    scores_BH1S = jnp.where(jnp.arange(S) <= pos, scores_BH1S.astype(jnp.float32), -jnp.inf)
+    wei_BH1S = jax.nn.softmax(scores_BH1S, axis=-1)
+    return jnp.einsum("bhts,bhsd->bhtd", wei_BH1S.astype(v_cache.dtype), v_cache)
+
+
+def decode_step(model: GPT, tok_B: jax.Array, pos: jax.Array, cache, attns: list[_Attn] | None = None):
+    """Feeds one token per row at position `pos` (< block_size): returns (logits (B, V), cache).
+
+    The token's key and value are written into slot `pos` with dynamic_update_slice, so inside a
+    loop XLA updates the cache buffers in place.
+    """
+    attns = attns or [_Attn(b.attn) for b in model.h]
+    ks, vs = cache
+    new_k, new_v = [], []
+    x_B1C = model.embed(tok_B[:, None], start=pos)
+    for block, attn, k_cache, v_cache in zip(model.h, attns, ks, vs):
+        updated = {}
+
+        def attend(q, k, v, k_cache=k_cache, v_cache=v_cache, updated=updated):
+            k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
+            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, pos, axis=2)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, pos, axis=2)
+            # The barrier keeps XLA from fusing the slot write into the attention matmul's operand
+            # (a fresh copy of the cache each step): the write stays a lone in-place update.
+            updated["k"], updated["v"] = jax.lax.optimization_barrier((k_cache, v_cache))
+            return _cached_attention(q, updated["k"], updated["v"], pos)
+
+        x_B1C = _block(block, attn, x_B1C, attend)
+        new_k.append(updated["k"])
+        new_v.append(updated["v"])
+    return model.head(x_B1C)[:, 0, :], (tuple(new_k), tuple(new_v))
+
+
+def last_logits(model: GPT, idx_BT: jax.Array, attns: list[_Attn] | None = None) -> jax.Array:
+    """logits (B, V) of the last position of a full forward; the last layer runs only that row."""
+    attns = attns or [_Attn(b.attn) for b in model.h]
+    x_BTC = model.embed(idx_BT)
+    *blocks, last = list(zip(model.h, attns))
+    for block, attn in blocks:
+        x_BTC = _block(block, attn, x_BTC, lambda q, k, v: attention(q, k, v, causal=True))
+    block, attn = last
+    # Only the last row is needed: its query sees every key, so causality is the full mask.
+    attend = lambda q, k, v: attention(q[:, :, -1:], k, v, causal=False)  # noqa: E731
+    if block.norm_position == "pre":
+        x_B1C = x_BTC[:, -1:] + attn.project(attend(*attn.qkv(block.ln_1(x_BTC))))
+        x_B1C = x_B1C + block.mlp(block.ln_2(x_B1C))
+    else:
+        x_B1C = block.ln_1(x_BTC[:, -1:] + attn.project(attend(*attn.qkv(x_BTC))))
+        x_B1C = block.ln_2(x_B1C + block.mlp(x_B1C))
+    return model.head(x_B1C)[:, 0, :]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _State:
+    """Everything the decode loops carry: token buffer, sequence length, tokens drawn, cache."""
+
+    tokens_BN: jax.Array  # the sequence so far, left-aligned; slots >= length are not yet written
+    length: jax.Array  # int32 scalar: current sequence length
+    drawn: jax.Array  # int32 scalar: tokens generated so far (the fold_in index of the next key)
+    cache: tuple
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _start(graphdef, params, prompt_BT, length, buffer_BN):
+    """Prefill over the (right-padded) prompt bucket and set up the loop state."""
+    model = nnx.merge(graphdef, params)
+    _, cache = prefill(model, prompt_BT, init_cache(model, prompt_BT.shape[0]))
+    tokens_BN = jax.lax.dynamic_update_slice_in_dim(buffer_BN, prompt_BT, 0, axis=1)
+    return _State(tokens_BN, length, jnp.zeros((), jnp.int32), cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=(2,))
+def _decode_cached(graphdef, params, state: _State, sampler, n_steps, key, temperature, top_p):
+    """n_steps cached steps (the caller guarantees every position stays < block_size)."""
+    model = nnx.merge(graphdef, params)
+    attns = [_Attn(b.attn) for b in model.h]  # stacked per-head kernels: built once, outside the loop
+
+    def step(_, s: _State):
+        pos = s.length - 1  # the last token is fed; its key and value join the cache
+        tok_B = jax.lax.dynamic_index_in_dim(s.tokens_BN, pos, axis=1, keepdims=False)
+        logits_BV, cache = decode_step(model, tok_B, pos, s.cache, attns)
+        nxt_B = sampler(logits_BV, jax.random.fold_in(key, s.drawn), temperature, top_p)
+        tokens_BN = jax.lax.dynamic_update_slice_in_dim(s.tokens_BN, nxt_B[:, None], s.length, axis=1)
+        return _State(tokens_BN, s.length + 1, s.drawn + 1, cache)
+
+    return jax.lax.fori_loop(0, n_steps, step, state)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=(2,))
+def _decode_window(graphdef, params, state: _State, sampler, n_steps, key, temperature, top_p):
+    """n_steps steps past the context: a full forward over the last block_size tokens each."""
+    model = nnx.merge(graphdef, params)
+    attns = [_Attn(b.attn) for b in model.h]
+    block_size = model.config.block_size
+
+    def step(_, s: _State):
+        window_BT = jax.lax.dynamic_slice_in_dim(s.tokens_BN, s.length - block_size, block_size, axis=1)
+        logits_BV = last_logits(model, window_BT, attns)
+        nxt_B = sampler(logits_BV, jax.random.fold_in(key, s.drawn), temperature, top_p)
+        tokens_BN = jax.lax.dynamic_update_slice_in_dim(s.tokens_BN, nxt_B[:, None], s.length, axis=1)
+        return _State(tokens_BN, s.length + 1, s.drawn + 1, s.cache)
+
+    return jax.lax.fori_loop(0, n_steps, step, state)
+
+
+def _stream_cached(model: GPT, idx_BT: np.ndarray, max_new_tokens, key, sampler, temperature, top_p, chunk):
+    """Yields the new tokens of the cached path in chunks of at most `chunk` (B, n) arrays."""
+    block_size = model.config.block_size
+    B, T = idx_BT.shape
+    prompt_BT = idx_BT[:, -block_size:]  # nanoGPT conditions on the last block_size tokens only
+    T_c = prompt_BT.shape[1]
+    T_pad = _bucket(T_c, cap=block_size)
+    padded = np.zeros((B, T_pad), np.int32)
+    padded[:, :T_c] = prompt_BT
+    graphdef, params = nnx.split(model)
+    buffer = jnp.zeros((B, _bucket(T_pad + max_new_tokens, minimum=64)), jnp.int32)
+    state = _start(graphdef, params, padded, jnp.int32(T_c), buffer)
+    temperature = jnp.float32(temperature if temperature else 1.0)
+    top_p = jnp.float32(1.0 if top_p is None else top_p)
+    done = 0
+    while done < max_new_tokens:
+        n = min(chunk, max_new_tokens - done)
+        length = T_c + done
+        n_cached = min(n, max(0, block_size - length + 1))  # steps whose fed position is < block_size
+        if n_cached:
+            state = _decode_cached(graphdef, params, state, sampler, jnp.int32(n_cached), key, temperature, top_p)
+        if n - n_cached:
+            state = _decode_window(graphdef, params, state, sampler, jnp.int32(n - n_cached), key, temperature, top_p)
+        yield np.asarray(state.tokens_BN[:, length : length + n])
+        done += n
+
+
+# --------------------------------------------------------------------------------------------------
+# The public functions
+# --------------------------------------------------------------------------------------------------
+
+
+def generate_stream(
+    model,
+    idx,
+    max_new_tokens: int,
+    *,
+    key: jax.Array,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    use_cache: bool = True,
+    chunk_size: int = 32,
+) -> Iterator[np.ndarray]:
+    """Like `generate`, but yields the new tokens as they are produced, (B, n) int32 chunks.
+
+    Each chunk is one call of the compiled loop, so a small `chunk_size` streams more smoothly and a
+    large one dispatches less. The tokens are the same as `generate`'s for the same key.
+    """
+    idx_BT = _check_args(model, idx, max_new_tokens, temperature, top_k, top_p)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    sampler = _sampler(model, temperature, top_k, top_p)
+    if use_cache and isinstance(model, GPT):
+        yield from _stream_cached(model, idx_BT, max_new_tokens, key, sampler, temperature, top_p, chunk_size)
+        return
+    # The reference path (and models without a cache, like the bigram model) one token at a time.
+    temp = jnp.float32(temperature if temperature else 1.0)
+    top_p_arr = jnp.float32(1.0 if top_p is None else top_p)
+    seq = idx_BT
+    for done in range(0, max_new_tokens, chunk_size):
+        n = min(chunk_size, max_new_tokens - done)
+        new = _generate_reference(model, seq, n, key, sampler, temp, top_p_arr, offset=done)[:, seq.shape[1] :]
+        seq = np.concatenate([seq, new], axis=1)
+        yield new
+
+
+def generate(
+    model,
+    idx,
+    max_new_tokens: int,
+    *,
+    key: jax.Array,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    use_cache: bool = True,
+) -> np.ndarray:
+    """Continues each row of `idx` (B, T) by `max_new_tokens` tokens; returns (B, T + max_new_tokens).
+
+    temperature=0 is greedy decoding; top_k / top_p restrict sampling to the most likely tokens.
+    use_cache=False runs the lecture's loop (a full forward per token), the readable reference.
+    """
+    idx_BT = _check_args(model, idx, max_new_tokens, temperature, top_k, top_p)
+    chunks = list(
+        generate_stream(
+            model,
+            idx_BT,
+            max_new_tokens,
+            key=key,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            use_cache=use_cache,
+            chunk_size=max(1, max_new_tokens),
+        )
+    )
+    return np.concatenate([idx_BT, *chunks], axis=1) if chunks else idx_BT

@@ -1,0 +1,149 @@
+"""Sample text from a trained jaxgpt checkpoint, streaming it to the terminal as it is produced.
+
+    python sample.py --out_dir=out/shakespeare_char --start="ROMEO:" --num_samples=3 \\
+        --max_new_tokens=500 --temperature=0.8 --top_k=200 --seed=1337
+
+`--start=FILE:prompt.txt` reads the prompt from a file. Errors (a missing checkpoint, a prompt
+character the tokenizer does not know, a bad number) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs, reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the usage too; one line is enough
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Sample from a trained jaxgpt model.")
+    p.add_argument("--out_dir", default="out", help="directory holding the checkpoint (as train.py wrote it)")
+    p.add_argument("--which", default="best", choices=("best", "latest"), help="which checkpoint to load")
+    p.add_argument("--start", default="\n", help='the prompt, or "FILE:path" to read it from a file')
+    p.add_argument("--num_samples", type=int, default=10)
+    p.add_argument("--max_new_tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; < 1 sharper, > 1 more random")
+    p.add_argument("--top_k", type=int, default=200, help="keep only the k most likely tokens (0: no limit)")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep tokens up to this mass")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--chunk_size", type=int, default=8, help="tokens per streamed chunk")
+    p.add_argument("--no_cache", action="store_true", help="use the lecture's uncached loop (slow, the reference)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parses and checks the arguments; raises UsageError with a one-line message."""
+    args = build_parser().parse_args(argv)
+    if args.num_samples < 1:
+        raise UsageError(f"--num_samples must be >= 1, got {args.num_samples}")
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise UsageError(f"--top_k must be >= 0 (0 means no limit), got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.chunk_size < 1:
+        raise UsageError(f"--chunk_size must be >= 1, got {args.chunk_size}")
+    return args
+
+
+def read_prompt(start: str) -> str:
+    """The prompt text: `start` itself, or the contents of the file named after "FILE:"."""
+    if start.startswith("FILE:"):
+        path = start[len("FILE:") :]
+        try:
+            with open(path, encoding="utf-8") as f:
+                start = f.read()
+        except OSError as e:
+            raise UsageError(f"cannot read the prompt file {path!r}: {e.strerror}") from None
+    if not start:
+        raise UsageError("the prompt is empty: give at least one character with --start")
+    return start
+
+
+def encode_prompt(tokenizer, text: str):
+    """Token ids of the prompt; unknown characters are listed in one UsageError."""
+    unknown = tokenizer.unknown_chars(text) if hasattr(tokenizer, "unknown_chars") else []
+    if unknown:
+        listed = " ".join(repr(c) for c in unknown)
+        raise UsageError(f"the prompt has characters the tokenizer does not know: {listed}")
+    try:
+        return tokenizer.encode(text)
+    except ValueError as e:
+        raise UsageError(f"cannot encode the prompt: {e}") from None
+
+
+def _default_load_model(out_dir: str, which: str):
+    from jaxgpt.checkpoint import load_model  # imported here so that `sample.py --help` stays fast
+
+    return load_model(out_dir, which=which)
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    load_model: Callable | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Runs the CLI; returns the exit status. `load_model(out_dir, which) -> (model, tokenizer, info)`."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    load_model = load_model or _default_load_model
+    try:
+        args = parse_args(argv)
+        prompt = read_prompt(args.start)
+        if not os.path.exists(args.out_dir):
+            raise UsageError(f"no checkpoint at {args.out_dir!r}: train first or pass --out_dir")
+        try:
+            model, tokenizer, _ = load_model(args.out_dir, args.which)
+        except FileNotFoundError as e:
+            raise UsageError(f"no {args.which} checkpoint in {args.out_dir!r} ({e})") from None
+        ids = encode_prompt(tokenizer, prompt)
+    except UsageError as e:
+        print(f"sample.py: error: {e}", file=err)
+        return 2
+
+    import jax
+    import numpy as np
+
+    from jaxgpt.sampling import generate_stream
+
+    idx = np.asarray(ids, np.int32)[None, :]
+    keys = jax.random.split(jax.random.key(args.seed), args.num_samples)
+    for k in range(args.num_samples):
+        out.write(prompt)
+        out.flush()
+        for chunk in generate_stream(
+            model,
+            idx,
+            args.max_new_tokens,
+            key=keys[k],
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            top_p=args.top_p,
+            use_cache=not args.no_cache,
+            chunk_size=args.chunk_size,
+        ):
+            out.write(tokenizer.decode(chunk[0]))
+            out.flush()
+        out.write("\n---------------\n")
+        out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

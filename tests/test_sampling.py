@@ -1,0 +1,207 @@
+"""jaxgpt.sampling: the KV-cache decoder equals the lecture's loop, which equals PyTorch's generate."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import jaxgpt
+from jaxgpt import sampling
+from tests.reference import torch_gpt
+
+VOCAB, BLOCK = 13, 16
+
+
+def sharp_model(**overrides) -> jaxgpt.GPT:
+    """A small random GPT with weights large enough that its logits are far from uniform.
+
+    With nanoGPT's 0.02 init, greedy decoding of a random model repeats one token; larger weights
+    give varied text, so the equalities below test something.
+    """
+    config = jaxgpt.GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=2, n_embd=16, **overrides)
+    model = jaxgpt.GPT(config, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    new = [
+        jnp.ones_like(x) if x.ndim == 1 and "scale" in str(i) else 0.4 * jax.random.normal(k, x.shape)
+        for i, (x, k) in enumerate(zip(leaves, keys))
+    ]
+    nnx.update(model, jax.tree.unflatten(treedef, new))
+    return model
+
+
+PROMPT = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
+LONG_PROMPT = np.array([[1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5, 4, 3, 2, 1]], np.int32)  # one padded bucket
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(attention="fused", pos_encoding="learned"),
+        dict(attention="heads", pos_encoding="learned"),
+        dict(attention="fused", pos_encoding="sinusoidal", norm_position="post"),
+        dict(attention="heads", pos_encoding="sinusoidal"),
+    ],
+)
+def test_greedy_cache_equals_reference_300_tokens_past_context(overrides):
+    model = sharp_model(**overrides)
+    n = BLOCK + 300
+    cached = jaxgpt.generate(model, LONG_PROMPT, n, key=jax.random.key(0), temperature=0)
+    reference = jaxgpt.generate(model, LONG_PROMPT, n, key=jax.random.key(0), temperature=0, use_cache=False)
+    assert cached.shape == (2, 9 + n)
+    np.testing.assert_array_equal(cached[:, :9], LONG_PROMPT)
+    np.testing.assert_array_equal(cached, reference)
+
+
+@pytest.mark.parametrize("attention", ["fused", "heads"])
+def test_cached_decode_logits_equal_full_forward(attention):
+    model = sharp_model(attention=attention)
+    idx = np.asarray(jax.random.randint(jax.random.key(2), (2, BLOCK), 0, VOCAB), np.int32)
+    full_BTV = model(jnp.asarray(idx))
+    prompt = 5
+    logits_BTV, cache = sampling.prefill(model, jnp.asarray(idx[:, :prompt]), sampling.init_cache(model, 2))
+    np.testing.assert_allclose(logits_BTV, full_BTV[:, :prompt], atol=1e-5, rtol=1e-5)
+    # Re-feeding the prompt's last token overwrites its slot with the same key and value.
+    for pos in range(prompt - 1, BLOCK):
+        logits_BV, cache = sampling.decode_step(model, jnp.asarray(idx[:, pos]), jnp.int32(pos), cache)
+        np.testing.assert_allclose(logits_BV, full_BTV[:, pos], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(sampling.last_logits(model, jnp.asarray(idx)), full_BTV[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_same_key_same_text_different_keys_differ_with_or_without_cache():
+    model = sharp_model()
+    n = BLOCK + 20
+    a = jaxgpt.generate(model, PROMPT, n, key=jax.random.key(7))
+    b = jaxgpt.generate(model, PROMPT, n, key=jax.random.key(7))
+    c = jaxgpt.generate(model, PROMPT, n, key=jax.random.key(8))
+    ref = jaxgpt.generate(model, PROMPT, n, key=jax.random.key(7), use_cache=False)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, ref)  # the i-th token uses fold_in(key, i) on both paths
+    assert (a != c).any()
+
+
+def test_stream_yields_the_same_tokens_as_generate():
+    model = sharp_model()
+    n = BLOCK + 9  # crosses from the cached steps into the sliding window inside a chunk
+    full = jaxgpt.generate(model, PROMPT, n, key=jax.random.key(3), temperature=0.9, top_k=5)
+    chunks = list(
+        jaxgpt.generate_stream(model, PROMPT, n, key=jax.random.key(3), temperature=0.9, top_k=5, chunk_size=7)
+    )
+    assert [c.shape[1] for c in chunks] == [7, 7, 7, 4]
+    np.testing.assert_array_equal(np.concatenate([PROMPT, *chunks], axis=1), full)
+
+
+def test_prompt_longer_than_block_size_and_batch_rows_are_independent():
+    model = sharp_model(pos_encoding="sinusoidal")
+    idx = np.asarray(jax.random.randint(jax.random.key(4), (3, BLOCK + 5), 0, VOCAB), np.int32)
+    cached = jaxgpt.generate(model, idx, 12, key=jax.random.key(0), temperature=0)
+    reference = jaxgpt.generate(model, idx, 12, key=jax.random.key(0), temperature=0, use_cache=False)
+    np.testing.assert_array_equal(cached, reference)
+    # Each row is continued on its own: reordering the batch reorders the output.
+    flipped = jaxgpt.generate(model, idx[::-1], 12, key=jax.random.key(0), temperature=0)
+    np.testing.assert_array_equal(flipped, cached[::-1])
+
+
+def test_filter_logits_keeps_exactly_the_top_k_and_the_nucleus():
+    probs = np.array([0.05, 0.4, 0.02, 0.3, 0.15, 0.08], np.float32)
+    logits = jnp.log(jnp.asarray(probs))[None]
+    kept_k = np.isfinite(np.asarray(sampling.filter_logits(logits, top_k=3)))[0]
+    np.testing.assert_array_equal(kept_k, probs >= 0.15)
+    # top_p=0.75: 0.4 + 0.3 = 0.7 < 0.75, so 0.15 joins; 0.85 >= 0.75 stops there.
+    kept_p = np.isfinite(np.asarray(sampling.filter_logits(logits, top_p=0.75)))[0]
+    np.testing.assert_array_equal(kept_p, probs >= 0.15)
+    kept_p = np.isfinite(np.asarray(sampling.filter_logits(logits, top_p=0.7)))[0]
+    np.testing.assert_array_equal(kept_p, probs >= 0.3)
+    kept_top = np.isfinite(np.asarray(sampling.filter_logits(logits, top_p=0.01)))[0]
+    np.testing.assert_array_equal(kept_top, probs == 0.4)  # the most likely token always stays
+
+
+@pytest.mark.parametrize(
+    "kw, allowed",
+    [
+        (dict(top_k=2, temperature=1.5), {1, 3}),  # top-k does not depend on the temperature
+        (dict(top_p=0.6, temperature=1.0), {1, 3}),  # 0.4 < 0.6, 0.4 + 0.3 >= 0.6
+        (dict(top_p=0.6, temperature=0.25), {1}),  # sharpened first: 0.4 alone is > 0.6 of the mass
+    ],
+)
+def test_sampling_never_emits_a_filtered_token(kw, allowed):
+    probs = np.array([0.05, 0.4, 0.02, 0.3, 0.15, 0.08], np.float32)
+    logits_BV = jnp.tile(jnp.log(jnp.asarray(probs))[None], (4000, 1))
+    drawn = np.asarray(sampling.sample_next(logits_BV, jax.random.key(0), **kw))
+    assert set(drawn.tolist()) == allowed  # every allowed token appears, nothing else does
+
+
+def test_bigram_generate_respects_top_k_row_by_row():
+    model = jaxgpt.BigramLanguageModel(VOCAB, rngs=nnx.Rngs(0))
+    out = jaxgpt.generate(model, PROMPT, 40, key=jax.random.key(5), top_k=2, temperature=2.0)
+    table = np.asarray(model.token_embedding_table.embedding.value)
+    top2 = np.argsort(table, axis=1)[:, -2:]
+    for row in out:
+        for prev, nxt in zip(row[2:-1], row[3:]):
+            assert nxt in top2[prev]
+    assert out.shape == (2, 43)
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=3), dict(top_p=0.5)])
+def test_cached_gpt_samples_only_allowed_tokens(kw):
+    model = sharp_model()
+    out = jaxgpt.generate(model, PROMPT, BLOCK - 3, key=jax.random.key(6), temperature=0.7, **kw)
+    logits_BTV = np.asarray(model(jnp.asarray(out[:, :-1])))[:, 2:] / 0.7  # the logits each new token saw
+    new_BT = out[:, 3:]
+    chosen = np.take_along_axis(logits_BTV, new_BT[..., None], axis=-1)[..., 0]
+    if "top_k" in kw:
+        kth = np.sort(logits_BTV, axis=-1)[..., -kw["top_k"]]
+        assert (chosen >= kth - 1e-4).all()
+    else:
+        probs = np.exp(logits_BTV - logits_BTV.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        p_chosen = np.take_along_axis(probs, new_BT[..., None], axis=-1)[..., 0]
+        mass_above = np.where(probs > p_chosen[..., None], probs, 0).sum(-1)  # strictly more likely tokens
+        assert (mass_above < kw["top_p"] + 1e-4).all()
+
+
+@pytest.mark.parametrize("attention", ["fused", "heads"])
+def test_reference_matches_pytorch_greedy_generate(attention):
+    model = sharp_model(attention=attention, pos_encoding="learned")
+    config = model.config
+    torch_model = torch_gpt.GPT(
+        torch_gpt.TorchGPTConfig(
+            vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=2, n_embd=16, attention=attention
+        )
+    ).eval()
+    state = {k: torch.from_numpy(np.array(v)) for k, v in jaxgpt.to_torch_state_dict(model).items()}
+    missing, unexpected = torch_model.load_state_dict(state, strict=False)
+    assert all(k.endswith("attn.bias") for k in missing) and not unexpected
+    n = BLOCK + 20
+    theirs = torch_gpt.generate(torch_model, torch.from_numpy(PROMPT).long(), n, top_k=1).numpy()  # top_k=1: greedy
+    ours = jaxgpt.generate(model, PROMPT, n, key=jax.random.key(0), temperature=0, use_cache=False)
+    np.testing.assert_array_equal(ours, theirs)
+    assert config.block_size < ours.shape[1]
+
+
+def test_max_new_tokens_zero_returns_the_prompt():
+    np.testing.assert_array_equal(jaxgpt.generate(sharp_model(), PROMPT, 0, key=jax.random.key(0)), PROMPT)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(idx=np.array([1, 2], np.int32)), "idx"),
+        (dict(idx=np.array([[1, VOCAB]], np.int32)), "outside"),
+    ],
+)
+def test_bad_arguments_raise_one_clear_error(kw, match):
+    args = dict(idx=PROMPT, max_new_tokens=4)
+    args.update(kw)
+    idx, n = args.pop("idx"), args.pop("max_new_tokens")
+    with pytest.raises(ValueError, match=match):
+        jaxgpt.generate(sharp_model(), idx, n, key=jax.random.key(0), **args)
