@@ -393,30 +393,35 @@ def _stack_blocks(blocks: list[Block]) -> Block:
     return nnx.merge(graphdef, jax.tree.map(lambda *layers: jnp.stack(layers), *states))
 
 
+def _raw(state) -> dict:
+    """The nested dicts inside an nnx.State (its sub-states are plain dicts), or a plain mapping's copy."""
+    return dict(state.raw_mapping) if isinstance(state, nnx.State) else dict(state)
+
+
 def stack_layers(state: nnx.State) -> nnx.State:
     """A GPT state with per-layer blocks (`h.0`, `h.1`, ...) -> the `scan_layers` form (`h` stacked).
 
     Works on any state of the model's structure (params, or an optimizer moment such as Adam's mu).
     """
-    state = nnx.State(dict(state))
-    layers = state["h"]
+    raw = _raw(state)
+    layers = raw["h"]
     n_layer = len(layers)
     if sorted(layers.keys()) != list(range(n_layer)):
         raise ValueError("stack_layers expects per-layer blocks under 'h' (keys 0..n_layer-1): is it stacked already?")
-    state["h"] = jax.tree.map(lambda *xs: jnp.stack(xs), *(layers[i] for i in range(n_layer)))
-    return state
+    raw["h"] = jax.tree.map(lambda *xs: jnp.stack(xs), *(layers[i] for i in range(n_layer)))
+    return nnx.State(raw)
 
 
 def unstack_layers(state: nnx.State) -> nnx.State:
     """The `scan_layers` form (`h` stacked along axis 0) -> per-layer blocks `h.0`, `h.1`, ..., as
     `jaxgpt.convert` and unscanned models expect."""
-    state = nnx.State(dict(state))
-    stacked = state["h"]
+    raw = _raw(state)
+    stacked = raw["h"]
     if any(isinstance(k, int) for k in stacked.keys()):
         raise ValueError("unstack_layers expects stacked blocks under 'h': it holds per-layer blocks already")
     n_layer = jax.tree.leaves(stacked)[0].shape[0]
-    state["h"] = nnx.State({i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n_layer)})
-    return state
+    raw["h"] = {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n_layer)}
+    return nnx.State(raw)
 
 
 def with_layout(model: GPT, scan_layers: bool) -> GPT:
