@@ -189,8 +189,12 @@ class Head(nnx.Module):
         k_BTD, q_BTD, v_BTD = self.key(x_BTC), self.query(x_BTC), self.value(x_BTC)
         one_head = lambda t: t[:, None]  # noqa: E731  (B, T, D) -> (B, 1, T, D)
         y_B1TD = attend(
-            one_head(q_BTD), one_head(k_BTD), one_head(v_BTD),
-            impl=self.attention_impl, dropout_rate=self.dropout_rate, key=key,
+            one_head(q_BTD),
+            one_head(k_BTD),
+            one_head(v_BTD),
+            impl=self.attention_impl,
+            dropout_rate=self.dropout_rate,
+            key=key,
         )
         return y_B1TD[:, 0]
 
@@ -236,9 +240,7 @@ class CausalSelfAttention(nnx.Module):
     def __call__(self, x_BTC: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
         att_key, proj_key = _split(key, 2)
         q_BHTD, k_BHTD, v_BHTD = self.qkv(x_BTC)
-        y_BHTD = attend(
-            q_BHTD, k_BHTD, v_BHTD, impl=self.attention_impl, dropout_rate=self.dropout_rate, key=att_key
-        )
+        y_BHTD = attend(q_BHTD, k_BHTD, v_BHTD, impl=self.attention_impl, dropout_rate=self.dropout_rate, key=att_key)
         return self.project(y_BHTD, key=proj_key)
 
 
