@@ -65,6 +65,12 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def constrain_batch(x_B: jax.Array, mesh: Mesh) -> jax.Array:
+    """Inside a jitted step: marks a batch drawn on the device (from a replicated dataset) as split over
+    ('data', 'fsdp'), so each device computes only its rows."""
+    return jax.lax.with_sharding_constraint(x_B, batch_sharding(mesh, x_B.ndim))
+
+
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     """A clear error when the batch cannot be split evenly over the data-parallel devices."""
     n = data_parallel_size(mesh)

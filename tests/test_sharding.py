@@ -101,7 +101,7 @@ import jax, jax.numpy as jnp, numpy as np, optax
 from flax import nnx
 from jaxgpt.model import GPT, GPTConfig, loss_fn
 from jaxgpt.optim import adamw
-from jaxgpt.sharding import make_mesh, shard_params, batch_sharding, state_shardings
+from jaxgpt.sharding import make_mesh, shard_params, batch_sharding, state_shardings, constrain_batch
 
 jax.config.update("jax_default_matmul_precision", "highest")
 SCAN = {scan}
@@ -120,16 +120,19 @@ def run(mesh):
     b_sh = batch_sharding(mesh)
 
     def step(params, opt_state, batch):
+        batch = constrain_batch(batch, mesh)  # a no-op for an already split batch; splits a replicated one
         def f(p):
             return loss_fn(nnx.merge(graphdef, p)(batch[:, :-1]), batch[:, 1:])
         loss, grads = jax.value_and_grad(f)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    step = jax.jit(step, in_shardings=(p_sh, o_sh, b_sh), out_shardings=(p_sh, o_sh, None), donate_argnums=(0, 1))
+    step = jax.jit(step, in_shardings=(p_sh, o_sh, None), out_shardings=(p_sh, o_sh, None), donate_argnums=(0, 1))
     losses = []
     for i in range(3):
-        params, opt_state, loss = step(params, opt_state, jax.device_put(data[i], b_sh))
+        # Step 1 gets a replicated batch (as when batches are drawn on the device), the others a split one.
+        batch = jax.device_put(data[i], b_sh if i else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        params, opt_state, loss = step(params, opt_state, batch)
         losses.append(float(loss))
     kernel = params["h"][0]["mlp"]["c_fc"]["kernel"] if not SCAN else params["h"]["mlp"]["c_fc"]["kernel"]
     return losses, jax.tree.map(np.asarray, nnx.to_pure_dict(params)), str(kernel.sharding.spec)
