@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxgpt.model import GPT, GPTConfig
+from jaxgpt.model import GPT, GPTConfig, unstack_layers, with_layout
 
 _LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 _BUFFER = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
@@ -65,6 +65,8 @@ def from_torch_state_dict(config: GPTConfig, state_dict: Mapping) -> GPT:
     unexpected parameter raises a `ValueError` naming it (and both shapes).
     """
     state_dict = strip_prefix(state_dict)
+    if config.scan_layers:  # torch names are per layer: convert unstacked, then stack
+        return with_layout(from_torch_state_dict(dataclasses.replace(config, scan_layers=False), state_dict), True)
     abstract = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     used = set()
@@ -93,6 +95,7 @@ def from_torch_state_dict(config: GPTConfig, state_dict: Mapping) -> GPT:
 def to_torch_state_dict(model: GPT) -> dict[str, np.ndarray]:
     """nanoGPT-style state dict (numpy arrays) of `model`; tied models also carry `lm_head.weight`."""
     out: dict[str, np.ndarray] = {}
+    model = with_layout(model, scan_layers=False)  # torch names are per layer
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transpose = torch_name(path)
         value = np.asarray(variable[...])
@@ -234,6 +237,8 @@ def nanogpt_param_names(config: GPTConfig) -> list[str]:
 def _torch_named(tree, config: GPTConfig) -> dict[str, np.ndarray]:
     """Any parameter-shaped tree (a model, or Adam moments) as torch-named, torch-laid-out arrays."""
     state = nnx.state(tree, nnx.Param) if isinstance(tree, nnx.Module) else tree
+    if config.scan_layers and "h" in state and not any(isinstance(k, int) for k in state["h"].keys()):
+        state = unstack_layers(state)
     out = {}
     for path, leaf in nnx.to_flat_state(state):
         name, transpose = torch_name(path)

@@ -55,9 +55,7 @@ def _gather(key: jax.Array, data: jax.Array, batch_size: int, block_size: int):
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def get_batch(
-    key: jax.Array, data: ArrayLike, batch_size: int, block_size: int
-) -> tuple[jax.Array, jax.Array]:
+def get_batch(key: jax.Array, data: ArrayLike, batch_size: int, block_size: int) -> tuple[jax.Array, jax.Array]:
     """Draws `batch_size` random windows of `block_size` tokens from `data`.
 
     Returns x_BT (int32) and y_BT, where y is x shifted one token to the left: y[b, t] is the token

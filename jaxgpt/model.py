@@ -20,6 +20,8 @@ from flax import nnx
 
 from jaxgpt.attention import attention, dropout
 
+ATTENTION_IMPLS = ("xla", "cudnn", "reference")
+
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf GELU, as torch's nn.GELU()
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # GPT-2's original approximation
@@ -46,6 +48,9 @@ class GPTConfig:
     ln_eps: float = 1e-5
     dtype: str = "float32"  # computation dtype ('bfloat16' for mixed precision)
     param_dtype: str = "float32"
+    attention_impl: str = "xla"  # 'xla' | 'cudnn' (flash attention on GPU) | 'reference' (the lecture's functions)
+    remat: bool = False  # recompute each block's activations in the backward pass (less memory, ~1/3 more FLOPs)
+    scan_layers: bool = False  # one compiled block scanned over stacked layer params (compile time flat in depth)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -64,6 +69,7 @@ class GPTConfig:
             "pos_encoding": ("learned", "sinusoidal"),
             "attention": ("fused", "heads"),
             "norm_position": ("pre", "post"),
+            "attention_impl": ATTENTION_IMPLS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -73,6 +79,17 @@ class GPTConfig:
                 jnp.dtype(getattr(self, name))
             except TypeError:
                 raise ValueError(f"model.{name} is not a dtype: {getattr(self, name)!r}") from None
+        if self.attention_impl == "cudnn":
+            # cuDNN's fused kernel has no dropout on the attention weights and runs only in 16-bit.
+            if self.dropout > 0:
+                raise ValueError(
+                    f"model.attention_impl='cudnn' has no attention dropout but model.dropout={self.dropout}: "
+                    "set model.dropout=0 or model.attention_impl='xla'"
+                )
+            if jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
+                raise ValueError(
+                    f"model.attention_impl='cudnn' needs model.dtype 'bfloat16' or 'float16', got {self.dtype!r}"
+                )
 
     @property
     def head_size(self) -> int:
@@ -125,6 +142,39 @@ def sinusoidal_positions(T: int, C: int) -> jax.Array:
     return jnp.asarray(pe, dtype=jnp.float32)
 
 
+def attend(
+    q_BHTD: jax.Array,
+    k_BHSD: jax.Array,
+    v_BHSD: jax.Array,
+    *,
+    impl: str = "xla",
+    dropout_rate: float = 0.0,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """Causal attention by `impl` (GPTConfig.attention_impl) -> (B, H, T, D).
+
+    'reference' is the lecture's `attention` (explicit mask, float32 softmax, dropout on the weights).
+    'xla' and 'cudnn' call `jax.nn.dot_product_attention`, which has no dropout: when attention dropout
+    is active (training with `dropout_rate > 0` and a key), 'xla' takes the reference path, so the
+    dropout nanoGPT applies to the weights still happens; 'cudnn' with dropout is refused by GPTConfig.
+    """
+    if impl == "reference" or (impl == "xla" and dropout_rate > 0.0 and key is not None):
+        return attention(q_BHTD, k_BHSD, v_BHSD, causal=True, dropout_rate=dropout_rate, key=key)
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(
+            f"model.attention_impl='cudnn' needs an NVIDIA GPU, but JAX runs on {jax.default_backend()!r}: "
+            "use model.attention_impl='xla'"
+        )
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    # dot_product_attention takes (B, T, N, H); its softmax runs in float32 for 16-bit inputs.
+    to_btnh = lambda t: jnp.swapaxes(t, -3, -2)  # noqa: E731
+    y_BTHD = jax.nn.dot_product_attention(
+        to_btnh(q_BHTD), to_btnh(k_BHSD), to_btnh(v_BHSD), is_causal=True, implementation=impl
+    )
+    return to_btnh(y_BTHD)
+
+
 class Head(nnx.Module):
     """One head of causal self-attention: the lecture's `Head` (key, query, value projections)."""
 
@@ -133,10 +183,20 @@ class Head(nnx.Module):
         self.query = _linear(config, config.n_embd, config.head_size, rngs)
         self.value = _linear(config, config.n_embd, config.head_size, rngs)
         self.dropout_rate = config.dropout
+        self.attention_impl = config.attention_impl
 
     def __call__(self, x_BTC: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
         k_BTD, q_BTD, v_BTD = self.key(x_BTC), self.query(x_BTC), self.value(x_BTC)
-        return attention(q_BTD, k_BTD, v_BTD, causal=True, dropout_rate=self.dropout_rate, key=key)
+        one_head = lambda t: t[:, None]  # noqa: E731  (B, T, D) -> (B, 1, T, D)
+        y_B1TD = attend(
+            one_head(q_BTD),
+            one_head(k_BTD),
+            one_head(v_BTD),
+            impl=self.attention_impl,
+            dropout_rate=self.dropout_rate,
+            key=key,
+        )
+        return y_B1TD[:, 0]
 
 
 class MultiHeadAttention(nnx.Module):
@@ -161,6 +221,7 @@ class CausalSelfAttention(nnx.Module):
         self.c_proj = _linear(config, config.n_embd, config.n_embd, rngs, std=_residual_std(config))
         self.n_head = config.n_head
         self.dropout_rate = config.dropout
+        self.attention_impl = config.attention_impl
 
     def qkv(self, x_BTC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Projects x to queries, keys and values split into heads: three (B, H, T, head_size)."""
@@ -179,7 +240,7 @@ class CausalSelfAttention(nnx.Module):
     def __call__(self, x_BTC: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
         att_key, proj_key = _split(key, 2)
         q_BHTD, k_BHTD, v_BHTD = self.qkv(x_BTC)
-        y_BHTD = attention(q_BHTD, k_BHTD, v_BHTD, causal=True, dropout_rate=self.dropout_rate, key=att_key)
+        y_BHTD = attend(q_BHTD, k_BHTD, v_BHTD, impl=self.attention_impl, dropout_rate=self.dropout_rate, key=att_key)
         return self.project(y_BHTD, key=proj_key)
 
 
@@ -236,7 +297,9 @@ class GPT(nnx.Module):
             self.wpe = nnx.Embed(config.block_size, config.n_embd, embedding_init=init, rngs=rngs, **dtypes)
         else:
             self.wpe = None
-        self.h = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layer)])  # the lecture's blocks
+        blocks = [Block(config, rngs=rngs) for _ in range(config.n_layer)]  # the lecture's blocks
+        # scan_layers: one Block whose parameters carry a leading n_layer axis (the same draws as unstacked).
+        self.h = _stack_blocks(blocks) if config.scan_layers else nnx.List(blocks)
         self.ln_f = _layer_norm(config, rngs)
         if config.tie_embeddings:
             self.lm_head = None  # logits come from wte.attend: one matrix for input and output
@@ -286,11 +349,37 @@ class GPT(nnx.Module):
             )
         drop_key, *block_keys = _split(key, self.config.n_layer + 1)
         x_BTC = dropout(self.embed(idx_BT), self.config.dropout, drop_key)
-        for block, block_key in zip(self.h, block_keys):
-            x_BTC = block(x_BTC, key=block_key)
+        x_BTC = self.blocks(x_BTC, block_keys)
         logits_BTV = self.head(x_BTC)
         chex.assert_shape(logits_BTV, (B, T, self.config.vocab_size))
         return logits_BTV
+
+    def blocks(self, x_BTC: jax.Array, block_keys: list[jax.Array | None]) -> jax.Array:
+        """Runs the residual stream through the n_layer Blocks: a Python loop, or a `lax.scan` when
+        `scan_layers`; each block under `jax.checkpoint` when `remat`."""
+        if not (self.config.scan_layers or self.config.remat):
+            for block, block_key in zip(self.h, block_keys):
+                x_BTC = block(x_BTC, key=block_key)
+            return x_BTC
+
+        def block_fn(graphdef, state, x_BTC, block_key):
+            return nnx.merge(graphdef, state)(x_BTC, key=block_key)
+
+        if self.config.remat:
+            block_fn = jax.checkpoint(block_fn, static_argnums=(0,))
+        if not self.config.scan_layers:
+            for block, block_key in zip(self.h, block_keys):
+                x_BTC = block_fn(*nnx.split(block), x_BTC, block_key)
+            return x_BTC
+        graphdef, stacked = nnx.split(self.h)
+        keys = None if block_keys[0] is None else jnp.stack(block_keys)
+
+        def body(x_BTC, layer):
+            state, block_key = layer
+            return block_fn(graphdef, state, x_BTC, block_key), None
+
+        x_BTC, _ = jax.lax.scan(body, x_BTC, (stacked, keys))
+        return x_BTC
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; as nanoGPT, position embeddings are not counted when `non_embedding`."""
@@ -298,6 +387,53 @@ class GPT(nnx.Module):
         if non_embedding and self.wpe is not None:
             n -= self.wpe.embedding.size
         return int(n)
+
+
+def _stack_blocks(blocks: list[Block]) -> Block:
+    """One Block holding the parameters of `blocks` stacked along a new leading layer axis."""
+    graphdef, *states = (nnx.split(blocks[0])[0], *(nnx.state(b) for b in blocks))
+    return nnx.merge(graphdef, jax.tree.map(lambda *layers: jnp.stack(layers), *states))
+
+
+def _raw(state) -> dict:
+    """The nested dicts inside an nnx.State (its sub-states are plain dicts), or a plain mapping's copy."""
+    return dict(state.raw_mapping) if isinstance(state, nnx.State) else dict(state)
+
+
+def stack_layers(state: nnx.State) -> nnx.State:
+    """A GPT state with per-layer blocks (`h.0`, `h.1`, ...) -> the `scan_layers` form (`h` stacked).
+
+    Works on any state of the model's structure (params, or an optimizer moment such as Adam's mu).
+    """
+    raw = _raw(state)
+    layers = raw["h"]
+    n_layer = len(layers)
+    if sorted(layers.keys()) != list(range(n_layer)):
+        raise ValueError("stack_layers expects per-layer blocks under 'h' (keys 0..n_layer-1): is it stacked already?")
+    raw["h"] = jax.tree.map(lambda *xs: jnp.stack(xs), *(layers[i] for i in range(n_layer)))
+    return nnx.State(raw)
+
+
+def unstack_layers(state: nnx.State) -> nnx.State:
+    """The `scan_layers` form (`h` stacked along axis 0) -> per-layer blocks `h.0`, `h.1`, ..., as
+    `jaxgpt.convert` and unscanned models expect."""
+    raw = _raw(state)
+    stacked = raw["h"]
+    if any(isinstance(k, int) for k in stacked.keys()):
+        raise ValueError("unstack_layers expects stacked blocks under 'h': it holds per-layer blocks already")
+    n_layer = jax.tree.leaves(stacked)[0].shape[0]
+    raw["h"] = {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n_layer)}
+    return nnx.State(raw)
+
+
+def with_layout(model: GPT, scan_layers: bool) -> GPT:
+    """The same weights in the other parameter layout: a new GPT with `config.scan_layers` set."""
+    if model.config.scan_layers == scan_layers:
+        return model
+    config = dataclasses.replace(model.config, scan_layers=scan_layers)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))))
+    state = nnx.state(model)
+    return nnx.merge(graphdef, stack_layers(state) if scan_layers else unstack_layers(state))
 
 
 class BigramLanguageModel(nnx.Module):

@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -52,8 +53,18 @@ def lr_schedule(
 
 
 def decay_mask(params) -> object:
-    """True for the leaves that get weight decay: those with ndim >= 2 (nanoGPT's rule)."""
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    """True for the leaves that get weight decay: those with ndim >= 2 (nanoGPT's rule).
+
+    A `scan_layers` model stacks its blocks along a leading layer axis under 'h': there a leaf decays
+    when it has >= 2 dimensions besides that axis, so stacked biases and LayerNorm gains stay undecayed.
+    """
+
+    def rule(path, p):
+        keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+        stacked = "h" in keys and not any(isinstance(k, int) for k in keys[keys.index("h") + 1 :])
+        return np.bool_(jnp.ndim(p) - int(stacked) >= 2)  # indexable with [...] like the leaves it mirrors
+
+    return jax.tree_util.tree_map_with_path(rule, params)
 
 
 def adamw(

@@ -1,5 +1,6 @@
 """The NNX modules: shapes, nanoGPT's init, causality through gradients, jit equivalence, errors."""
 
+import dataclasses
 import math
 
 import chex
@@ -10,7 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxgpt import GPT, BigramLanguageModel, GPTConfig, loss_fn
-from jaxgpt.model import sinusoidal_positions
+from jaxgpt.model import sinusoidal_positions, stack_layers, unstack_layers, with_layout
 
 SMALL = dict(block_size=16, vocab_size=37, n_layer=2, n_head=4, n_embd=32)
 
@@ -143,3 +144,100 @@ def test_bigram_model():
     np.testing.assert_array_equal(logits[0, 3], model.token_embedding_table.embedding[...][idx[0, 3]])
     # N(0, 1) init as the lecture's nn.Embedding: the initial loss is well above ln(65) (4.88 there).
     assert float(loss_fn(logits, idx)) > math.log(65)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scale: attention implementations, mixed precision, remat, scanned layers
+# --------------------------------------------------------------------------------------------------
+
+
+def _loss_and_grads(model, idx, key=None):
+    graphdef, params = nnx.split(model)
+
+    def f(params):
+        logits = nnx.merge(graphdef, params)(idx[:, :-1], key=key)
+        return loss_fn(logits, idx[:, 1:])
+
+    return jax.jit(jax.value_and_grad(f))(params)  # one compile: far faster than eager on CPU
+
+
+@pytest.mark.parametrize("attention", ["fused", "heads"])
+def test_xla_attention_matches_reference(attention):
+    ref = GPT(GPTConfig(**SMALL, attention=attention, attention_impl="reference"), rngs=nnx.Rngs(0))
+    xla = GPT(GPTConfig(**SMALL, attention=attention, attention_impl="xla"), rngs=nnx.Rngs(0))
+    idx = _tokens(T=12)
+    (l_ref, g_ref), (l_xla, g_xla) = _loss_and_grads(ref, idx), _loss_and_grads(xla, idx)
+    np.testing.assert_allclose(l_xla, l_ref, rtol=1e-6)
+    chex.assert_trees_all_close(g_xla, g_ref, atol=1e-6)
+
+
+def test_xla_attention_with_dropout_takes_the_reference_path():
+    # dot_product_attention has no dropout: with a key, 'xla' must drop attention weights like 'reference'.
+    ref = GPT(GPTConfig(**SMALL, dropout=0.3, attention_impl="reference"), rngs=nnx.Rngs(0))
+    xla = GPT(GPTConfig(**SMALL, dropout=0.3, attention_impl="xla"), rngs=nnx.Rngs(0))
+    idx, key = _tokens(), jax.random.key(5)
+    np.testing.assert_allclose(xla(idx, key=key), ref(idx, key=key), atol=1e-6)
+    assert not np.allclose(xla(idx, key=key), xla(idx), atol=1e-3)  # dropout did act
+
+
+def test_impossible_attention_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        GPTConfig(**SMALL, attention_impl="flash")
+    with pytest.raises(ValueError, match="no attention dropout"):
+        GPTConfig(**SMALL, attention_impl="cudnn", dtype="bfloat16", dropout=0.1)
+    with pytest.raises(ValueError, match="needs model.dtype"):
+        GPTConfig(**SMALL, attention_impl="cudnn")
+    model = GPT(GPTConfig(**SMALL, attention_impl="cudnn", dtype="bfloat16"), rngs=nnx.Rngs(0))
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+            model(_tokens())
+
+
+def test_bfloat16_compute_keeps_float32_params_and_a_close_loss():
+    config = dict(block_size=32, vocab_size=65, n_layer=2, n_head=4, n_embd=64)
+    fp32 = GPT(GPTConfig(**config), rngs=nnx.Rngs(0))
+    bf16 = GPT(GPTConfig(**config, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
+    idx = _tokens(B=4, T=33, V=65)
+    logits = bf16(idx[:, :-1])
+    assert logits.dtype == jnp.float32  # the loss sees float32 logits
+    (l32, _), (l16, g16) = _loss_and_grads(fp32, idx), _loss_and_grads(bf16, idx)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))  # optimizer state stays float32
+    # bf16 has an 8-bit mantissa (relative error ~4e-3 per op): the mean loss moves by far less than 1 %.
+    assert abs(float(l16) - float(l32)) < 5e-3 * float(l32)
+    assert not np.array_equal(np.asarray(l16), np.asarray(l32))  # the computation did change precision
+
+
+@pytest.mark.parametrize("flags", [dict(scan_layers=True), dict(remat=True), dict(scan_layers=True, remat=True)])
+def test_scan_and_remat_give_the_same_logits_and_gradients(flags):
+    config = GPTConfig(**{**SMALL, "n_layer": 3}, dropout=0.1)
+    plain = GPT(config, rngs=nnx.Rngs(0))
+    other = GPT(dataclasses.replace(config, **flags), rngs=nnx.Rngs(1))  # other weights, then plain's copied in
+    scan = flags.get("scan_layers", False)
+    nnx.update(other, stack_layers(nnx.state(plain)) if scan else nnx.state(plain))
+    idx, key = _tokens(T=12), jax.random.key(3)
+    np.testing.assert_allclose(other(idx), plain(idx), atol=1e-6)
+    (l_p, g_p), (l_o, g_o) = _loss_and_grads(plain, idx, key), _loss_and_grads(other, idx, key)
+    np.testing.assert_allclose(l_o, l_p, rtol=1e-6)  # dropout keys are split the same way
+    if scan:
+        g_o = unstack_layers(g_o)
+    chex.assert_trees_all_close(g_o, g_p, atol=1e-6)
+
+
+def test_layouts_round_trip_and_convert_to_torch_names():
+    from jaxgpt.convert import from_torch_state_dict, to_torch_state_dict
+
+    config = GPTConfig(**SMALL, scan_layers=True)
+    scanned = GPT(config, rngs=nnx.Rngs(0))
+    assert nnx.state(scanned, nnx.Param)["h"]["attn"]["c_attn"]["kernel"].shape == (2, 32, 96)
+    unscanned = with_layout(scanned, False)
+    assert not unscanned.config.scan_layers and len(unscanned.h) == 2
+    chex.assert_trees_all_equal(stack_layers(nnx.state(unscanned)), nnx.state(scanned))
+    sd = to_torch_state_dict(scanned)
+    assert "transformer.h.1.attn.c_attn.weight" in sd
+    chex.assert_trees_all_equal(sd, to_torch_state_dict(unscanned))
+    back = from_torch_state_dict(config, sd)
+    assert back.config.scan_layers
+    chex.assert_trees_all_equal(nnx.state(back), nnx.state(scanned))
+    with pytest.raises(ValueError, match="stacked already"):
+        stack_layers(nnx.state(scanned))

@@ -55,3 +55,17 @@ def test_global_norm_clip():
     clip_state = tx.init(params)
     clipped, _ = optax.clip_by_global_norm(1.0).update(grads, clip_state[0])
     assert float(optax.tree.norm(clipped)) == pytest.approx(1.0)
+
+
+def test_decay_mask_is_the_same_for_scanned_layers():
+    from jaxgpt.model import GPT, GPTConfig, stack_layers
+
+    config = GPTConfig(block_size=8, vocab_size=11, n_layer=3, n_head=2, n_embd=8)
+    params = nnx.state(GPT(config, rngs=nnx.Rngs(0)), nnx.Param)
+    mask = optim.decay_mask(params)
+    stacked_mask = optim.decay_mask(stack_layers(params))
+    assert bool(mask["h"][0]["attn"]["c_attn"]["kernel"][...]) and not bool(mask["h"][0]["ln_1"]["scale"][...])
+    assert bool(stacked_mask["h"]["attn"]["c_attn"]["kernel"][...])  # (L, C, 3C): a matrix per layer
+    assert not bool(stacked_mask["h"]["attn"]["c_attn"]["bias"][...])  # (L, 3C): a bias per layer
+    assert not bool(stacked_mask["h"]["ln_1"]["scale"][...])
+    assert bool(stacked_mask["wte"]["embedding"][...]) and not bool(stacked_mask["ln_f"]["scale"][...])

@@ -123,9 +123,7 @@ class Head(nn.Module):
         self.key = nn.Linear(config.n_embd, head_size, bias=config.bias)
         self.query = nn.Linear(config.n_embd, head_size, bias=config.bias)
         self.value = nn.Linear(config.n_embd, head_size, bias=config.bias)
-        self.register_buffer(
-            "tril", torch.tril(torch.ones(config.block_size, config.block_size)), persistent=False
-        )
+        self.register_buffer("tril", torch.tril(torch.ones(config.block_size, config.block_size)), persistent=False)
         self.dropout = nn.Dropout(config.dropout)
         self.head_size = head_size
 
@@ -221,15 +219,11 @@ class GPT(nn.Module):
         if config.activation not in _ACTIVATIONS:
             raise ValueError(f"unknown activation {config.activation!r}; expected one of {_ACTIVATIONS}")
         if config.pos_encoding not in _POS_ENCODINGS:
-            raise ValueError(
-                f"unknown pos_encoding {config.pos_encoding!r}; expected one of {_POS_ENCODINGS}"
-            )
+            raise ValueError(f"unknown pos_encoding {config.pos_encoding!r}; expected one of {_POS_ENCODINGS}")
         if config.attention not in _ATTENTIONS:
             raise ValueError(f"unknown attention {config.attention!r}; expected one of {_ATTENTIONS}")
         if config.norm_position not in _NORM_POSITIONS:
-            raise ValueError(
-                f"unknown norm_position {config.norm_position!r}; expected one of {_NORM_POSITIONS}"
-            )
+            raise ValueError(f"unknown norm_position {config.norm_position!r}; expected one of {_NORM_POSITIONS}")
         self.config = config
 
         modules: dict[str, nn.Module] = {"wte": nn.Embedding(config.vocab_size, config.n_embd)}

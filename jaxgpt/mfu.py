@@ -1,0 +1,59 @@
+"""Model FLOPs utilisation (MFU) as nanoGPT computes it, with the peak dense bf16 FLOP/s of common chips.
+
+FLOPs per token = 6N + 12 * n_layer * n_head * head_size * T (PaLM appendix B; nanoGPT's
+`estimate_mfu`): 6N for the matmuls with the weights (forward + backward), the second term for the
+attention scores and their weighting. MFU = achieved FLOP/s / (peak FLOP/s per chip * chips).
+"""
+
+from __future__ import annotations
+
+import jax
+
+# Peak dense (no sparsity) bfloat16 FLOP/s per chip, from the vendors' data sheets.
+PEAK_BF16_FLOPS = {
+    "A100": 312e12,
+    "H100 SXM": 989e12,
+    "H100 PCIe": 756e12,
+    "H200": 989e12,
+    "TPU v4": 275e12,
+    "TPU v5e": 197e12,  # also reported as "TPU v5 lite"
+    "TPU v5p": 459e12,
+    "TPU v6e": 918e12,  # Trillium, also reported as "TPU v6 lite"
+}
+
+# device_kind strings as JAX reports them -> a key of PEAK_BF16_FLOPS; the most specific match first.
+_KIND_PATTERNS = (
+    ("h100 pcie", "H100 PCIe"),
+    ("h100", "H100 SXM"),  # 'NVIDIA H100 80GB HBM3' is the SXM part
+    ("h200", "H200"),
+    ("a100", "A100"),
+    ("tpu v4", "TPU v4"),
+    ("tpu v5 lite", "TPU v5e"),
+    ("tpu v5e", "TPU v5e"),
+    ("tpu v5p", "TPU v5p"),
+    ("tpu v5", "TPU v5p"),  # the v5p reports itself as plain 'TPU v5'
+    ("tpu v6 lite", "TPU v6e"),
+    ("tpu v6e", "TPU v6e"),
+)
+
+
+def peak_flops(device_kind: str | None = None) -> float | None:
+    """Peak bf16 FLOP/s of one chip of `device_kind` (default: jax.devices()[0]); None when unknown (CPUs)."""
+    kind = (jax.devices()[0].device_kind if device_kind is None else device_kind).lower()
+    for pattern, name in _KIND_PATTERNS:
+        if pattern in kind:
+            return PEAK_BF16_FLOPS[name]
+    return None
+
+
+def flops_per_token(n_params: int, n_layer: int, n_head: int, head_size: int, seq_len: int) -> float:
+    """nanoGPT's estimate of training FLOPs per token: 6N + 12 * L * H * Q * T."""
+    return 6 * n_params + 12 * n_layer * n_head * head_size * seq_len
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, n_devices: int = 1, device_kind: str | None = None):
+    """Achieved / peak FLOP/s over `n_devices` chips, as a fraction; None when the chip's peak is unknown."""
+    peak = peak_flops(device_kind)
+    if peak is None:
+        return None
+    return tokens_per_second * flops_per_token / (peak * n_devices)

@@ -1,0 +1,193 @@
+"""Many devices with JAX's own sharding: a ('data', 'fsdp') mesh, partition rules and multi-host start-up.
+
+The training step is one `jax.jit` whose inputs and outputs carry `NamedSharding`s; XLA inserts the
+collectives (gradient all-reduce, FSDP all-gather / reduce-scatter). Nothing here is `pmap`.
+
+    mesh = make_mesh(data=-1, fsdp=1)   # -1: all devices left over
+    state = shard_params(state, mesh)   # replicated, or FSDP-sharded over 'fsdp' when fsdp > 1
+    x_BT = jax.device_put(x_BT, batch_sharding(mesh))   # batch split over ('data', 'fsdp')
+
+Multi-host: every process runs the same `train.py`; `maybe_initialize_distributed()` joins them into
+one JAX runtime, after which `jax.devices()` lists the devices of all hosts and the mesh spans them.
+Each process then loads only its own rows of each global batch (`process_batch_slice`) and
+`host_local_to_global` assembles the global array without any host sending data to another.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both: FSDP is data parallelism too
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 2-D mesh with axes ('data', 'fsdp'); one of the sizes may be -1 (all remaining devices).
+
+    data * fsdp must equal the number of devices (all of them, across hosts).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    sizes = {"data": data, "fsdp": fsdp}
+    for name, size in sizes.items():
+        if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+            raise ValueError(f"mesh.{name} must be a positive integer or -1, got {size!r}")
+    if data == -1 and fsdp == -1:
+        raise ValueError("at most one of mesh.data and mesh.fsdp may be -1 (all remaining devices)")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if n % known:
+        raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} does not divide the {n} devices: pick sizes that do")
+    data = n // known if data == -1 else data
+    fsdp = n // known if fsdp == -1 else fsdp
+    if data * fsdp != n:
+        raise ValueError(
+            f"mesh.data={data} x mesh.fsdp={fsdp} = {data * fsdp} devices, but there are {n}: "
+            "make the product equal the device count, or set one of them to -1"
+        )
+    # Auto axes: XLA propagates shardings from the step's in/out annotations (the model code stays unannotated).
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    return jax.make_mesh((data, fsdp), AXES, axis_types=auto, devices=devices)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways the batch is split: the product of the mesh's batch axes."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """The leading (batch) axis split over ('data', 'fsdp'); the other `ndim - 1` axes whole."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def constrain_batch(x_B: jax.Array, mesh: Mesh) -> jax.Array:
+    """Inside a jitted step: marks a batch drawn on the device (from a replicated dataset) as split over
+    ('data', 'fsdp'), so each device computes only its rows."""
+    return jax.lax.with_sharding_constraint(x_B, batch_sharding(mesh, x_B.ndim))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+    """A clear error when the batch cannot be split evenly over the data-parallel devices."""
+    n = data_parallel_size(mesh)
+    if batch_size % n:
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by the data-parallel size {n} "
+            f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}): use a multiple of {n}"
+        )
+
+
+def param_spec(shape: Sequence[int], fsdp: int, skip_leading: bool = False) -> PartitionSpec:
+    """FSDP rule: the largest axis divisible by `fsdp` is split over 'fsdp'; replicated otherwise.
+
+    `skip_leading` keeps axis 0 whole (the layer axis of a `scan_layers` stack: the scan walks it).
+    Ties go to the earliest axis. With fsdp == 1 everything is replicated (pure data parallelism).
+    """
+    spec: list[str | None] = [None] * len(shape)
+    if fsdp > 1:
+        candidates = [i for i, d in enumerate(shape) if d % fsdp == 0 and not (skip_leading and i == 0)]
+        if candidates:
+            spec[max(candidates, key=lambda i: (shape[i], -i))] = "fsdp"
+    return PartitionSpec(*spec)
+
+
+def _is_stacked_layer(path: tuple) -> bool:
+    # A scanned GPT keeps its blocks under 'h' with no integer layer key after it.
+    keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+    return "h" in keys and not any(isinstance(k, int) for k in keys[keys.index("h") + 1 :])
+
+
+def state_shardings(tree, mesh: Mesh, scan_layers: bool = False):
+    """A NamedSharding for every array leaf of `tree` (params, optimizer state, ...), by `param_spec`.
+
+    Scalars (Adam's count, the step) are replicated. Works on concrete arrays and ShapeDtypeStructs.
+    """
+    fsdp = mesh.shape["fsdp"]
+
+    def rule(path, leaf):
+        shape = getattr(leaf, "shape", ())
+        skip = scan_layers and _is_stacked_layer(path)
+        return NamedSharding(mesh, param_spec(shape, fsdp, skip_leading=skip))
+
+    return jax.tree_util.tree_map_with_path(rule, tree)
+
+
+def shard_params(tree, mesh: Mesh, scan_layers: bool = False):
+    """Places `tree` (an nnx.State, optimizer state, or any pytree of arrays) on `mesh` by the FSDP rule."""
+    return jax.device_put(tree, state_shardings(tree, mesh, scan_layers=scan_layers))
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-host
+# --------------------------------------------------------------------------------------------------
+
+# Environment variables that mean "this process is one of several": JAX's own coordinator settings,
+# SLURM's task layout, Open MPI's, and Cloud TPU pod slices (where JAX detects everything itself).
+_MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def is_multiprocess_env(environ: dict[str, str] | None = None) -> bool:
+    """True when the environment says this run is one of several processes."""
+    env = os.environ if environ is None else environ
+    for name in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        if name in env:
+            try:
+                return int(env[name]) > 1
+            except ValueError:
+                raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from None
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        return True
+    # A TPU pod slice: more than one worker host listed by the TPU runtime.
+    hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+    return len([h for h in hosts.split(",") if h]) > 1
+
+
+def maybe_initialize_distributed(environ: dict[str, str] | None = None) -> bool:
+    """Calls `jax.distributed.initialize()` when this is one of several processes; True if it did.
+
+    jax.distributed reads its settings from the environment: on a Cloud TPU pod slice and under SLURM
+    or Open MPI it finds the coordinator and process ids itself; elsewhere set
+    JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process.
+    Must run before anything touches a device.
+    """
+    env = os.environ if environ is None else environ
+    if not is_multiprocess_env(env):
+        return False
+    kwargs = {}
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+    if "JAX_NUM_PROCESSES" in env:
+        kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+    if "JAX_PROCESS_ID" in env:
+        kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def process_batch_slice(global_batch_size: int, process_index: int | None = None, process_count: int | None = None):
+    """The rows of each global batch that this process loads: a contiguous `slice`.
+
+    Every process draws from its own data stream (seeded by the process index) and loads
+    global_batch_size / process_count rows; `host_local_to_global` stitches them into one array.
+    """
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % count:
+        raise ValueError(
+            f"batch_size={global_batch_size} is not divisible by the {count} processes: use a multiple of {count}"
+        )
+    per = global_batch_size // count
+    return slice(index * per, (index + 1) * per)
+
+
+def host_local_to_global(local_BT: np.ndarray, mesh: Mesh) -> jax.Array:
+    """This process's rows -> the global batch array sharded over ('data', 'fsdp'), without copies
+    between hosts. With one process it is a plain `device_put`."""
+    sharding = batch_sharding(mesh, np.ndim(local_BT))
+    if jax.process_count() == 1:
+        return jax.device_put(local_BT, sharding)
+    return jax.make_array_from_process_local_data(sharding, local_BT)

@@ -1,0 +1,159 @@
+"""Sharding: mesh construction, the FSDP partition rule, batch checks, multi-host detection, and (in a
+subprocess with 8 simulated CPU devices) equality of data-parallel and FSDP training with one device."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec
+
+from jaxgpt.sharding import (
+    check_batch_size,
+    is_multiprocess_env,
+    make_mesh,
+    maybe_initialize_distributed,
+    param_spec,
+    process_batch_slice,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_with_devices(code: str, n: int = 8, timeout: int = 300) -> dict:
+    """Runs `code` in a fresh Python with `n` simulated CPU devices; it prints one JSON line last."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_param_spec_shards_the_largest_divisible_axis():
+    assert param_spec((32, 96), 8) == PartitionSpec(None, "fsdp")
+    assert param_spec((96, 32), 8) == PartitionSpec("fsdp", None)
+    assert param_spec((37, 32), 8) == PartitionSpec(None, "fsdp")  # 37 is not divisible: the other axis
+    assert param_spec((37,), 8) == PartitionSpec(None)  # nothing divisible: replicated
+    assert param_spec((32, 96), 1) == PartitionSpec(None, None)  # no fsdp: replicated
+    assert param_spec((), 8) == PartitionSpec()
+    assert param_spec((64, 32, 96), 8, skip_leading=True) == PartitionSpec(None, None, "fsdp")
+
+
+def test_mesh_sizes_and_errors_on_one_device():
+    mesh = make_mesh()
+    assert dict(mesh.shape) == {"data": len(jax.devices()), "fsdp": 1}
+    with pytest.raises(ValueError, match="does not divide"):
+        make_mesh(data=3 * len(jax.devices()) + 1)
+    with pytest.raises(ValueError, match="at most one"):
+        make_mesh(data=-1, fsdp=-1)
+    with pytest.raises(ValueError, match="positive integer or -1"):
+        make_mesh(data=0)
+
+
+def test_batch_and_process_splits():
+    mesh = make_mesh()
+    check_batch_size(4 * len(jax.devices()), mesh)
+    assert process_batch_slice(12, process_index=1, process_count=3) == slice(4, 8)
+    with pytest.raises(ValueError, match="not divisible by the 5 processes"):
+        process_batch_slice(12, process_index=0, process_count=5)
+
+
+def test_multiprocess_detection():
+    assert not is_multiprocess_env({})
+    assert not is_multiprocess_env({"SLURM_NTASKS": "1"})
+    assert is_multiprocess_env({"SLURM_NTASKS": "4"})
+    assert is_multiprocess_env({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    assert is_multiprocess_env({"TPU_WORKER_HOSTNAMES": "a,b,c,d"})
+    assert not is_multiprocess_env({"TPU_WORKER_HOSTNAMES": "localhost"})
+    assert maybe_initialize_distributed({}) is False  # one process: nothing to join
+    with pytest.raises(ValueError, match="not an integer"):
+        is_multiprocess_env({"JAX_NUM_PROCESSES": "many"})
+
+
+def test_batch_not_divisible_is_a_clear_error_on_8_devices():
+    out = run_with_devices(
+        """
+        import json
+        from jaxgpt.sharding import make_mesh, check_batch_size
+        mesh = make_mesh(data=2, fsdp=-1)
+        try:
+            check_batch_size(12, mesh)
+            msg = None
+        except ValueError as e:
+            msg = str(e)
+        print(json.dumps({"shape": dict(mesh.shape), "msg": msg}))
+        """
+    )
+    assert out["shape"] == {"data": 2, "fsdp": 4}
+    assert "batch_size=12 is not divisible by the data-parallel size 8" in out["msg"]
+
+
+SHARDED_STEPS = """
+import json
+import jax, jax.numpy as jnp, numpy as np, optax
+from flax import nnx
+from jaxgpt.model import GPT, GPTConfig, loss_fn
+from jaxgpt.optim import adamw
+from jaxgpt.sharding import make_mesh, shard_params, batch_sharding, state_shardings, constrain_batch
+
+jax.config.update("jax_default_matmul_precision", "highest")
+SCAN = {scan}
+config = GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=4, n_embd=32, scan_layers=SCAN)
+tx = adamw(1e-3, weight_decay=0.1)  # nanoGPT-sized steps: Adam magnifies reduction-order noise
+# One batch three times: the loss must fall, so the steps are seen to train.
+data = jnp.tile(jax.random.randint(jax.random.key(1), (1, 8, 17), 0, 40), (3, 1, 1))
+
+def run(mesh):
+    model = GPT(config, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    opt_state = tx.init(params)
+    params = shard_params(params, mesh, scan_layers=SCAN)
+    opt_state = shard_params(opt_state, mesh, scan_layers=SCAN)
+    p_sh, o_sh = state_shardings(params, mesh, SCAN), state_shardings(opt_state, mesh, SCAN)
+    b_sh = batch_sharding(mesh)
+
+    def step(params, opt_state, batch):
+        batch = constrain_batch(batch, mesh)  # a no-op for an already split batch; splits a replicated one
+        def f(p):
+            return loss_fn(nnx.merge(graphdef, p)(batch[:, :-1]), batch[:, 1:])
+        loss, grads = jax.value_and_grad(f)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    step = jax.jit(step, in_shardings=(p_sh, o_sh, None), out_shardings=(p_sh, o_sh, None), donate_argnums=(0, 1))
+    losses = []
+    for i in range(3):
+        # Step 1 gets a replicated batch (as when batches are drawn on the device), the others a split one.
+        batch = jax.device_put(data[i], b_sh if i else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        params, opt_state, loss = step(params, opt_state, batch)
+        losses.append(float(loss))
+    kernel = params["h"][0]["mlp"]["c_fc"]["kernel"] if not SCAN else params["h"]["mlp"]["c_fc"]["kernel"]
+    return losses, jax.tree.map(np.asarray, nnx.to_pure_dict(params)), str(kernel.sharding.spec)
+
+ref_losses, ref_params, _ = run(make_mesh(1, 1, devices=jax.devices()[:1]))
+out = {{"n_devices": len(jax.devices()), "ref_losses": ref_losses}}
+for name, (d, f) in {{"dp8": (8, 1), "fsdp8": (1, 8), "2x4": (2, 4)}}.items():
+    losses, params, spec = run(make_mesh(d, f))
+    diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), params, ref_params)))
+    out[name] = {{"loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)), "param_diff": diff, "spec": spec}}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_data_parallel_and_fsdp_match_one_device(scan):
+    out = run_with_devices(SHARDED_STEPS.format(scan=scan))
+    assert out["n_devices"] == 8
+    assert out["ref_losses"][2] < out["ref_losses"][0]  # it trained
+    for name in ("dp8", "fsdp8", "2x4"):
+        assert out[name]["loss_diff"] < 1e-5, (name, out[name])
+        assert out[name]["param_diff"] < 1e-5, (name, out[name])
+    assert "fsdp" not in out["dp8"]["spec"]  # pure data parallelism: replicated weights
+    assert "fsdp" in out["fsdp8"]["spec"] and "fsdp" in out["2x4"]["spec"]  # FSDP: weights split
