@@ -9,6 +9,7 @@ read); bfloat16 compute with float32 parameters and Adam moments.
 """
 
 import jax
+
 from jaxgpt.config import base_config
 
 

@@ -19,9 +19,8 @@ from jaxgpt.model import (
     MultiHeadAttention,
     loss_fn,
 )
-from jaxgpt.tokenizer import CharTokenizer, HFTokenizer, TiktokenTokenizer, load_tokenizer, tokenizer_from_dict
 from jaxgpt.sampling import generate, generate_stream
-from jaxgpt.tokenizer import CharTokenizer
+from jaxgpt.tokenizer import CharTokenizer, HFTokenizer, TiktokenTokenizer, load_tokenizer, tokenizer_from_dict
 
 __all__ = [
     "GPT",

@@ -29,7 +29,6 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -188,39 +187,6 @@ def host_batches(data: np.ndarray, keys: jax.Array, batch_size: int, block_size:
     window = ix_NB[..., None] + np.arange(block_size + 1)
     tokens = np.asarray(data[window], dtype=np.int32).reshape(*lead, batch_size, block_size + 1)
     return tokens[..., :-1], tokens[..., 1:]
-
-
-def generate_simple(model: nnx.Module, idx_BT: jax.Array, max_new_tokens: int, key: jax.Array,
-                    temperature: float = 1.0) -> jax.Array:
-    """Samples `max_new_tokens` tokens after `idx_BT`, one forward pass per token over the last block_size.
-
-    A plain reference sampler (no KV cache): the window is a fixed-size slice of a preallocated buffer,
-    so one compiled loop serves every step.
-    """
-    chex.assert_rank(idx_BT, 2)
-    B, T0 = idx_BT.shape
-    block_size = int(model.block_size)
-    total = T0 + max_new_tokens
-    graphdef, params = nnx.split(model)
-    W = min(block_size, total)
-
-    @jax.jit
-    def run(params, buf_BL, key):
-        def body(t, carry):
-            buf_BL, key = carry
-            start = jnp.maximum(t - W, 0)
-            window_BW = jax.lax.dynamic_slice_in_dim(buf_BL, start, W, axis=1)
-            logits_BWV = nnx.merge(graphdef, params)(window_BW)
-            logits_BV = jax.lax.dynamic_index_in_dim(logits_BWV, t - 1 - start, axis=1, keepdims=False)
-            key, sub = jax.random.split(key)
-            nxt_B = jax.random.categorical(sub, logits_BV / temperature).astype(buf_BL.dtype)
-            return jax.lax.dynamic_update_slice_in_dim(buf_BL, nxt_B[:, None], t, axis=1), key
-
-        buf_BL, _ = jax.lax.fori_loop(T0, total, body, (buf_BL, key))
-        return buf_BL
-
-    buf_BL = jnp.zeros((B, total), jnp.int32).at[:, :T0].set(idx_BT.astype(jnp.int32))
-    return run(params, buf_BL, key)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -481,18 +447,9 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
 
 def _sample_text(model: nnx.Module, tokenizer, n_tokens: int, seed: int) -> str:
     """A sample from the trained model, starting from a newline (nanoGPT's default prompt) or token 0."""
-    start = tokenizer.encode("\n") if tokenizer is not None and "\n" in tokenizer.stoi else np.zeros(1, np.int32)
-    try:
-        from jaxgpt.sampling import generate  # the KV-cache sampler, when present
-    except ImportError:
-        generate = None
-    key = jax.random.PRNGKey(seed)
-    if generate is not None:
-        try:
-            ids = generate(model, jnp.asarray(start)[None, :], n_tokens, key=key)
-        except TypeError:
-            generate = None
-    if generate is None:
-        ids = generate_simple(model, jnp.asarray(start)[None, :], n_tokens, key)
-    ids = np.asarray(ids)[0]
+    from jaxgpt.sampling import generate
+
+    has_newline = tokenizer is not None and "\n" in getattr(tokenizer, "stoi", {})
+    start = tokenizer.encode("\n") if has_newline else np.zeros(1, np.int32)
+    ids = generate(model, start[None, :], n_tokens, key=jax.random.PRNGKey(seed))[0]
     return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids.tolist()))

@@ -135,20 +135,6 @@ def test_estimate_loss_is_the_mean_eval_loss_without_dropout():
     assert float(again) == float(got)  # no dropout: deterministic
 
 
-def test_generate_simple_matches_a_naive_loop():
-    graphdef, params, _ = _setup(block_size=4)
-    model = nnx.merge(graphdef, params)
-    prompt = jnp.asarray([[1, 2]], jnp.int32)
-    key = jax.random.PRNGKey(0)
-    out = np.asarray(training.generate_simple(model, prompt, 6, key))
-    idx, k = prompt, key
-    for _ in range(6):
-        logits = model(idx[:, -4:])[:, -1]
-        k, sub = jax.random.split(k)
-        idx = jnp.concatenate([idx, jax.random.categorical(sub, logits)[:, None].astype(jnp.int32)], axis=1)
-    np.testing.assert_array_equal(out, np.asarray(idx))
-
-
 # ------------------------------------------------------------------------------------------ the loop
 
 
