@@ -3,7 +3,8 @@
     python sample.py --out_dir=out/shakespeare_char --start="ROMEO:" --num_samples=3 \\
         --max_new_tokens=500 --temperature=0.8 --top_k=200 --seed=1337
 
-`--start=FILE:prompt.txt` reads the prompt from a file. Errors (a missing checkpoint, a prompt
+`--start=FILE:prompt.txt` reads the prompt from a file; `--init_from=nanogpt:PATH` or `gpt2:PATH` samples a
+nanoGPT checkpoint or a local GPT-2 folder instead of a jaxgpt run. Errors (a missing checkpoint, a prompt
 character the tokenizer does not know, a bad number) print one line and exit with status 2.
 """
 
@@ -30,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description="Sample from a trained jaxgpt model.")
     p.add_argument("--out_dir", default="out", help="directory holding the checkpoint (as train.py wrote it)")
     p.add_argument("--which", default="best", choices=("best", "latest"), help="which checkpoint to load")
+    p.add_argument("--init_from", default="", help="sample another model instead of --out_dir's: 'nanogpt:PATH' "
+                   "(a nanoGPT out_dir or ckpt.pt) or 'gpt2:PATH' (a local Hugging Face GPT-2 folder)")
     p.add_argument("--start", default="\n", help='the prompt, or "FILE:path" to read it from a file')
     p.add_argument("--num_samples", type=int, default=10)
     p.add_argument("--max_new_tokens", type=int, default=500)
@@ -92,6 +95,17 @@ def _default_load_model(out_dir: str, which: str):
     return load_model(out_dir, which=which)
 
 
+def _load_init_from(spec: str):
+    """(model, tokenizer) of a nanoGPT checkpoint or a local GPT-2 folder; UsageError when it cannot be read."""
+    from jaxgpt.convert import load_init_from
+
+    try:
+        model, tokenizer, _ = load_init_from(spec)
+    except (OSError, ValueError, ImportError) as e:
+        raise UsageError(f"--init_from={spec!r}: {e}") from None
+    return model, tokenizer
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -106,12 +120,17 @@ def main(
     try:
         args = parse_args(argv)
         prompt = read_prompt(args.start)
-        if not os.path.exists(args.out_dir):
-            raise UsageError(f"no checkpoint at {args.out_dir!r}: train first or pass --out_dir")
-        try:
-            model, tokenizer, _ = load_model(args.out_dir, args.which)
-        except FileNotFoundError as e:
-            raise UsageError(f"no {args.which} checkpoint in {args.out_dir!r} ({e})") from None
+        if args.init_from:
+            model, tokenizer = _load_init_from(args.init_from)
+        else:
+            if not os.path.exists(args.out_dir):
+                raise UsageError(f"no checkpoint at {args.out_dir!r}: train first or pass --out_dir")
+            try:
+                model, tokenizer, _ = load_model(args.out_dir, args.which)
+            except FileNotFoundError as e:
+                raise UsageError(f"no {args.which} checkpoint in {args.out_dir!r} ({e})") from None
+        if tokenizer is None:
+            raise UsageError("the checkpoint has no tokenizer (no meta.pkl or tokenizer.json found beside it)")
         ids = encode_prompt(tokenizer, prompt)
     except UsageError as e:
         print(f"sample.py: error: {e}", file=err)

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxgpt import config as config_lib
-from jaxgpt.tokenizer import CharTokenizer
+from jaxgpt.tokenizer import Tokenizer, tokenizer_from_dict
 
 WHICH = ("latest", "best")
 
@@ -97,11 +97,11 @@ class Checkpointer:
             manager.close()
 
 
-def load_model(out_dir: str | os.PathLike, which: str = "best") -> tuple[nnx.Module, CharTokenizer | None, dict]:
+def load_model(out_dir: str | os.PathLike, which: str = "best") -> tuple[nnx.Module, Tokenizer | None, dict]:
     """The trained model of a run, its tokenizer and a summary.
 
     Returns (model, tokenizer, info): the NNX `GPT` or `BigramLanguageModel` with the `which` checkpoint's
-    parameters, the run's `CharTokenizer` (None for a nanoGPT dataset without meta.pkl), and a dict with
+    parameters, the run's tokenizer (None for a nanoGPT dataset without meta.pkl), and a dict with
     'step', 'best_val_loss', 'config' (the training config as a plain dict), 'which' and 'path'.
     Raises FileNotFoundError naming the directory when there is no such checkpoint.
     """
@@ -125,7 +125,7 @@ def load_model(out_dir: str | os.PathLike, which: str = "best") -> tuple[nnx.Mod
     finally:
         ckptr.close()
     model = nnx.merge(graphdef, restored["params"])
-    tokenizer = CharTokenizer.from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
+    tokenizer = tokenizer_from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
     info = {
         "step": int(meta["step"]),
         "best_val_loss": meta.get("best_val_loss"),

@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_only = False
     c.always_save_checkpoint = True  # also save 'latest' at evals where val did not improve
     c.resume = False  # nanoGPT's init_from='resume'
+    c.init_from = ""  # '' (scratch) | 'nanogpt:PATH' (a nanoGPT out_dir or ckpt.pt) | 'gpt2:PATH' (a local HF folder)
     c.overwrite = False  # allow starting afresh in an out_dir that already holds a run
     c.seed = 1337
     c.progress = True  # the tqdm bar

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt.tokenizer import CharTokenizer
+from jaxgpt.tokenizer import CharTokenizer, Tokenizer
 
 ArrayLike = jax.Array | np.ndarray
 
@@ -89,7 +89,7 @@ class Dataset:
 
     train: np.ndarray
     val: np.ndarray
-    tokenizer: CharTokenizer | None
+    tokenizer: Tokenizer | None  # None: a nanoGPT folder without meta.pkl (GPT-2 BPE ids)
     vocab_size: int
     source: str
 
@@ -144,21 +144,20 @@ def default_text_path() -> pathlib.Path:
 
 
 def _load_nanogpt_dir(path: pathlib.Path) -> Dataset:
-    for name in ("train.bin", "val.bin"):
-        if not (path / name).is_file():
-            raise DataError(f"{path} is a directory without {name}: give a text file or a nanoGPT data directory")
-    train = np.memmap(path / "train.bin", dtype=np.uint16, mode="r") if (path / "train.bin").stat().st_size else None
-    val = np.memmap(path / "val.bin", dtype=np.uint16, mode="r") if (path / "val.bin").stat().st_size else None
-    if train is None or val is None:
+    """A folder of nanoGPT's format (train.bin / val.bin, meta.pkl), written by nanoGPT or jaxgpt.prepare."""
+    from jaxgpt.prepare import load_prepared  # prepare imports the tokenizers; only folders need it
+
+    try:
+        prepared = load_prepared(path)
+    except FileNotFoundError as e:
+        raise DataError(f"{e}; or give a text file") from None
+    except (OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        raise DataError(f"{path}: cannot read the prepared data ({e})") from None
+    if not len(prepared.train) or not len(prepared.val):
         raise DataError(f"{path}: train.bin or val.bin is empty")
-    tokenizer, vocab_size = None, 50304  # nanoGPT's default without meta.pkl: GPT-2's vocabulary, padded
-    if (path / "meta.pkl").is_file():
-        with open(path / "meta.pkl", "rb") as f:
-            meta = pickle.load(f)
-        vocab_size = int(meta["vocab_size"])
-        if "itos" in meta:
-            tokenizer = CharTokenizer([meta["itos"][i] for i in range(vocab_size)])
-    return Dataset(train, val, tokenizer, vocab_size, str(path))
+    # Without meta.pkl nanoGPT means GPT-2's BPE, padded to 50304 entries.
+    vocab_size = int(prepared.vocab_size or 50304)
+    return Dataset(prepared.train, prepared.val, prepared.tokenizer, vocab_size, str(path))
 
 
 def load_dataset(path: str | os.PathLike | None, train_fraction: float = 0.9) -> Dataset:

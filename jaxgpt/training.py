@@ -270,6 +270,39 @@ def _check_data(dataset: data_lib.Dataset, block_size: int) -> None:
             raise data_lib.DataError(str(e)) from None
 
 
+# With init_from, these model fields come from the checkpoint; the others (dropout, dtype, attention_impl,
+# remat, scan_layers) say how to compute and stay the config's.
+_INIT_ARCH_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "activation", "tie_embeddings",
+                     "pos_encoding", "attention", "norm_position", "ln_eps", "param_dtype")
+
+
+def _load_init_from(config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> nnx.Module:
+    """The model named by `config.init_from` ('nanogpt:PATH' | 'gpt2:PATH'); sets config.model to match it.
+
+    The dataset keeps its tokenizer, which must be the checkpoint's when both are known.
+    """
+    from jaxgpt.convert import load_init_from
+
+    if config.model.name != "gpt":
+        raise config_lib.ConfigError(f"config key 'init_from' needs model.name='gpt', got {config.model.name!r}")
+    overrides = {k: config.model[k] for k in ("dropout", "dtype", "attention_impl", "remat", "scan_layers")}
+    try:
+        model, tokenizer, _ = load_init_from(config.init_from, **overrides)
+    except (OSError, ValueError, ImportError) as e:
+        raise config_lib.ConfigError(f"config key 'init_from'={config.init_from!r}: {e}") from None
+    for k in _INIT_ARCH_FIELDS:
+        config.model[k] = getattr(model.config, k)
+    if dataset.vocab_size > model.config.vocab_size:
+        raise config_lib.ConfigError(f"init_from {config.init_from!r} has a vocabulary of {model.config.vocab_size} "
+                                     f"but the dataset needs {dataset.vocab_size}: use the data it was trained on")
+    if tokenizer is not None and dataset.tokenizer is not None and tokenizer.to_dict() != dataset.tokenizer.to_dict():
+        raise config_lib.ConfigError(f"init_from {config.init_from!r} was trained with another tokenizer than "
+                                     f"{dataset.source}'s: its token ids would mean other text")
+    if dataset.tokenizer is None:
+        dataset.tokenizer = tokenizer  # e.g. GPT-2's tokenizer.json for a folder of BPE ids without meta.pkl
+    return model
+
+
 def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Runs (or resumes) training as `config` says; returns a summary dict.
 
@@ -285,6 +318,16 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
     dataset = data_lib.load_dataset(config.data.path or None, config.data.train_fraction)
     block_size = config.model.block_size
     _check_data(dataset, block_size)
+    init_model = None
+    if config.init_from:
+        config = config.copy_and_resolve_references()  # the model's fields are about to come from elsewhere
+        if config.resume:  # the run's own checkpoint says what the model is
+            saved_model = config_lib.from_dict(ckpt_lib.Checkpointer(out_dir, read_only=True).restore_meta(
+                "latest")["config"]).model
+            for k in _INIT_ARCH_FIELDS:
+                config.model[k] = saved_model[k]
+        else:
+            init_model = _load_init_from(config, dataset)
     vocab_size = config.model.vocab_size or dataset.vocab_size
     if vocab_size < dataset.vocab_size:
         raise config_lib.ConfigError(
@@ -294,7 +337,7 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
     if not config.resume:
         _clear_out_dir(out_dir)  # every check has passed: only now is anything removed
 
-    model = config_lib.build_model(config, vocab_size, nnx.Rngs(config.seed))
+    model = init_model or config_lib.build_model(config, vocab_size, nnx.Rngs(config.seed))
     graphdef, params = nnx.split(model)
     tx = make_optimizer(config)
     opt_state = tx.init(params)
