@@ -191,8 +191,8 @@ class _Attn:
         heads = list(attn.heads)
         self.H = len(heads)
         parts = [getattr(h, name) for name in ("query", "key", "value") for h in heads]
-        self.kernel = jnp.concatenate([p.kernel.value for p in parts], axis=1)
-        self.bias = None if parts[0].bias is None else jnp.concatenate([p.bias.value for p in parts])
+        self.kernel = jnp.concatenate([p.kernel[...] for p in parts], axis=1)
+        self.bias = None if parts[0].bias is None else jnp.concatenate([p.bias[...] for p in parts])
         self.dtype = parts[0].dtype
 
     def qkv(self, x_BTC):

@@ -137,7 +137,7 @@ def test_sampling_never_emits_a_filtered_token(kw, allowed):
 def test_bigram_generate_respects_top_k_row_by_row():
     model = jaxgpt.BigramLanguageModel(VOCAB, rngs=nnx.Rngs(0))
     out = jaxgpt.generate(model, PROMPT, 40, key=jax.random.key(5), top_k=2, temperature=2.0)
-    table = np.asarray(model.token_embedding_table.embedding.value)
+    table = np.asarray(model.token_embedding_table.embedding[...])
     top2 = np.argsort(table, axis=1)[:, -2:]
     for row in out:
         for prev, nxt in zip(row[2:-1], row[3:]):
