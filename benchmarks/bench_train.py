@@ -64,6 +64,11 @@ class Shape:
     steps: int = 10
     scan_k: int = 10
 
+    def model_args(self) -> dict:
+        """The GPTConfig / TorchGPTConfig arguments of this shape (no biases, as nanoGPT's CPU recipe)."""
+        return dict(vocab_size=VOCAB, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
+                    n_embd=self.n_embd, dropout=self.dropout, bias=False)
+
 
 SHAPES = {
     "shakespeare_char_cpu": Shape(12, 64, 4, 4, 128, 0.0, lr_decay_iters=2000, rounds=5, steps=20, scan_k=20),
@@ -120,15 +125,7 @@ def build_jax_steps(shape: Shape, tokens, scan_k: int):
     from jaxgpt import data as jdata
     from jaxgpt import optim
 
-    config = jaxgpt.GPTConfig(
-        vocab_size=VOCAB,
-        block_size=shape.block_size,
-        n_layer=shape.n_layer,
-        n_head=shape.n_head,
-        n_embd=shape.n_embd,
-        dropout=shape.dropout,
-        bias=False,
-    )
+    config = jaxgpt.GPTConfig(**shape.model_args())
     model = jaxgpt.GPT(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     schedule = optim.lr_schedule(
@@ -217,15 +214,7 @@ class TorchRunner:
 
         torch.manual_seed(0)
         self.torch, self.tg, self.shape = torch, torch_gpt, shape
-        config = torch_gpt.TorchGPTConfig(
-            vocab_size=VOCAB,
-            block_size=shape.block_size,
-            n_layer=shape.n_layer,
-            n_head=shape.n_head,
-            n_embd=shape.n_embd,
-            dropout=shape.dropout,
-            bias=False,
-        )
+        config = torch_gpt.TorchGPTConfig(**shape.model_args())
         self.model = torch_gpt.GPT(config)
         self.model.train()
         self.opt = torch_gpt.configure_optimizers(self.model, WEIGHT_DECAY, shape.learning_rate, BETAS)

@@ -15,14 +15,7 @@ import bench_train  # noqa: E402
 @pytest.mark.parametrize("name", sorted(bench_train.SHAPES))
 def test_flops_per_token_uses_the_models_parameter_count(name):
     shape = bench_train.SHAPES[name]
-    config = jaxgpt.GPTConfig(
-        vocab_size=bench_train.VOCAB,
-        block_size=shape.block_size,
-        n_layer=shape.n_layer,
-        n_head=shape.n_head,
-        n_embd=shape.n_embd,
-        bias=False,
-    )
+    config = jaxgpt.GPTConfig(**shape.model_args())
     n = nnx.eval_shape(lambda: jaxgpt.GPT(config, rngs=nnx.Rngs(0))).num_params()
     attention = 12 * shape.n_layer * shape.block_size * shape.n_embd
     assert bench_train.flops_per_token(shape) == 6 * n + attention
