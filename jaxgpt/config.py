@@ -2,8 +2,9 @@
 
 A config holds nanoGPT's top-level names (`batch_size`, `max_iters`, `learning_rate`, ...), the model's
 hyper-parameters under `model.` (every `GPTConfig` field plus `model.name`: 'gpt' | 'bigram'), the data's
-under `data.` and the device mesh's under `mesh.`. `base_config()` has every key with a default; the files in `configs/` change what they need.
-`validate` turns a bad value into one `ConfigError` line that names the key and says what is allowed.
+under `data.` and the device mesh's under `mesh.`. `base_config()` has every key with a default; the files in
+`configs/` change what they need. `validate` turns a bad value into one `ConfigError` line that names the key
+and says what is allowed.
 """
 
 from __future__ import annotations
