@@ -9,7 +9,9 @@ import sys
 import textwrap
 
 import jax
+import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec
 
 from jaxgpt.sharding import (
@@ -224,9 +226,10 @@ def xla_cache(tmp_path):
 
 def test_train_on_8_devices_matches_one_device_and_checkpoints_move_between_meshes(tmp_path, shakespeare_path,
                                                                                      xla_cache):
-    """train(config) with data parallelism (8) and FSDP (2 x 4) gives one device's losses; a checkpoint of a
-    1-device run resumes on 2 x 4 devices and a 2 x 4 FSDP checkpoint resumes on one device."""
-    from jaxgpt import training
+    """train(config) with data parallelism 8 and with FSDP 2 x 4 gives one device's losses; a 1-device
+    checkpoint resumes on 2 x 4 (FSDP) devices, a data-parallel 8 checkpoint resumes on one device, and
+    load_model reads the FSDP run's checkpoint onto one device."""
+    from jaxgpt import checkpoint, training
     from tests.test_training import tiny_config, tiny_text
 
     assert len(jax.devices()) == 1  # the reference runs in this process
@@ -238,26 +241,34 @@ def test_train_on_8_devices_matches_one_device_and_checkpoints_move_between_mesh
     shutil.copytree(ref, tmp_path / "one_to_8")
     training.train(tiny_config(text, ref, resume=True, **dict(cfg, max_iters=8)))
 
-    runs = [("dp8", 8, 1, cfg), ("fsdp", 2, 4, cfg), ("one_to_8", -1, 4, dict(cfg, resume=True, max_iters=8))]
+    runs = [("dp8", 8, 1, cfg), ("one_to_8", -1, 4, dict(cfg, resume=True, max_iters=8))]
     out = run_with_devices(TRAIN_ON_8.format(runs=runs), extra_args=(str(text), str(tmp_path)),
                            cache_dir=xla_cache)
     assert out["n_devices"] == 8
-    training.train(tiny_config(text, tmp_path / "fsdp", resume=True, **dict(cfg, max_iters=8)))  # 8 -> 1 device
+    training.train(tiny_config(text, tmp_path / "dp8", resume=True, **dict(cfg, max_iters=8)))  # 8 -> 1 device
 
     want, want_val = _losses(ref), _losses(ref, "val_loss")
     assert sorted(want) == list(range(8)) and want[7] < want[0]  # it trained
-    for name, steps in (("dp8", range(4)), ("fsdp", range(8)), ("one_to_8", range(8))):
+    for name in ("dp8", "one_to_8"):
         got, got_val = _losses(tmp_path / name), _losses(tmp_path / name, "val_loss")
-        assert sorted(got) == list(steps), name
-        for s in steps:
+        assert sorted(got) == list(range(8)) and sorted(got_val) == [0, 4, 8], name
+        for s in got:
             assert abs(got[s] - want[s]) < 1e-5, (name, s, got[s], want[s])
         for s in got_val:
             assert abs(got_val[s] - want_val[s]) < 1e-5, (name, s, got_val[s], want_val[s])
     assert all("fsdp" not in s for s in out["specs"]["dp8"])  # data parallel: replicated weights
-    assert any("fsdp" in s for s in out["specs"]["fsdp"]) and any("fsdp" in s for s in out["specs"]["one_to_8"])
+    assert any("fsdp" in s for s in out["specs"]["one_to_8"])  # FSDP: weights split
     assert out["donation_warnings"] == []  # the step's outputs keep the inputs' shardings
     msg = out["batch_error"]
     assert "batch_size=12 is not divisible by the data-parallel size 8" in msg and "\n" not in msg
+
+    # sample.py's loader: the FSDP run's step-8 weights, whole on this process's one device.
+    model, _, info = checkpoint.load_model(tmp_path / "one_to_8", "latest")
+    ref_model, _, _ = checkpoint.load_model(ref, "latest")
+    assert info["step"] == 8
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(ref_model))):
+        assert a.sharding.is_fully_replicated and len(a.sharding.device_set) == 1
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
 def test_mesh_that_does_not_fit_the_devices_is_a_config_error(tmp_path, shakespeare_path):
