@@ -72,7 +72,11 @@ class Checkpointer:
         manager.wait_until_finished()
 
     def restore(self, which: str, *, params, opt_state, key: jax.Array) -> dict[str, Any]:
-        """Restores everything into the structure of the given templates (arrays or shape structs)."""
+        """Restores everything into the structure of the given templates (arrays or shape structs).
+
+        Arrays come back with the templates' shardings, so a checkpoint saved on one mesh restores onto
+        another (e.g. 8-device FSDP -> 1 device); give shape structs a `sharding`.
+        """
         step = self.latest_step(which)
         if step is None:
             raise FileNotFoundError(f"no {which} checkpoint in {checkpoint_dir(self.out_dir, which)}")
@@ -119,8 +123,12 @@ def load_model(out_dir: str | os.PathLike, which: str = "best") -> tuple[nnx.Mod
             lambda: config_lib.build_model(config, meta["vocab_size"], nnx.Rngs(0))
         )
         graphdef, abstract_params = nnx.split(model)
+        # Onto one device, whatever mesh the run was trained on (Orbax would otherwise use the saved shardings).
+        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
+                                       abstract_params)
         restored = ckptr.managers[which].restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(abstract_params)))
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
         )
     finally:
         ckptr.close()

@@ -1,9 +1,10 @@
 """Training configuration: an ml_collections `ConfigDict` checked once, then turned into a model.
 
 A config holds nanoGPT's top-level names (`batch_size`, `max_iters`, `learning_rate`, ...), the model's
-hyper-parameters under `model.` (every `GPTConfig` field plus `model.name`: 'gpt' | 'bigram') and the data's
-under `data.`. `base_config()` has every key with a default; the files in `configs/` change what they need.
-`validate` turns a bad value into one `ConfigError` line that names the key and says what is allowed.
+hyper-parameters under `model.` (every `GPTConfig` field plus `model.name`: 'gpt' | 'bigram'), the data's
+under `data.` and the device mesh's under `mesh.`. `base_config()` has every key with a default; the files in
+`configs/` change what they need. `validate` turns a bad value into one `ConfigError` line that names the key
+and says what is allowed.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ def base_config() -> ml_collections.ConfigDict:
     d.train_fraction = 0.9
     d.on_device = True  # keep the token array on the accelerator and draw batches inside the step
     c.data = d
+    # devices: a ('data', 'fsdp') mesh over all of them (jaxgpt.sharding); the batch is split over both axes
+    mh = ml_collections.ConfigDict()
+    mh.data = -1  # data-parallel size; -1: all devices left after fsdp
+    mh.fsdp = 1  # >1 also splits parameters and optimizer state over this many devices (FSDP)
+    c.mesh = mh
     return c
 
 
@@ -145,12 +151,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("config key 'out_dir' must not be empty")
     if config.model.name not in MODEL_NAMES:
         raise ConfigError(f"config key 'model.name' must be one of {MODEL_NAMES}, got {config.model.name!r}")
+    if config.mesh.fsdp < 1:
+        raise ConfigError(f"config key 'mesh.fsdp' must be >= 1, got {config.mesh.fsdp}")
+    if config.mesh.data < 1 and config.mesh.data != -1:
+        raise ConfigError(f"config key 'mesh.data' must be >= 1 or -1 (all remaining devices), got {config.mesh.data}")
     if config.model.vocab_size is not None and config.model.vocab_size < 1:
         raise ConfigError(f"config key 'model.vocab_size' must be >= 1, got {config.model.vocab_size}")
     try:
         gpt_config(config, vocab_size=config.model.vocab_size or 1)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def mesh_shape(config: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int]:
+    """(data, fsdp) of the config's mesh over `n_devices` devices, -1 filled in; ConfigError if they do not fit."""
+    data, fsdp = config.mesh.data, config.mesh.fsdp
+    if data == -1:
+        if n_devices % fsdp:
+            raise ConfigError(f"config key 'mesh.fsdp'={fsdp} does not divide the {n_devices} devices: "
+                              "pick a divisor of the device count")
+        data = n_devices // fsdp
+    if data * fsdp != n_devices:
+        raise ConfigError(f"config keys 'mesh.data'={data} x 'mesh.fsdp'={fsdp} = {data * fsdp} devices, but there "
+                          f"are {n_devices}: make the product equal the device count, or set mesh.data=-1")
+    return data, fsdp
 
 
 def gpt_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:

@@ -35,11 +35,14 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxgpt import checkpoint as ckpt_lib
 from jaxgpt import config as config_lib
 from jaxgpt import data as data_lib
+from jaxgpt import mfu as mfu_lib
 from jaxgpt import optim
+from jaxgpt import sharding as sharding_lib
 from jaxgpt.model import loss_fn
 
 
@@ -96,6 +99,8 @@ def make_train_chunk(
     block_size: int,
     grad_accum_steps: int = 1,
     use_dropout: bool = False,
+    mesh: Mesh | None = None,
+    scan_layers: bool = False,
 ) -> Callable:
     """The jitted `train_chunk(params, opt_state, data, base_key, step0, *, n_steps)`.
 
@@ -103,6 +108,9 @@ def make_train_chunk(
     `jaxgpt.data`'s gather) or a pair of pre-drawn host batches `(x, y)` of shape
     (n_steps, grad_accum_steps, batch_size, block_size). Returns (params, opt_state, {'loss': (n_steps,)}):
     the mean micro-batch loss of each step, computed with the parameters before that step's update.
+
+    With a `mesh`, every batch is split over its ('data', 'fsdp') axes and params / opt_state keep the
+    shardings of `jaxgpt.sharding.state_shardings` (`scan_layers`: the model stacks its blocks), in and out.
     """
     grad_fn = jax.value_and_grad(partial(_loss, graphdef, use_dropout=use_dropout))
 
@@ -115,6 +123,7 @@ def make_train_chunk(
                 x_BT, y_BT = data_lib._gather(batch_key, data, batch_size, block_size)
             else:
                 x_BT, y_BT = xy_ABT[0][i], xy_ABT[1][i]
+            x_BT, y_BT = _constrain_batch(x_BT, mesh), _constrain_batch(y_BT, mesh)
             loss, g = grad_fn(params, x_BT, y_BT, drop_key)
             return (g if grads is None else jax.tree.map(jnp.add, grads, g)), loss
 
@@ -138,18 +147,23 @@ def make_train_chunk(
             return (params, opt_state), loss
 
         xs = (jnp.arange(n_steps), None if on_device else data)
+        params, opt_state = _constrain_state((params, opt_state), mesh, scan_layers)
         (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), xs)
+        # Outputs sharded as the inputs were, so the donated buffers are reused.
+        params, opt_state = _constrain_state((params, opt_state), mesh, scan_layers)
         return params, opt_state, {"loss": losses}
 
     return jax.jit(train_chunk, donate_argnames=("params", "opt_state"), static_argnames=("n_steps",))
 
 
-def make_estimate_loss(graphdef: nnx.GraphDef, *, batch_size: int, block_size: int, eval_iters: int) -> Callable:
+def make_estimate_loss(graphdef: nnx.GraphDef, *, batch_size: int, block_size: int, eval_iters: int,
+                       mesh: Mesh | None = None) -> Callable:
     """The jitted `estimate_loss(params, splits, keys) -> mean loss of each split` (no dropout).
 
     `splits` is a tuple of datasets, each the token array on the device or pre-drawn batches `(x, y)` of
     shape (eval_iters, B, T); `keys` one key per split. Each split's loss is the mean over `eval_iters`
-    random batches (nanoGPT's `estimate_loss`); train and val share one compiled call.
+    random batches (nanoGPT's `estimate_loss`); train and val share one compiled call. With a `mesh`,
+    each batch is split over its ('data', 'fsdp') axes.
     """
 
     def one_split(params, data, key):
@@ -159,6 +173,7 @@ def make_estimate_loss(graphdef: nnx.GraphDef, *, batch_size: int, block_size: i
                 x_BT, y_BT = data_lib._gather(k, data, batch_size, block_size)
             else:
                 x_BT, y_BT = xy
+            x_BT, y_BT = _constrain_batch(x_BT, mesh), _constrain_batch(y_BT, mesh)
             return _loss(graphdef, params, x_BT, y_BT, None, False)
 
         xy = data if isinstance(data, tuple) else None
@@ -168,6 +183,50 @@ def make_estimate_loss(graphdef: nnx.GraphDef, *, batch_size: int, block_size: i
         return tuple(one_split(params, data, key) for data, key in zip(splits, keys))
 
     return jax.jit(estimate)
+
+
+def _constrain_batch(x_BT: jax.Array, mesh: Mesh | None) -> jax.Array:
+    return x_BT if mesh is None else sharding_lib.constrain_batch(x_BT, mesh)
+
+
+def _constrain_state(tree, mesh: Mesh | None, scan_layers: bool):
+    # The FSDP rule depends only on paths and shapes, so it gives the same shardings inside the trace.
+    if mesh is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, sharding_lib.state_shardings(tree, mesh, scan_layers))
+
+
+def _put_batches(xy: tuple[np.ndarray, ...], mesh: Mesh) -> tuple[jax.Array, ...]:
+    """Host batches (..., B, T) onto the mesh, their B axis split over ('data', 'fsdp')."""
+    def put(a):
+        spec = PartitionSpec(*([None] * (a.ndim - 2)), sharding_lib.BATCH_AXES, None)
+        return jax.device_put(a, NamedSharding(mesh, spec))
+
+    return tuple(put(a) for a in xy)
+
+
+def mesh_from_config(config: ml_collections.ConfigDict) -> Mesh:
+    """The config's ('data', 'fsdp') mesh over all devices; ConfigError when it or the batch size does not fit."""
+    data, fsdp = config_lib.mesh_shape(config, jax.device_count())
+    mesh = sharding_lib.make_mesh(data, fsdp)
+    try:
+        sharding_lib.check_batch_size(config.batch_size, mesh)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config key 'batch_size': {e}") from None
+    return mesh
+
+
+def step_mfu(config: ml_collections.ConfigDict, model: nnx.Module, n_devices: int,
+             device_kind: str | None = None) -> Callable[[float], float | None]:
+    """tokens/s -> MFU over `n_devices` chips (nanoGPT's estimate); always None when the chip's peak is unknown."""
+    if mfu_lib.peak_flops(device_kind) is None:
+        return lambda tokens_per_s: None
+    n_params = model.num_params() if hasattr(model, "num_params") else sum(
+        p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    m = config.model
+    n_layer = m.n_layer if m.name == "gpt" else 0  # the bigram model has no attention
+    per_token = mfu_lib.flops_per_token(n_params, n_layer, m.n_head, m.n_embd // m.n_head, m.block_size)
+    return lambda tokens_per_s: mfu_lib.mfu(tokens_per_s, per_token, n_devices, device_kind)
 
 
 def eval_key(base_key: jax.Array, step: int, split_index: int) -> jax.Array:
@@ -334,6 +393,7 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
             f"config key 'model.vocab_size'={vocab_size} is smaller than the dataset's vocabulary "
             f"({dataset.vocab_size})"
         )
+    mesh = mesh_from_config(config)
     if not config.resume:
         _clear_out_dir(out_dir)  # every check has passed: only now is anything removed
 
@@ -341,7 +401,12 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
     graphdef, params = nnx.split(model)
     tx = make_optimizer(config)
     opt_state = tx.init(params)
-    base_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+    # Replicated (fsdp=1) or FSDP-split; a restore below reads the checkpoint straight into these shardings.
+    scan_layers = config.model.scan_layers
+    params = sharding_lib.shard_params(params, mesh, scan_layers)
+    opt_state = sharding_lib.shard_params(opt_state, mesh, scan_layers)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    base_key = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), replicated)
     step, best_val = 0, math.inf
     ckptr = ckpt_lib.Checkpointer(out_dir)
     history: list[dict] = []
@@ -367,15 +432,21 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
     tokens_per_step = config.batch_size * block_size * config.grad_accum_steps
     log(f"{config.model.name}: {n_params / 1e6:.2f}M parameters, vocab {vocab_size}, {len(dataset.train):,} train / "
         f"{len(dataset.val):,} val tokens from {dataset.source}; {tokens_per_step:,} tokens per step")
+    if mesh.size > 1:
+        log(f"mesh: data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} over {mesh.size} "
+            f"{jax.devices()[0].device_kind} devices")
+    mfu_of = step_mfu(config, nnx.merge(graphdef, params), mesh.size)
 
     on_device = config.data.on_device
-    train_data = jnp.asarray(dataset.train, jnp.int32) if on_device else dataset.train
-    val_data = jnp.asarray(dataset.val, jnp.int32) if on_device else dataset.val
+    # Replicated: the batches are drawn inside the step, on every device.
+    train_data = jax.device_put(np.asarray(dataset.train, np.int32), replicated) if on_device else dataset.train
+    val_data = jax.device_put(np.asarray(dataset.val, np.int32), replicated) if on_device else dataset.val
     train_chunk = make_train_chunk(graphdef, tx, batch_size=config.batch_size, block_size=block_size,
                                    grad_accum_steps=config.grad_accum_steps,
-                                   use_dropout=config.model.dropout > 0 and config.model.name == "gpt")
+                                   use_dropout=config.model.dropout > 0 and config.model.name == "gpt",
+                                   mesh=mesh, scan_layers=scan_layers)
     estimate = make_estimate_loss(graphdef, batch_size=config.batch_size, block_size=block_size,
-                                  eval_iters=config.eval_iters)
+                                  eval_iters=config.eval_iters, mesh=mesh)
     schedule = optim.lr_schedule(config.learning_rate, decay_lr=config.decay_lr, warmup_iters=config.warmup_iters,
                                  lr_decay_iters=config.lr_decay_iters, min_lr=config.min_lr)
     meta_base = {"config": config_lib.to_dict(config), "vocab_size": vocab_size,
@@ -394,8 +465,8 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
         keys = (eval_key(base_key, step, 0), eval_key(base_key, step, 1))
         splits = (train_data, val_data)
         if not on_device:
-            splits = tuple(host_batches(d, jax.random.split(k, config.eval_iters), config.batch_size, block_size)
-                           for d, k in zip(splits, keys))
+            splits = tuple(_put_batches(host_batches(d, jax.random.split(k, config.eval_iters), config.batch_size,
+                                                     block_size), mesh) for d, k in zip(splits, keys))
         return dict(zip(("train", "val"), map(float, estimate(params, splits, keys))))
 
     def do_eval() -> None:
@@ -441,7 +512,7 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
                 data = train_data
                 if not on_device:
                     keys = jax.vmap(lambda s: step_keys(base_key, s, config.grad_accum_steps)[0])(jnp.arange(a, b))
-                    data = host_batches(train_data, keys, config.batch_size, block_size)
+                    data = _put_batches(host_batches(train_data, keys, config.batch_size, block_size), mesh)
                 params, opt_state, metrics = train_chunk(params, opt_state, data, base_key, jnp.int32(a), n_steps=b - a)
                 losses = np.asarray(metrics["loss"])  # the one host sync per chunk
                 dt = time.perf_counter() - t_call
@@ -457,13 +528,16 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
                                         f"{kept} in {out_dir / 'checkpoints' / 'latest'}")
                 step = b
                 ms = 1000 * dt / (b - a)
+                tok_s = tokens_per_step / (ms / 1000)
+                chunk_mfu = mfu_of(tok_s)
+                extra = {} if chunk_mfu is None else {"mfu": chunk_mfu}
                 for s in range(a, b):
                     if s % config.log_interval == 0:
                         record({"step": s, "loss": float(losses[s - a]), "lr": float(schedule(s)),
-                                "ms_per_step": ms, "tokens_per_s": tokens_per_step / (ms / 1000)})
+                                "ms_per_step": ms, "tokens_per_s": tok_s, **extra})
                 bar.update(b - a)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens_per_step / (ms / 1000):,.0f}",
-                                ms_step=f"{ms:.1f}")
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tok_s:,.0f}", ms_step=f"{ms:.1f}",
+                                **({} if chunk_mfu is None else {"mfu": f"{chunk_mfu:.1%}"}))
                 if step % config.eval_interval == 0 or step == config.max_iters:
                     do_eval()
             else:

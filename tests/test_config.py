@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
+import jax
 import pytest
 
 from jaxgpt import config as config_lib
@@ -64,6 +65,9 @@ def test_build_model_follows_model_name():
         ("model.activation", "tanh", "model.activation must be one of"),
         ("grad_accum_steps", 0, "'grad_accum_steps'"),
         ("out_dir", "", "'out_dir'"),
+        ("mesh.fsdp", 0, "'mesh.fsdp' must be >= 1"),
+        ("mesh.data", 0, r"'mesh.data' must be >= 1 or -1"),
+        ("mesh.data", -2, r"'mesh.data' must be >= 1 or -1"),
     ],
 )
 def test_invalid_values_name_the_key(key, value, match):
@@ -89,6 +93,43 @@ def test_unknown_keys_and_wrong_types():
     c.batch_size = "12"  # the wrong type, as a config file could set it
     with pytest.raises(config_lib.ConfigError, match="'batch_size' must be int, got str"):
         config_lib.validate(c)
+
+
+def test_mesh_shape_fills_in_minus_one_and_must_match_the_devices():
+    c = config_lib.base_config()
+    assert (c.mesh.data, c.mesh.fsdp) == (-1, 1)  # every device data-parallel by default
+    assert config_lib.mesh_shape(c, 8) == (8, 1)
+    c.mesh.fsdp = 4
+    assert config_lib.mesh_shape(c, 8) == (2, 4)
+    c.mesh.data = 2
+    assert config_lib.mesh_shape(c, 8) == (2, 4)
+    with pytest.raises(config_lib.ConfigError, match=r"'mesh.data'=2 x 'mesh.fsdp'=4 = 8 devices, but there are 4"):
+        config_lib.mesh_shape(c, 4)
+    c.mesh.data, c.mesh.fsdp = -1, 3
+    with pytest.raises(config_lib.ConfigError, match="'mesh.fsdp'=3 does not divide the 8 devices"):
+        config_lib.mesh_shape(c, 8)
+    c = config_lib.base_config()
+    c.unlock()
+    del c.mesh["data"]
+    c.mesh.data = 2.0
+    with pytest.raises(config_lib.ConfigError, match="'mesh.data' must be int, got float"):
+        config_lib.validate(c)
+
+
+def test_gpt2_124m_config_is_valid_and_has_124m_parameters():
+    """Built abstractly (nnx.eval_shape): shapes only, nothing allocated."""
+    from flax import nnx
+
+    c = config_lib.load_config_file(CONFIGS / "gpt2_124m.py")
+    config_lib.validate(c)
+    assert (c.mesh.data, c.mesh.fsdp) == (-1, 1)
+    model = nnx.eval_shape(lambda: config_lib.build_model(c, c.model.vocab_size, nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
+    n = sum(x.size for x in jax.tree.leaves(state))
+    assert c.model.vocab_size == 50304 and c.model.tie_embeddings
+    assert 123.6e6 <= n <= 124.5e6, n
+    assert model.num_params() == 123_587_328  # without the position table, as nanoGPT reports
 
 
 def test_dict_round_trip_keeps_every_value():

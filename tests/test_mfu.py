@@ -47,3 +47,41 @@ def test_gpt2_flops_and_mfu_match_nanogpt():
     assert mfu(tokens_per_s, per_token, n_devices=8, device_kind="A100") == pytest.approx(
         mfu(tokens_per_s, per_token, device_kind="A100") / 8
     )
+
+
+def test_step_mfu_helper_uses_the_models_flops_and_all_devices():
+    from jaxgpt import config as config_lib
+    from jaxgpt.training import step_mfu
+
+    c = config_lib.base_config()
+    c.model.update(n_layer=2, n_head=4, n_embd=32, block_size=16)
+    model = nnx.eval_shape(lambda: config_lib.build_model(c, 50, nnx.Rngs(0)))
+    per_token = flops_per_token(model.num_params(), 2, 4, 8, 16)
+    assert step_mfu(c, model, 8, device_kind="TPU v4")(1e5) == pytest.approx(1e5 * per_token / (275e12 * 8))
+    assert step_mfu(c, model, 8, device_kind="cpu")(1e5) is None
+    assert step_mfu(c, model, 1)(1e5) is None  # these tests run on CPU: no peak, no MFU
+
+
+def test_mfu_is_logged_per_step_and_shown_on_the_bar(tmp_path, shakespeare_path, monkeypatch, capsys):
+    """With a known chip (a pretend 1 GFLOP/s one here), every step record carries nanoGPT's MFU."""
+    import json
+
+    from jaxgpt import config as config_lib
+    from jaxgpt import data, training
+    from jaxgpt import mfu as mfu_lib
+    from tests.test_training import tiny_config, tiny_text
+
+    monkeypatch.setattr(mfu_lib, "peak_flops", lambda device_kind=None: 1e9)
+    out, text = tmp_path / "run", tiny_text(tmp_path, shakespeare_path)
+    c = tiny_config(text, out, max_iters=4, plot=False, progress=True, compile_cache=False)
+    training.train(c)
+    vocab_size = data.load_dataset(text).vocab_size
+    n = nnx.eval_shape(lambda: config_lib.build_model(c, vocab_size, nnx.Rngs(0))).num_params()
+    m = c.model
+    per_token = flops_per_token(n, m.n_layer, m.n_head, m.n_embd // m.n_head, m.block_size)
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "loss" in r]
+    assert len(steps) == 4
+    for r in steps:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / 1e9)
+    assert "mfu=" in capsys.readouterr().err

@@ -3,12 +3,15 @@ subprocess with 8 simulated CPU devices) equality of data-parallel and FSDP trai
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import jax
+import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec
 
 from jaxgpt.sharding import (
@@ -23,14 +26,19 @@ from jaxgpt.sharding import (
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_with_devices(code: str, n: int = 8, timeout: int = 300) -> dict:
-    """Runs `code` in a fresh Python with `n` simulated CPU devices; it prints one JSON line last."""
+def run_with_devices(code: str, n: int = 8, timeout: int = 300, extra_args: tuple[str, ...] = (),
+                     cache_dir: str | None = None) -> dict:
+    """Runs `code` in a fresh Python with `n` simulated CPU devices (`extra_args` in sys.argv[1:], compiled
+    programs kept in `cache_dir`); it prints one JSON line last."""
     env = dict(os.environ)
+    if cache_dir:
+        env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-c", textwrap.dedent(code), *extra_args], env=env, capture_output=True, text=True,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -157,3 +165,121 @@ def test_data_parallel_and_fsdp_match_one_device(scan):
         assert out[name]["param_diff"] < 1e-5, (name, out[name])
     assert "fsdp" not in out["dp8"]["spec"]  # pure data parallelism: replicated weights
     assert "fsdp" in out["fsdp8"]["spec"] and "fsdp" in out["2x4"]["spec"]  # FSDP: weights split
+
+
+# ---------------------------------------------------------------------------------------- train(config)
+
+TRAIN_ON_8 = """
+import json, sys, warnings
+import jax
+jax.config.update("jax_default_matmul_precision", "highest")
+from jaxgpt import config as config_lib, sharding, training
+from tests.test_training import tiny_config
+
+specs = set()
+real_shard = training.sharding_lib.shard_params
+
+def recording_shard(tree, mesh, scan_layers=False):
+    out = real_shard(tree, mesh, scan_layers)
+    specs.update(str(x.sharding.spec) for x in jax.tree.leaves(out) if x.ndim == 2)
+    return out
+
+training.sharding_lib.shard_params = recording_shard
+text, tmp = sys.argv[1], sys.argv[2]
+out = {{"n_devices": len(jax.devices()), "specs": {{}}}}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for name, data, fsdp, kw in {runs}:
+        specs.clear()
+        training.train(tiny_config(text, f"{{tmp}}/{{name}}", **{{"mesh.data": data, "mesh.fsdp": fsdp, **kw}}))
+        out["specs"][name] = sorted(specs)
+try:
+    training.train(tiny_config(text, f"{{tmp}}/bad", batch_size=12, compile_cache=False, **{{"mesh.data": 8}}))
+except config_lib.ConfigError as e:
+    out["batch_error"] = str(e)
+out["donation_warnings"] = [str(w.message) for w in caught if "donat" in str(w.message).lower()]
+print(json.dumps(out))
+"""
+
+
+def _losses(out_dir, key="loss"):
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+@pytest.fixture
+def xla_cache(tmp_path):
+    """A compilation cache for this process and its subprocesses: runs on the same mesh compile once."""
+    from jaxgpt.training import enable_compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    enable_compilation_cache(tmp_path / "xla", min_compile_time_secs=0)
+    yield str(tmp_path / "xla")
+    if before:
+        enable_compilation_cache(before, min_compile_time_secs=0)
+    else:
+        from jax.experimental.compilation_cache import compilation_cache
+
+        jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.reset_cache()
+
+
+def test_train_on_8_devices_matches_one_device_and_checkpoints_move_between_meshes(tmp_path, shakespeare_path,
+                                                                                     xla_cache):
+    """train(config) with data parallelism 8 and with FSDP 2 x 4 gives one device's losses; a 1-device
+    checkpoint resumes on 2 x 4 (FSDP) devices, a data-parallel 8 checkpoint resumes on one device, and
+    load_model reads the FSDP run's checkpoint onto one device."""
+    from jaxgpt import checkpoint, training
+    from tests.test_training import tiny_config, tiny_text
+
+    assert len(jax.devices()) == 1  # the reference runs in this process
+    text = tiny_text(tmp_path, shakespeare_path)
+    # dropout 0.1 (tiny_config): the masks must not depend on the mesh either
+    cfg = dict(batch_size=8, max_iters=4, compile_cache=False, plot=False)
+    ref = tmp_path / "ref"
+    training.train(tiny_config(text, ref, **cfg))
+    shutil.copytree(ref, tmp_path / "one_to_8")
+    training.train(tiny_config(text, ref, resume=True, **dict(cfg, max_iters=8)))
+
+    runs = [("dp8", 8, 1, cfg), ("one_to_8", -1, 4, dict(cfg, resume=True, max_iters=8))]
+    out = run_with_devices(TRAIN_ON_8.format(runs=runs), extra_args=(str(text), str(tmp_path)),
+                           cache_dir=xla_cache)
+    assert out["n_devices"] == 8
+    training.train(tiny_config(text, tmp_path / "dp8", resume=True, **dict(cfg, max_iters=8)))  # 8 -> 1 device
+
+    want, want_val = _losses(ref), _losses(ref, "val_loss")
+    assert sorted(want) == list(range(8)) and want[7] < want[0]  # it trained
+    for name in ("dp8", "one_to_8"):
+        got, got_val = _losses(tmp_path / name), _losses(tmp_path / name, "val_loss")
+        assert sorted(got) == list(range(8)) and sorted(got_val) == [0, 4, 8], name
+        for s in got:
+            assert abs(got[s] - want[s]) < 1e-5, (name, s, got[s], want[s])
+        for s in got_val:
+            assert abs(got_val[s] - want_val[s]) < 1e-5, (name, s, got_val[s], want_val[s])
+    assert all("fsdp" not in s for s in out["specs"]["dp8"])  # data parallel: replicated weights
+    assert any("fsdp" in s for s in out["specs"]["one_to_8"])  # FSDP: weights split
+    assert out["donation_warnings"] == []  # the step's outputs keep the inputs' shardings
+    msg = out["batch_error"]
+    assert "batch_size=12 is not divisible by the data-parallel size 8" in msg and "\n" not in msg
+
+    # sample.py's loader: the FSDP run's step-8 weights, whole on this process's one device.
+    model, _, info = checkpoint.load_model(tmp_path / "one_to_8", "latest")
+    ref_model, _, _ = checkpoint.load_model(ref, "latest")
+    assert info["step"] == 8
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(ref_model))):
+        assert a.sharding.is_fully_replicated and len(a.sharding.device_set) == 1
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_mesh_that_does_not_fit_the_devices_is_a_config_error(tmp_path, shakespeare_path):
+    from jaxgpt import training
+    from jaxgpt.config import ConfigError
+    from tests.test_training import tiny_config, tiny_text
+
+    text_path = tiny_text(tmp_path, shakespeare_path)
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"'mesh.data'=2 x 'mesh.fsdp'=1 = 2 devices, but there are 1"):
+        training.train(tiny_config(text_path, out, **{"mesh.data": 2}))
+    with pytest.raises(ConfigError, match=r"'mesh.fsdp'=3 does not divide the 1 devices"):
+        training.train(tiny_config(text_path, out, **{"mesh.fsdp": 3}))
+    assert not (out / "metrics.jsonl").exists()
