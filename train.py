@@ -59,6 +59,12 @@ def main(argv: list[str]) -> None:
     from jaxgpt import training
     from jaxgpt.config import ConfigError
     from jaxgpt.data import DataError
+    from jaxgpt.sharding import maybe_initialize_distributed
+
+    try:  # one of several processes (a TPU pod slice, SLURM, ...): join them before any device is used
+        maybe_initialize_distributed()
+    except (ValueError, RuntimeError) as e:
+        _fail(f"cannot join the other processes of this run: {e}")
 
     config = _CONFIG.value
     if config is None:

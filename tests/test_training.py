@@ -283,7 +283,7 @@ def test_nanogpt_directory(tmp_path):
     (tmp_path / "meta.pkl").unlink()
     assert data.load_dataset(tmp_path).tokenizer is None
     (tmp_path / "val.bin").unlink()
-    with pytest.raises(data.DataError, match="without val.bin"):
+    with pytest.raises(data.DataError, match=r"has no \['val.bin'\]"):
         data.load_dataset(tmp_path)
 
 
