@@ -4,9 +4,10 @@ One process, alternating rounds, same config, same batches, same optimiser recip
 warmup + cosine learning rate, weight decay 0.1 on >= 2-D parameters, betas (0.9, 0.99), global-norm
 clip 1.0). Implementations:
 
-    jax        one jitted train step per call (params and optimiser state donated), batches fed from host
-    jax_scan   K train steps per jitted call (`lax.scan`), batches drawn on the device with
-               `jaxgpt.data.get_batch` from the whole token array held on the device
+    jax        jaxgpt's training step (`jaxgpt.training.make_train_chunk`), one step per call, host batches
+    jax_scan   the same function running K steps per call (`lax.scan`) with batches drawn on the device
+               from the whole token array (what train.py does)
+    jax_remat  as jax, with `model.scan_layers` + `model.remat` (recompute each block in the backward)
     torch      tests/reference/torch_gpt.py in eager mode (`configure_optimizers`, nanoGPT's loop)
     torch_compile  the same model wrapped in `torch.compile` (its compile time is reported as first step)
 
@@ -18,8 +19,8 @@ XLA's own buffer plan) and achieved GFLOP/s with nanoGPT's FLOPs-per-token estim
     PYTHONPATH=$PWD python benchmarks/bench_train.py --shapes shakespeare_char_cpu --rounds 3
     PYTHONPATH=$PWD python benchmarks/bench_train.py --write benchmarks/RESULTS.md
 
-The train step lives in `build_jax_steps`; swapping it for the library's training step changes one
-function. `--xla-flags` sets XLA_FLAGS before jax starts (jax is imported only after argument parsing),
+The JAX rows time the library's own step, so a change there shows here. `--xla-flags` sets XLA_FLAGS
+before jax starts (jax is imported only after argument parsing),
 for trying XLA CPU flags; none tried so far measured faster (see RESULTS.md).
 """
 
@@ -74,7 +75,7 @@ SHAPES = {
     "shakespeare_char_cpu": Shape(12, 64, 4, 4, 128, 0.0, lr_decay_iters=2000, rounds=5, steps=20, scan_k=20),
     "shakespeare_char": Shape(64, 256, 6, 6, 384, 0.2, rounds=3, steps=2, scan_k=2),
 }
-IMPLS = ("jax", "jax_scan", "torch", "torch_compile")
+IMPLS = ("jax", "jax_scan", "jax_remat", "torch", "torch_compile")
 WEIGHT_DECAY, BETAS, GRAD_CLIP, VOCAB = 0.1, (0.9, 0.99), 1.0, 65
 
 
@@ -110,22 +111,21 @@ def flops_per_token(shape: Shape) -> int:
 # ----------------------------------------------------------------------------------------------- jax
 
 
-def build_jax_steps(shape: Shape, tokens, scan_k: int):
-    """The jaxgpt train step: split model, jitted pure step donating params and optimiser state.
+def build_jax_steps(shape: Shape, tokens, *, remat: bool = False):
+    """jaxgpt's own training step, `jaxgpt.training.make_train_chunk`, on this shape.
 
-    Returns (state, step, step_k): `step(params, opt_state, x, y, key, it)` does one update;
-    `step_k(params, opt_state, data, key, it)` does `scan_k` updates with batches drawn on the device.
+    Returns (params, opt_state, train_chunk, data): `train_chunk(params, opt_state, data, key, step0,
+    n_steps=K)` runs K AdamW steps in one compiled call (params and optimiser state donated); `data` is
+    the token array on the device (batches drawn inside) or host batches of shape (K, 1, B, T).
+    `remat`: the model's `scan_layers` + `remat` switches (one scanned block, recomputed in the backward).
     """
-    import jax
     import jax.numpy as jnp
-    import optax
     from flax import nnx
 
     import jaxgpt
-    from jaxgpt import data as jdata
-    from jaxgpt import optim
+    from jaxgpt import optim, training
 
-    config = jaxgpt.GPTConfig(**shape.model_args())
+    config = jaxgpt.GPTConfig(**shape.model_args(), scan_layers=remat, remat=remat)
     model = jaxgpt.GPT(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     schedule = optim.lr_schedule(
@@ -136,67 +136,42 @@ def build_jax_steps(shape: Shape, tokens, scan_k: int):
     )
     tx = optim.adamw(schedule, weight_decay=WEIGHT_DECAY, beta1=BETAS[0], beta2=BETAS[1], grad_clip=GRAD_CLIP)
     opt_state = tx.init(params)
-
-    def loss_of(params, x_BT, y_BT, key):
-        model = nnx.merge(graphdef, params)
-        return jaxgpt.loss_fn(model(x_BT, key=key if shape.dropout > 0 else None), y_BT)
-
-    def update(params, opt_state, x_BT, y_BT, key):
-        loss, grads = jax.value_and_grad(loss_of)(params, x_BT, y_BT, key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    def step(params, opt_state, x_BT, y_BT, key):
-        return update(params, opt_state, x_BT, y_BT, key)
-
-    def step_k(params, opt_state, data, key):
-        def body(carry, key):
-            params, opt_state = carry
-            batch_key, drop_key = jax.random.split(key)
-            x_BT, y_BT = jdata.get_batch(batch_key, data, shape.batch_size, shape.block_size)
-            params, opt_state, loss = update(params, opt_state, x_BT, y_BT, drop_key)
-            return (params, opt_state), loss
-
-        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), jax.random.split(key, scan_k))
-        return params, opt_state, losses
-
-    step = jax.jit(step, donate_argnames=("params", "opt_state"))
-    step_k = jax.jit(step_k, donate_argnames=("params", "opt_state"))
-    return params, opt_state, step, step_k, jnp.asarray(tokens)
+    train_chunk = training.make_train_chunk(graphdef, tx, batch_size=shape.batch_size, block_size=shape.block_size,
+                                            use_dropout=shape.dropout > 0, scan_layers=remat)
+    return params, opt_state, train_chunk, jnp.asarray(tokens, jnp.int32)
 
 
 class JaxRunner:
-    def __init__(self, shape: Shape, tokens, batches, scan: bool):
+    """jax: one step per call on host batches (as `data.on_device=False`); jax_scan: K steps per call,
+    batches drawn on the device (train.py's default); jax_remat: as jax, with scan_layers + remat."""
+
+    def __init__(self, shape: Shape, tokens, batches, impl: str):
         import jax
         import jax.numpy as jnp
 
-        self.jax, self.scan, self.shape = jax, scan, shape
-        self.k = shape.scan_k if scan else 1
-        self.params, self.opt_state, self.step1, self.stepk, self.data = build_jax_steps(shape, tokens, self.k)
-        self.batches = [(jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32)) for x, y in batches]
+        self.jax, self.scan, self.shape = jax, impl == "jax_scan", shape
+        self.k = shape.scan_k if self.scan else 1
+        self.params, self.opt_state, self.chunk, self.data = build_jax_steps(shape, tokens, remat=impl == "jax_remat")
+        self.batches = [(jnp.asarray(x, jnp.int32)[None, None], jnp.asarray(y, jnp.int32)[None, None])
+                        for x, y in batches]
         self.key = jax.random.key(1)
         self.i = 0
 
+    def _data(self):
+        return self.data if self.scan else self.batches[self.i % len(self.batches)]
+
     def memory_plan(self) -> int:
         """XLA's buffer plan for one call: arguments + outputs + temporaries - aliased (donated)."""
-        x, y = self.batches[0]
-        if self.scan:
-            lowered = self.stepk.lower(self.params, self.opt_state, self.data, self.key)
-        else:
-            lowered = self.step1.lower(self.params, self.opt_state, x, y, self.key)
+        lowered = self.chunk.lower(self.params, self.opt_state, self._data(), self.key, 0, n_steps=self.k)
         m = lowered.compile().memory_analysis()
         return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
     def call(self) -> float:
         """Runs one call; returns seconds per train step."""
-        self.key, sub = self.jax.random.split(self.key)
         t0 = time.perf_counter()
-        if self.scan:
-            self.params, self.opt_state, loss = self.stepk(self.params, self.opt_state, self.data, sub)
-        else:
-            x, y = self.batches[self.i % len(self.batches)]
-            self.params, self.opt_state, loss = self.step1(self.params, self.opt_state, x, y, sub)
-        loss.block_until_ready()
+        self.params, self.opt_state, metrics = self.chunk(self.params, self.opt_state, self._data(), self.key,
+                                                          self.i * self.k, n_steps=self.k)
+        metrics["loss"].block_until_ready()
         self.i += 1
         return (time.perf_counter() - t0) / self.k
 
@@ -241,7 +216,7 @@ class TorchRunner:
 
 def make_runner(impl: str, shape: Shape, tokens, batches):
     if impl.startswith("jax"):
-        return JaxRunner(shape, tokens, batches, scan=impl == "jax_scan")
+        return JaxRunner(shape, tokens, batches, impl)
     import torch
 
     torch.set_num_threads(2)
