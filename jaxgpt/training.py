@@ -345,7 +345,8 @@ class RunLock:
         raise TrainingError(f"could not take the lock {self.path}")  # not reached
 
     def __exit__(self, *exc) -> None:
-        if self._holder().get("pid") == self.owner["pid"]:  # taken over meanwhile: not ours to remove
+        holder = self._holder()
+        if (holder.get("pid"), holder.get("host")) == (self.owner["pid"], self.owner["host"]):  # else: taken over
             self.path.unlink(missing_ok=True)
 
 
@@ -382,6 +383,7 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
 
 
 def _train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """`train` itself, run while holding out_dir's lock."""
     from tqdm.auto import tqdm
 
     log = log or (lambda s: tqdm.write(s, file=sys.stdout))
