@@ -70,8 +70,8 @@ def read_prompt(start: str) -> str:
         try:
             with open(path, encoding="utf-8") as f:
                 start = f.read()
-        except OSError as e:
-            raise UsageError(f"cannot read the prompt file {path!r}: {e.strerror}") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL in the path, or a file that is not UTF-8
+            raise UsageError(f"cannot read the prompt file {path!r}: {getattr(e, 'strerror', None) or e}") from None
     if not start:
         raise UsageError("the prompt is empty: give at least one character with --start")
     return start
@@ -90,9 +90,12 @@ def encode_prompt(tokenizer, text: str):
 
 
 def _default_load_model(out_dir: str, which: str):
-    from jaxgpt.checkpoint import load_model  # imported here so that `sample.py --help` stays fast
+    from jaxgpt.checkpoint import CheckpointError, load_model  # imported here: `sample.py --help` stays fast
 
-    return load_model(out_dir, which=which)
+    try:
+        return load_model(out_dir, which=which)
+    except CheckpointError as e:  # incomplete or corrupt on disk: one line, like the other bad inputs
+        raise UsageError(str(e)) from None
 
 
 def _load_init_from(spec: str):

@@ -4,12 +4,24 @@ A run's `out_dir/checkpoints/{latest,best}/<step>/` each hold four items: `param
 state), `opt_state` (Optax), `train` (step and the base PRNG key) and `meta` (JSON: the training config,
 the tokenizer, best_val_loss, step). `load_model` rebuilds the model from `meta` and restores only its
 parameters, which is all that sampling needs.
+
+A step counts only once it is whole: after Orbax has committed it, `jaxgpt_manifest.json` (the size and
+sha256 of every file of the step) is written beside its items, atomically. A step without a manifest (a
+process killed mid-save, a full disk) or whose files no longer match it (flipped bytes, truncated or missing
+files) is unusable: restoring it raises `CheckpointError`, and `Checkpointer.find_usable` falls back to an
+older step. 'latest' keeps two steps so that there is one to fall back to; old steps are removed only after
+the new one's manifest is on disk.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import pathlib
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,6 +32,69 @@ from jaxgpt import config as config_lib
 from jaxgpt.tokenizer import Tokenizer, tokenizer_from_dict
 
 WHICH = ("latest", "best")
+KEEP = {"latest": 2, "best": 1}  # steps kept per manager: 'latest' keeps one to fall back to
+MANIFEST = "jaxgpt_manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written, or one on disk that is incomplete or corrupt (one line)."""
+
+
+def _file_digests(step_dir: pathlib.Path) -> dict[str, list]:
+    """{relative path: [size, sha256]} of every file of a step directory except the manifest."""
+    digests = {}
+    for path in sorted(step_dir.rglob("*")):
+        rel = path.relative_to(step_dir).as_posix()
+        if path.is_file() and rel not in (MANIFEST, f".{MANIFEST}.tmp"):
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            digests[rel] = [path.stat().st_size, h.hexdigest()]
+    return digests
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(step_dir: str | os.PathLike) -> None:
+    """Records the size and sha256 of every file of a committed step, atomically (temp file + rename)."""
+    step_dir = pathlib.Path(step_dir)
+    digests = _file_digests(step_dir)
+    tmp = step_dir / f".{MANIFEST}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"files": digests}, f)
+        f.flush()
+        os.fsync(f.fileno())  # the manifest must not reach the disk before its contents
+    os.replace(tmp, step_dir / MANIFEST)
+    _fsync_dir(step_dir)
+
+
+def verify(step_dir: str | os.PathLike) -> None:
+    """Raises `CheckpointError` naming the step and what is wrong unless its files match its manifest."""
+    step_dir = pathlib.Path(step_dir)
+    try:
+        expected = json.loads((step_dir / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{step_dir} is incomplete (no {MANIFEST}: its save never finished)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{step_dir} has an unreadable {MANIFEST} ({e})") from None
+    got = _file_digests(step_dir)
+    for rel, (size, digest) in expected.items():
+        if rel not in got:
+            raise CheckpointError(f"{step_dir} is corrupt: {rel} is missing")
+        if got[rel][0] != size:
+            raise CheckpointError(f"{step_dir} is corrupt: {rel} has {got[rel][0]} bytes, expected {size}")
+        if got[rel][1] != digest:
+            raise CheckpointError(f"{step_dir} is corrupt: {rel} does not match its sha256")
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise CheckpointError(f"{step_dir} is corrupt: unexpected file {extra[0]}")
 
 
 def checkpoint_dir(out_dir: str | os.PathLike, which: str) -> pathlib.Path:
@@ -34,15 +109,18 @@ def _abstract(tree: Any) -> Any:
 
 
 class Checkpointer:
-    """Two Orbax `CheckpointManager`s (latest, best), each keeping one step. Saves are synchronous.
+    """Two Orbax `CheckpointManager`s (latest, best), keeping `KEEP` verified steps each. Saves are synchronous.
 
     Synchronous saving keeps a checkpoint complete on disk before the next (donating) train step
-    reuses the buffers it came from, and before an interrupted run exits.
+    reuses the buffers it came from, and before an interrupted run exits. Old steps are pruned here,
+    not by Orbax, so that they go only once the new step's manifest is written.
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, read_only: bool = False):
         self.out_dir = pathlib.Path(out_dir).absolute()
-        options = dict(max_to_keep=1, enable_async_checkpointing=False, read_only=read_only, create=not read_only)
+        self._verified: set[tuple[str, int]] = set()
+        options = dict(max_to_keep=None, enable_async_checkpointing=False, read_only=read_only, create=not read_only,
+                       cleanup_tmp_directories=not read_only)  # drop the temp dirs of saves killed midway
         self.managers = {
             which: ocp.CheckpointManager(checkpoint_dir(out_dir, which), options=ocp.CheckpointManagerOptions(
                 **options))
@@ -50,51 +128,141 @@ class Checkpointer:
             if not read_only or checkpoint_dir(out_dir, which).is_dir()
         }
 
-    def latest_step(self, which: str = "latest") -> int | None:
-        """The step of the `which` checkpoint, or None when there is none."""
+    def steps(self, which: str) -> list[int]:
+        """Every step on disk in the `which` manager, newest first (usable or not)."""
         manager = self.managers.get(which)
-        return None if manager is None else manager.latest_step()
+        return [] if manager is None else sorted(manager.all_steps(), reverse=True)
+
+    def latest_step(self, which: str = "latest") -> int | None:
+        """The newest step of the `which` checkpoints, or None when there is none."""
+        steps = self.steps(which)
+        return steps[0] if steps else None
+
+    def step_dir(self, which: str, step: int) -> pathlib.Path:
+        """The directory of one step."""
+        return checkpoint_dir(self.out_dir, which) / str(step)
+
+    def verify(self, which: str, step: int) -> None:
+        """Raises `CheckpointError` unless the step is whole (checked once per step and Checkpointer)."""
+        if (which, step) not in self._verified:
+            verify(self.step_dir(which, step))
+            self._verified.add((which, step))
 
     def save(self, which: str, step: int, *, params, opt_state, key: jax.Array, meta: dict[str, Any]) -> None:
-        """Writes one checkpoint at `step` (a step already saved is left as it is)."""
-        manager = self.managers[which]
-        if manager.latest_step() == step:
-            return
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt_state=ocp.args.StandardSave(opt_state),
-                train=ocp.args.StandardSave({"step": step, "key": key}),
-                meta=ocp.args.JsonSave(dict(meta, step=step)),
-            ),
-        )
-        manager.wait_until_finished()
+        """Writes one checkpoint at `step`, then its manifest, then prunes older steps.
 
-    def restore(self, which: str, *, params, opt_state, key: jax.Array) -> dict[str, Any]:
-        """Restores everything into the structure of the given templates (arrays or shape structs).
+        A whole step already saved is left as it is; an unusable one at the same step is replaced. Raises
+        `CheckpointError` (one line) when the write fails, e.g. on a full disk; the older steps stay.
+        """
+        manager = self.managers[which]
+        if step in manager.all_steps():
+            try:
+                self.verify(which, step)
+                return
+            except CheckpointError:
+                manager.delete(step)
+        try:
+            manager.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(params),
+                    opt_state=ocp.args.StandardSave(opt_state),
+                    train=ocp.args.StandardSave({"step": step, "key": key}),
+                    meta=ocp.args.JsonSave(dict(meta, step=step)),
+                ),
+                force=True,  # also below a newer, abandoned step (pruned next)
+            )
+            manager.wait_until_finished()
+            write_manifest(self.step_dir(which, step))
+        except Exception as e:  # noqa: BLE001 - any failed write (OSError, tensorstore's errors) is the same fault
+            self._remove_partial(which, step)
+            older = [s for s in self.steps(which) if s < step]
+            kept = f"the previous checkpoint (step {older[0]}) is kept" if older else "there is no previous checkpoint"
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise CheckpointError(f"could not save the {which} checkpoint at step {step} in "
+                                  f"{checkpoint_dir(self.out_dir, which)} ({reason}); {kept}") from e
+        self._verified.add((which, step))
+        others = [s for s in self.steps(which) if s != step]
+        # Steps above `step` belong to an abandoned run (resumed from an older step); below, keep KEEP - 1.
+        doomed = [s for s in others if s > step] + [s for s in others if s < step][KEEP[which] - 1:]
+        for s in doomed:
+            manager.delete(s)
+
+    def _remove_partial(self, which: str, step: int) -> None:
+        """Best effort after a failed save: a committed step without its manifest goes. (Orbax's temp dir may
+        still be in use by its writer threads; it is never read, and the next Checkpointer removes it.)"""
+        manager = self.managers[which]
+        with contextlib.suppress(Exception):  # the save's own error is the one to report
+            manager.reload()
+            if step in manager.all_steps():
+                manager.delete(step)
+
+    def _step_or_newest(self, which: str, step: int | None) -> int:
+        step = self.latest_step(which) if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no {which} checkpoint in {checkpoint_dir(self.out_dir, which)}")
+        return step
+
+    def restore(self, which: str, *, params, opt_state, key: jax.Array, step: int | None = None) -> dict[str, Any]:
+        """Restores a verified step (default: the newest) into the structure of the given templates.
 
         Arrays come back with the templates' shardings, so a checkpoint saved on one mesh restores onto
-        another (e.g. 8-device FSDP -> 1 device); give shape structs a `sharding`.
+        another (e.g. 8-device FSDP -> 1 device); give shape structs a `sharding`. Raises `CheckpointError`
+        when the step is incomplete or corrupt.
         """
-        step = self.latest_step(which)
-        if step is None:
-            raise FileNotFoundError(f"no {which} checkpoint in {checkpoint_dir(self.out_dir, which)}")
-        return self.managers[which].restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_abstract(params)),
-                opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
-                train=ocp.args.StandardRestore(_abstract({"step": 0, "key": key})),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+        step = self._step_or_newest(which, step)
+        self.verify(which, step)
+        return self._restore(which, step, ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(params)),
+            opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
+            train=ocp.args.StandardRestore(_abstract({"step": 0, "key": key})),
+            meta=ocp.args.JsonRestore(),
+        ))
 
-    def restore_meta(self, which: str) -> dict[str, Any]:
-        step = self.latest_step(which)
-        if step is None:
-            raise FileNotFoundError(f"no {which} checkpoint in {checkpoint_dir(self.out_dir, which)}")
-        return self.managers[which].restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    def restore_meta(self, which: str, step: int | None = None) -> dict[str, Any]:
+        """The `meta` item (config, tokenizer, best_val_loss, step) of a verified step (default: the newest)."""
+        step = self._step_or_newest(which, step)
+        self.verify(which, step)
+        return self._restore(which, step, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def _restore(self, which: str, step: int, args: ocp.args.Composite) -> dict[str, Any]:
+        try:
+            return self.managers[which].restore(step, args=args)
+        except Exception as e:  # noqa: BLE001 - whatever Orbax raises for a bad step, say which step
+            reason = " ".join(str(e).split())[:300] or type(e).__name__
+            raise CheckpointError(f"cannot restore {self.step_dir(which, step)} ({reason})") from e
+
+    def find_usable(self, *, warn: Callable[[str], None], quarantine: bool = False) -> tuple[str, int]:
+        """The newest whole checkpoint, 'latest' first, then 'best': returns (which, step).
+
+        Each unusable step passed over is reported through `warn`, naming it and the one used instead;
+        with `quarantine`, it is moved to checkpoints/unusable/ so that new saves do not collide with it.
+        Raises `CheckpointError` listing every step when none is usable.
+        """
+        candidates = sorted(((s, w) for w in WHICH for s in self.steps(w)), key=lambda c: (-c[0], WHICH.index(c[1])))
+        bad: list[tuple[str, int, str]] = []
+        for step, which in candidates:
+            try:
+                self.verify(which, step)
+            except CheckpointError as e:
+                bad.append((which, step, str(e)))
+                continue
+            for b_which, b_step, reason in bad:
+                moved = f"; moved to {self._quarantine(b_which, b_step)}" if quarantine else ""
+                warn(f"checkpoint {b_which}/{b_step} is unusable: {reason}; using {which}/{step} instead{moved}")
+            return which, step
+        listed = "; ".join(reason for *_, reason in bad) or "no checkpoints"
+        raise CheckpointError(f"no usable checkpoint in {self.out_dir / 'checkpoints'}: {listed}")
+
+    def _quarantine(self, which: str, step: int) -> pathlib.Path:
+        dest_dir = self.out_dir / "checkpoints" / "unusable"
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        dest, n = dest_dir / f"{which}-{step}", 1
+        while dest.exists():
+            dest, n = dest_dir / f"{which}-{step}.{n}", n + 1
+        os.replace(self.step_dir(which, step), dest)
+        self.managers[which].reload()
+        return dest
 
     def close(self) -> None:
         for manager in self.managers.values():
@@ -107,17 +275,19 @@ def load_model(out_dir: str | os.PathLike, which: str = "best") -> tuple[nnx.Mod
     Returns (model, tokenizer, info): the NNX `GPT` or `BigramLanguageModel` with the `which` checkpoint's
     parameters, the run's tokenizer (None for a nanoGPT dataset without meta.pkl), and a dict with
     'step', 'best_val_loss', 'config' (the training config as a plain dict), 'which' and 'path'.
-    Raises FileNotFoundError naming the directory when there is no such checkpoint.
+    Raises FileNotFoundError naming the directory when there is no such checkpoint, and `CheckpointError`
+    when none of its steps is whole; an unusable newest step is passed over with a warning naming both.
     """
     ckpt_dir = checkpoint_dir(out_dir, which)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"no {which} checkpoint in {ckpt_dir}")
     ckptr = Checkpointer(out_dir, read_only=True)
     try:
-        step = ckptr.latest_step(which)
-        if step is None:
+        steps = ckptr.steps(which)
+        if not steps:
             raise FileNotFoundError(f"no {which} checkpoint in {ckpt_dir}")
-        meta = ckptr.restore_meta(which)
+        step = _newest_whole(ckptr, which, steps)
+        meta = ckptr.restore_meta(which, step)
         config = config_lib.from_dict(meta["config"])
         model = nnx.eval_shape(
             lambda: config_lib.build_model(config, meta["vocab_size"], nnx.Rngs(0))
@@ -127,8 +297,8 @@ def load_model(out_dir: str | os.PathLike, which: str = "best") -> tuple[nnx.Mod
         one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
                                        abstract_params)
-        restored = ckptr.managers[which].restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+        restored = ckptr._restore(
+            which, step, ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
         )
     finally:
         ckptr.close()
@@ -142,3 +312,18 @@ def load_model(out_dir: str | os.PathLike, which: str = "best") -> tuple[nnx.Mod
         "path": str(ckpt_dir / str(step)),
     }
     return model, tokenizer, info
+
+
+def _newest_whole(ckptr: Checkpointer, which: str, steps: list[int]) -> int:
+    """The newest verified step of `which`, warning about each newer unusable one; CheckpointError if none."""
+    bad = []
+    for step in steps:
+        try:
+            ckptr.verify(which, step)
+        except CheckpointError as e:
+            bad.append(str(e))
+            continue
+        for reason in bad:
+            warnings.warn(f"{reason}; using {ckptr.step_dir(which, step)} instead", RuntimeWarning, stacklevel=3)
+        return step
+    raise CheckpointError(f"no usable {which} checkpoint: {'; '.join(bad)}")

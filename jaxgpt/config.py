@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.resume = False  # nanoGPT's init_from='resume'
     c.init_from = ""  # '' (scratch) | 'nanogpt:PATH' (a nanoGPT out_dir or ckpt.pt) | 'gpt2:PATH' (a local HF folder)
     c.overwrite = False  # allow starting afresh in an out_dir that already holds a run
+    # out_dir/jaxgpt.lock holds the pid and host of the run using out_dir, and a second run refuses. A lock left by
+    # a dead process of this host is taken over by itself; True takes over any lock (another host's): only if dead
+    c.take_over_lock = False
     c.seed = 1337
     c.progress = True  # the tqdm bar
     c.plot = True  # out_dir/loss.png at each evaluation
@@ -61,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.lr_decay_iters = 600000
     c.min_lr = 6e-5
     c.steps_per_call = 1  # optimizer steps per compiled call (a lax.scan); >1 removes per-step dispatch cost
+    c.skip_nonfinite = False  # a step with a NaN/inf loss or gradient: False stops the run, True skips the update
     # model (GPTConfig fields + the model's name)
     m = ml_collections.ConfigDict()
     m.name = "gpt"

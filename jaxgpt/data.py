@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import os
 import pathlib
 import pickle
@@ -121,10 +122,13 @@ def download(url: str, dest: str | os.PathLike, *, size: int | None, sha256: str
     try:
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+                announced = response.headers.get("Content-Length")
                 shutil.copyfileobj(response, out)
-        except (OSError, urllib.error.URLError) as e:
+        except (OSError, urllib.error.URLError, http.client.HTTPException) as e:  # IncompleteRead: cut mid-stream
             raise DataError(f"could not download {url} ({e}); set --config.data.path to a local text file") from None
         got_size = tmp.stat().st_size
+        if announced is not None and announced.isdigit() and got_size != int(announced):  # a connection cut short
+            raise DataError(f"download of {url} stopped after {got_size} of {announced} bytes; not saved")
         if size is not None and got_size != size:
             raise DataError(f"download of {url} has {got_size} bytes, expected {size}; not saved")
         if sha256 is not None and (digest := _sha256(tmp)) != sha256:

@@ -23,6 +23,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -101,13 +102,17 @@ def make_train_chunk(
     use_dropout: bool = False,
     mesh: Mesh | None = None,
     scan_layers: bool = False,
+    skip_nonfinite: bool = False,
 ) -> Callable:
     """The jitted `train_chunk(params, opt_state, data, base_key, step0, *, n_steps)`.
 
     `data` is either the whole token array on the device (batches are drawn inside, with
     `jaxgpt.data`'s gather) or a pair of pre-drawn host batches `(x, y)` of shape
-    (n_steps, grad_accum_steps, batch_size, block_size). Returns (params, opt_state, {'loss': (n_steps,)}):
-    the mean micro-batch loss of each step, computed with the parameters before that step's update.
+    (n_steps, grad_accum_steps, batch_size, block_size). Returns (params, opt_state, metrics) with
+    metrics['loss'] (n_steps,): the mean micro-batch loss of each step, computed with the parameters before
+    that step's update, and metrics['finite'] (n_steps,): whether the loss and the gradients were finite.
+    With `skip_nonfinite`, a step whose loss, gradients or updates are not finite changes neither the
+    parameters nor the optimizer state.
 
     With a `mesh`, every batch is split over its ('data', 'fsdp') axes and params / opt_state keep the
     shardings of `jaxgpt.sharding.state_shardings` (`scan_layers`: the model stacks its blocks), in and out.
@@ -134,8 +139,15 @@ def make_train_chunk(
             grads, losses = jax.lax.scan(micro, zeros, (jnp.arange(grad_accum_steps), batch_keys, drop_keys))
             grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
             loss = losses.mean()
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if not skip_nonfinite:
+            return new_params, new_opt_state, loss, finite
+        keep_new = finite & _all_finite(updates)  # a NaN learning rate spoils the updates, not the gradients
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(keep_new, new, old),
+                                         (new_params, new_opt_state), (params, opt_state))
+        return params, opt_state, loss, keep_new
 
     def train_chunk(params, opt_state, data, base_key, step0, *, n_steps: int):
         on_device = not isinstance(data, tuple)
@@ -143,17 +155,22 @@ def make_train_chunk(
         def body(carry, inputs):
             params, opt_state = carry
             i, xy = inputs
-            params, opt_state, loss = one_step(params, opt_state, data, base_key, step0 + i, None if on_device else xy)
-            return (params, opt_state), loss
+            params, opt_state, loss, finite = one_step(params, opt_state, data, base_key, step0 + i,
+                                                       None if on_device else xy)
+            return (params, opt_state), (loss, finite)
 
         xs = (jnp.arange(n_steps), None if on_device else data)
         params, opt_state = _constrain_state((params, opt_state), mesh, scan_layers)
-        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), xs)
+        (params, opt_state), (losses, finite) = jax.lax.scan(body, (params, opt_state), xs)
         # Outputs sharded as the inputs were, so the donated buffers are reused.
         params, opt_state = _constrain_state((params, opt_state), mesh, scan_layers)
-        return params, opt_state, {"loss": losses}
+        return params, opt_state, {"loss": losses, "finite": finite}
 
     return jax.jit(train_chunk, donate_argnames=("params", "opt_state"), static_argnames=("n_steps",))
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
 def make_estimate_loss(graphdef: nnx.GraphDef, *, batch_size: int, block_size: int, eval_iters: int,
@@ -270,7 +287,7 @@ def _check_out_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
         raise TrainingError(
             f"out_dir {out_dir} is not writable ({e.strerror}): choose another --config.out_dir"
         ) from None
-    if config.resume and not _has_checkpoint(out_dir, "latest"):
+    if config.resume and not any(_has_checkpoint(out_dir, w) for w in ckpt_lib.WHICH):
         raise TrainingError(f"resume=True but there is no checkpoint in {out_dir / 'checkpoints' / 'latest'}: "
                             "train without --config.resume first, or point --config.out_dir at a run")
     if not config.resume and not config.overwrite and any(_has_checkpoint(out_dir, w) for w in ckpt_lib.WHICH):
@@ -321,6 +338,86 @@ class _Interrupt:
             signal.signal(sig, old)
 
 
+LOCK_NAME = "jaxgpt.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    try:  # a zombie has exited: it only waits for its parent to collect it
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class RunLock:
+    """`out_dir/jaxgpt.lock`: one run at a time per out_dir.
+
+    The lock file, created exclusively, holds the pid and host of the run that owns out_dir and is removed
+    when the run ends (by any exception or signal Python sees). A run killed outright (SIGKILL, a crash of
+    the machine) leaves it behind: the next run takes it over by itself when the recorded process is gone
+    from this host; a lock of another host (a shared file system) needs `take_over=True`
+    (`--config.take_over_lock=True`), since its process cannot be checked from here.
+    """
+
+    def __init__(self, out_dir: pathlib.Path, *, take_over: bool = False, log: Callable[[str], None] = print):
+        self.path = pathlib.Path(out_dir) / LOCK_NAME
+        self.take_over = take_over
+        self.log = log
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+
+    def _holder(self) -> dict:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def __enter__(self) -> RunLock:
+        for attempt in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                pid, host = holder.get("pid"), holder.get("host")
+                if not holder:  # a writer killed between create and write, unless that writer is just now writing
+                    dead = time.time() - self.path.stat().st_mtime > 10 if self.path.exists() else True
+                else:
+                    dead = host == self.owner["host"] and isinstance(pid, int) and not _pid_alive(pid)
+                who = f"pid {pid} on {host}" if holder else "an unreadable lock"
+                if attempt == 0 and (dead or self.take_over):
+                    why = "that process is gone" if dead else "take_over_lock=True"
+                    self.log(f"warning: taking over {self.path} from {who} ({why})")
+                    self.path.unlink(missing_ok=True)
+                    continue  # O_EXCL again: of two runs taking over at once, one wins
+                raise TrainingError(
+                    f"out_dir {self.path.parent} is in use by {who} (lock file {self.path}): wait for that run or "
+                    "use another --config.out_dir; if that run is dead, pass --config.take_over_lock=True"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.owner, f)
+            return self
+        raise TrainingError(f"could not take the lock {self.path}")  # not reached
+
+    def __exit__(self, *exc) -> None:
+        holder = self._holder()
+        if (holder.get("pid"), holder.get("host")) == (self.owner["pid"], self.owner["host"]):  # else: taken over
+            self.path.unlink(missing_ok=True)
+
+
+def _json_or_none(line: str) -> dict | None:
+    """A metrics.jsonl record, or None for a blank line or the torn last line of a killed run."""
+    try:
+        r = json.loads(line)
+    except ValueError:
+        return None
+    return r if isinstance(r, dict) and "step" in r else None
+
+
 def _check_data(dataset: data_lib.Dataset, block_size: int) -> None:
     for name, arr in (("train", dataset.train), ("val", dataset.val)):
         try:
@@ -366,12 +463,21 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
     """Runs (or resumes) training as `config` says; returns a summary dict.
 
     Raises `ConfigError`, `DataError` or `TrainingError` with a one-line message for bad input or faults.
+    The run holds out_dir's `RunLock` throughout: a second run on the same out_dir refuses to start.
     """
     from tqdm.auto import tqdm
 
     log = log or (lambda s: tqdm.write(s, file=sys.stdout))
     config_lib.validate(config)
     out_dir = _check_out_dir(config)
+    with RunLock(out_dir, take_over=config.take_over_lock, log=log):
+        return _train(config, out_dir, log)
+
+
+def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """`train` itself, run while holding out_dir's lock."""
+    from tqdm.auto import tqdm
+
     if config.compile_cache and not jax.config.jax_compilation_cache_dir:
         enable_compilation_cache(data_lib.cache_dir() / "xla")
     dataset = data_lib.load_dataset(config.data.path or None, config.data.train_fraction)
@@ -381,8 +487,14 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
     if config.init_from:
         config = config.copy_and_resolve_references()  # the model's fields are about to come from elsewhere
         if config.resume:  # the run's own checkpoint says what the model is
-            saved_model = config_lib.from_dict(ckpt_lib.Checkpointer(out_dir, read_only=True).restore_meta(
-                "latest")["config"]).model
+            reader = ckpt_lib.Checkpointer(out_dir, read_only=True)
+            try:
+                which, saved_step = reader.find_usable(warn=lambda m: None)  # resume below warns
+                saved_model = config_lib.from_dict(reader.restore_meta(which, saved_step)["config"]).model
+            except ckpt_lib.CheckpointError as e:
+                raise TrainingError(f"resume: {e}") from None
+            finally:
+                reader.close()
             for k in _INIT_ARCH_FIELDS:
                 config.model[k] = saved_model[k]
         else:
@@ -411,22 +523,32 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
     ckptr = ckpt_lib.Checkpointer(out_dir)
     history: list[dict] = []
     metrics_path = out_dir / "metrics.jsonl"
+    skipped = 0  # steps skipped for a non-finite loss or gradient (skip_nonfinite)
     if config.resume:
-        saved = config_lib.from_dict(ckptr.restore_meta("latest")["config"])
-        for k, v in saved.model.items():
-            if k != "vocab_size" and config.model[k] != v:
-                ckptr.close()
-                raise TrainingError(f"resume: the checkpoint has model.{k}={v!r} but the config says "
-                                    f"{config.model[k]!r}; drop the override or use another out_dir")
-        restored = ckptr.restore("latest", params=params, opt_state=opt_state, key=base_key)
+        try:  # the newest whole checkpoint: a corrupt or half-written one is passed over with a warning
+            which, saved_step = ckptr.find_usable(warn=lambda m: log(f"warning: {m}"), quarantine=True)
+            saved = config_lib.from_dict(ckptr.restore_meta(which, saved_step)["config"])
+            for k, v in saved.model.items():
+                if k != "vocab_size" and config.model[k] != v:
+                    raise TrainingError(f"resume: the checkpoint has model.{k}={v!r} but the config says "
+                                        f"{config.model[k]!r}; drop the override or use another out_dir")
+            restored = ckptr.restore(which, step=saved_step, params=params, opt_state=opt_state, key=base_key)
+        except ckpt_lib.CheckpointError as e:
+            ckptr.close()
+            raise TrainingError(f"resume: {e}") from None
+        except BaseException:
+            ckptr.close()
+            raise
         params, opt_state = restored["params"], restored["opt_state"]
         step, base_key = int(restored["train"]["step"]), restored["train"]["key"]
         best_val = restored["meta"].get("best_val_loss") or math.inf
+        skipped = int(restored["meta"].get("skipped_nonfinite") or 0)
         if metrics_path.exists():
-            history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-            history = [r for r in history if r["step"] <= step]
+            history = [r for r in map(_json_or_none, metrics_path.read_text().splitlines()) if r is not None]
+            # Steps from `step` on are redone: their records go (the evaluation at `step` itself stays).
+            history = [r for r in history if r["step"] < step or (r["step"] == step and "val_loss" in r)]
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
-        log(f"resumed from {ckptr.managers['latest'].directory} at step {step} (best val loss {best_val:.4f})")
+        log(f"resumed from {ckptr.step_dir(which, saved_step)} at step {step} (best val loss {best_val:.4f})")
 
     n_params = sum(p.size for p in jax.tree.leaves(params))
     tokens_per_step = config.batch_size * block_size * config.grad_accum_steps
@@ -444,7 +566,7 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
     train_chunk = make_train_chunk(graphdef, tx, batch_size=config.batch_size, block_size=block_size,
                                    grad_accum_steps=config.grad_accum_steps,
                                    use_dropout=config.model.dropout > 0 and config.model.name == "gpt",
-                                   mesh=mesh, scan_layers=scan_layers)
+                                   mesh=mesh, scan_layers=scan_layers, skip_nonfinite=config.skip_nonfinite)
     estimate = make_estimate_loss(graphdef, batch_size=config.batch_size, block_size=block_size,
                                   eval_iters=config.eval_iters, mesh=mesh)
     schedule = optim.lr_schedule(config.learning_rate, decay_lr=config.decay_lr, warmup_iters=config.warmup_iters,
@@ -458,8 +580,12 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
             f.write(json.dumps(r) + "\n")
 
     def save(which: str) -> None:
-        ckptr.save(which, step, params=params, opt_state=opt_state, key=base_key,
-                   meta=dict(meta_base, best_val_loss=None if math.isinf(best_val) else best_val))
+        try:
+            ckptr.save(which, step, params=params, opt_state=opt_state, key=base_key,
+                       meta=dict(meta_base, best_val_loss=None if math.isinf(best_val) else best_val,
+                                 skipped_nonfinite=skipped))
+        except ckpt_lib.CheckpointError as e:  # e.g. a full disk: the previous checkpoint is intact
+            raise TrainingError(str(e)) from None
 
     def evaluate() -> dict:
         keys = (eval_key(base_key, step, 0), eval_key(base_key, step, 1))
@@ -520,21 +646,33 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
                     train_time, train_steps = (train_time, train_steps) if a > start_step else (0.0, 0)
                     train_time += dt
                     train_steps += b - a
-                bad = np.flatnonzero(~np.isfinite(losses))
-                if bad.size:
+                finite = np.asarray(metrics["finite"])
+                bad = np.flatnonzero(~finite)
+                if bad.size and not config.skip_nonfinite:
                     last = ckptr.latest_step("latest")
                     kept = "no checkpoint yet" if last is None else f"the last good checkpoint (step {last}) is kept"
-                    raise TrainingError(f"loss is {losses[bad[0]]} at step {a + int(bad[0])}: training stopped; "
-                                        f"{kept} in {out_dir / 'checkpoints' / 'latest'}")
+                    what = (f"loss is {losses[bad[0]]}" if not np.isfinite(losses[bad[0]])
+                            else f"a gradient is not finite (loss {losses[bad[0]]:.4f})")
+                    raise TrainingError(f"{what} at step {a + int(bad[0])}: training stopped; {kept} in "
+                                        f"{out_dir / 'checkpoints' / 'latest'} (--config.skip_nonfinite=True skips "
+                                        "such steps)")
+                for i in bad:
+                    log(f"step {a + int(i)}: non-finite loss or gradient (loss {losses[i]}): update skipped")
                 step = b
                 ms = 1000 * dt / (b - a)
                 tok_s = tokens_per_step / (ms / 1000)
                 chunk_mfu = mfu_of(tok_s)
                 extra = {} if chunk_mfu is None else {"mfu": chunk_mfu}
                 for s in range(a, b):
+                    skipped += int(not finite[s - a])
                     if s % config.log_interval == 0:
-                        record({"step": s, "loss": float(losses[s - a]), "lr": float(schedule(s)),
-                                "ms_per_step": ms, "tokens_per_s": tok_s, **extra})
+                        r = {"step": s, "loss": float(losses[s - a]), "lr": float(schedule(s)), "ms_per_step": ms,
+                             "tokens_per_s": tok_s, **extra}
+                        if config.skip_nonfinite:
+                            r["skipped_nonfinite"] = skipped  # so far, this step included
+                            if not finite[s - a]:
+                                del r["loss"]  # NaN is not JSON; the count says what happened
+                        record(r)
                 bar.update(b - a)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tok_s:,.0f}", ms_step=f"{ms:.1f}",
                                 **({} if chunk_mfu is None else {"mfu": f"{chunk_mfu:.1%}"}))
@@ -552,7 +690,7 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
     wall = time.time() - t0
     tokens_per_s = train_steps * tokens_per_step / train_time if train_time > 0 else 0.0
     summary = {"step": step, "best_val_loss": best_val, "wall_time": wall, "tokens_per_s": tokens_per_s,
-               "interrupted": interrupted is not None}
+               "interrupted": interrupted is not None, "skipped_nonfinite": skipped}
     if interrupted is None and config.sample_tokens > 0:
         model = nnx.merge(graphdef, params)
         summary["sample"] = _sample_text(model, dataset.tokenizer, config.sample_tokens, config.seed)
