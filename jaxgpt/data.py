@@ -49,7 +49,8 @@ def check_length(data: ArrayLike, block_size: int, what: str = "data") -> None:
 
 
 @partial(jax.jit, static_argnames=("batch_size", "block_size"))
-def _gather(key: jax.Array, data: jax.Array, batch_size: int, block_size: int):
+def gather_batch(key: jax.Array, data: jax.Array, batch_size: int, block_size: int) -> tuple[jax.Array, jax.Array]:
+    """`get_batch` without its host-side checks, for use inside a jitted step (the caller checked `data`)."""
     ix_B = jax.random.randint(key, (batch_size,), 0, data.shape[0] - block_size)
     window_BT1 = ix_B[:, None] + jnp.arange(block_size + 1)[None, :]
     tokens = data[window_BT1].astype(jnp.int32)
@@ -65,7 +66,7 @@ def get_batch(key: jax.Array, data: ArrayLike, batch_size: int, block_size: int)
     check_length(data, block_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    x_BT, y_BT = _gather(key, jnp.asarray(data), batch_size, block_size)
+    x_BT, y_BT = gather_batch(key, jnp.asarray(data), batch_size, block_size)
     chex.assert_shape([x_BT, y_BT], (batch_size, block_size))
     return x_BT, y_BT
 

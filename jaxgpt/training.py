@@ -125,7 +125,7 @@ def make_train_chunk(
         def micro(grads, inputs):
             i, batch_key, drop_key = inputs
             if xy_ABT is None:
-                x_BT, y_BT = data_lib._gather(batch_key, data, batch_size, block_size)
+                x_BT, y_BT = data_lib.gather_batch(batch_key, data, batch_size, block_size)
             else:
                 x_BT, y_BT = xy_ABT[0][i], xy_ABT[1][i]
             x_BT, y_BT = _constrain_batch(x_BT, mesh), _constrain_batch(y_BT, mesh)
@@ -187,7 +187,7 @@ def make_estimate_loss(graphdef: nnx.GraphDef, *, batch_size: int, block_size: i
         def batch_loss(inputs):
             k, xy = inputs
             if xy is None:
-                x_BT, y_BT = data_lib._gather(k, data, batch_size, block_size)
+                x_BT, y_BT = data_lib.gather_batch(k, data, batch_size, block_size)
             else:
                 x_BT, y_BT = xy
             x_BT, y_BT = _constrain_batch(x_BT, mesh), _constrain_batch(y_BT, mesh)
@@ -251,7 +251,7 @@ def eval_key(base_key: jax.Array, step: int, split_index: int) -> jax.Array:
 
 
 def host_batches(data: np.ndarray, keys: jax.Array, batch_size: int, block_size: int) -> tuple[np.ndarray, ...]:
-    """The batches `_gather` draws with raw uint32 `keys` of shape (*lead, 2), gathered on the host from `data`.
+    """The batches `gather_batch` draws with raw uint32 `keys` of shape (*lead, 2), gathered on the host from `data`.
 
     For datasets kept off the device (large np.memmap): the same offsets as the on-device path, so both
     paths train on the same windows. Returns x, y int32 of shape (*lead, batch_size, block_size).
