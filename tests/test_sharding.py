@@ -149,8 +149,12 @@ ref_losses, ref_params, _ = run(make_mesh(1, 1, devices=jax.devices()[:1]))
 out = {{"n_devices": len(jax.devices()), "ref_losses": ref_losses}}
 for name, (d, f) in {{"dp8": (8, 1), "fsdp8": (1, 8), "2x4": (2, 4)}}.items():
     losses, params, spec = run(make_mesh(d, f))
-    diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), params, ref_params)))
-    out[name] = {{"loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)), "param_diff": diff, "spec": spec}}
+    flat, ref_flat = nnx.traversals.flatten_mapping(params), nnx.traversals.flatten_mapping(ref_params)
+    diffs = {{"/".join(map(str, k)): np.abs(flat[k] - ref_flat[k]) for k in ref_flat}}
+    worst = max(diffs, key=lambda k: float(diffs[k].max()))
+    diff = float(diffs[worst].max())
+    out[name] = {{"loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)), "param_diff": diff,
+                 "worst": worst, "spec": spec}}
 print(json.dumps(out))
 """
 
