@@ -1,6 +1,6 @@
 """Sample text from a trained jaxgpt checkpoint, streaming it to the terminal as it is produced.
 
-    python sample.py --out_dir=out/shakespeare_char --start="ROMEO:" --num_samples=3 \\
+    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 \\
         --max_new_tokens=500 --temperature=0.8 --top_k=200 --seed=1337
 
 `--start=FILE:prompt.txt` reads the prompt from a file; `--init_from=nanogpt:PATH` or `gpt2:PATH` samples a
