@@ -481,8 +481,6 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, log: Callab
     if config.compile_cache and not jax.config.jax_compilation_cache_dir:
         enable_compilation_cache(data_lib.cache_dir() / "xla")
     dataset = data_lib.load_dataset(config.data.path or None, config.data.train_fraction)
-    block_size = config.model.block_size
-    _check_data(dataset, block_size)
     init_model = None
     if config.init_from:
         config = config.copy_and_resolve_references()  # the model's fields are about to come from elsewhere
@@ -499,6 +497,8 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, log: Callab
                 config.model[k] = saved_model[k]
         else:
             init_model = _load_init_from(config, dataset)
+    block_size = config.model.block_size  # init_from's, when given
+    _check_data(dataset, block_size)
     vocab_size = config.model.vocab_size or dataset.vocab_size
     if vocab_size < dataset.vocab_size:
         raise config_lib.ConfigError(

@@ -72,10 +72,11 @@ def test_train_init_from_a_nanogpt_checkpoint_starts_from_its_weights(tmp_path, 
     out = tmp_path / "finetune"
     # The config asks for another architecture: init_from's checkpoint decides it.
     config = tiny_config(text, out, init_from=f"nanogpt:{run}", max_iters=2, learning_rate=1e-9, min_lr=1e-10,
-                         **{"model.n_embd": 32, "model.dropout": 0.0})
+                         **{"model.n_embd": 32, "model.block_size": 16, "model.dropout": 0.0})
     training.train(config)
     model, tok, info = checkpoint.load_model(out, "latest")
     assert info["step"] == 2 and info["config"]["model"]["n_embd"] == 16
+    assert info["config"]["model"]["block_size"] == 8  # batches of the checkpoint's context, not the config's
     assert tok.decode(tok.encode("ROMEO:")) == "ROMEO:"
     got, want = _params(model), _params(source)
     assert got.keys() == want.keys()
