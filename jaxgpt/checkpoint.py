@@ -16,7 +16,6 @@ the new one's manifest is on disk.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import pathlib
@@ -29,6 +28,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxgpt import config as config_lib
+from jaxgpt.data import sha256_file
 from jaxgpt.tokenizer import Tokenizer, tokenizer_from_dict
 
 WHICH = ("latest", "best")
@@ -46,11 +46,7 @@ def _file_digests(step_dir: pathlib.Path) -> dict[str, list]:
     for path in sorted(step_dir.rglob("*")):
         rel = path.relative_to(step_dir).as_posix()
         if path.is_file() and rel not in (MANIFEST, f".{MANIFEST}.tmp"):
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            digests[rel] = [path.stat().st_size, h.hexdigest()]
+            digests[rel] = [path.stat().st_size, sha256_file(path)]
     return digests
 
 

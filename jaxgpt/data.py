@@ -101,7 +101,8 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("JAXGPT_CACHE") or pathlib.Path.home() / ".cache" / "jaxgpt")
 
 
-def _sha256(path: pathlib.Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks (downloads and checkpoint manifests check with it)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -132,7 +133,7 @@ def download(url: str, dest: str | os.PathLike, *, size: int | None, sha256: str
             raise DataError(f"download of {url} stopped after {got_size} of {announced} bytes; not saved")
         if size is not None and got_size != size:
             raise DataError(f"download of {url} has {got_size} bytes, expected {size}; not saved")
-        if sha256 is not None and (digest := _sha256(tmp)) != sha256:
+        if sha256 is not None and (digest := sha256_file(tmp)) != sha256:
             raise DataError(f"download of {url} has sha256 {digest}, expected {sha256}; not saved")
         os.replace(tmp, dest)
     finally:
