@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxgpt import config as config_lib
+from jaxgpt import sharding as sharding_lib
 from jaxgpt.data import sha256_file
 from jaxgpt.tokenizer import Tokenizer, tokenizer_from_dict
 
@@ -169,7 +170,9 @@ class Checkpointer:
                 force=True,  # also below a newer, abandoned step (pruned next)
             )
             manager.wait_until_finished()
-            write_manifest(self.step_dir(which, step))
+            if jax.process_index() == 0:  # with several processes, once every one has written its shards
+                write_manifest(self.step_dir(which, step))
+            sharding_lib.sync_processes(f"jaxgpt: manifest {which} {step}")
         except Exception as e:  # noqa: BLE001 - any failed write (OSError, tensorstore's errors) is the same fault
             self._remove_partial(which, step)
             older = [s for s in self.steps(which) if s < step]
@@ -188,6 +191,8 @@ class Checkpointer:
         """Best effort after a failed save: a committed step without its manifest goes. (Orbax's temp dir may
         still be in use by its writer threads; it is never read, and the next Checkpointer removes it.)"""
         manager = self.managers[which]
+        if jax.process_index() != 0:
+            return
         with contextlib.suppress(Exception):  # the save's own error is the one to report
             manager.reload()
             if step in manager.all_steps():
@@ -259,6 +264,11 @@ class Checkpointer:
         os.replace(self.step_dir(which, step), dest)
         self.managers[which].reload()
         return dest
+
+    def reload(self) -> None:
+        """Re-reads the steps on disk (after another process changed them)."""
+        for manager in self.managers.values():
+            manager.reload()
 
     def close(self) -> None:
         for manager in self.managers.values():

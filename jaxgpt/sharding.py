@@ -9,8 +9,8 @@ collectives (gradient all-reduce, FSDP all-gather / reduce-scatter). Nothing her
 
 Multi-host: every process runs the same `train.py`; `maybe_initialize_distributed()` joins them into
 one JAX runtime, after which `jax.devices()` lists the devices of all hosts and the mesh spans them.
-Each process then loads only its own rows of each global batch (`process_batch_slice`) and
-`host_local_to_global` assembles the global array without any host sending data to another.
+Each process then loads only its own rows of each global batch (`process_rows`) and
+`from_process_rows` assembles the global array without any host sending data to another.
 """
 
 from __future__ import annotations
@@ -60,9 +60,11 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """The leading (batch) axis split over ('data', 'fsdp'); the other `ndim - 1` axes whole."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0) -> NamedSharding:
+    """Axis `batch_axis` (the batch) split over ('data', 'fsdp'); the other axes whole."""
+    spec = [None] * ndim
+    spec[batch_axis] = BATCH_AXES
+    return NamedSharding(mesh, PartitionSpec(*spec))
 
 
 def constrain_batch(x_B: jax.Array, mesh: Mesh) -> jax.Array:
@@ -168,26 +170,46 @@ def maybe_initialize_distributed(environ: dict[str, str] | None = None) -> bool:
     return True
 
 
-def process_batch_slice(global_batch_size: int, process_index: int | None = None, process_count: int | None = None):
-    """The rows of each global batch that this process loads: a contiguous `slice`.
+def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...], axis: int) -> slice:
+    """The rows along `axis` of a global array with `sharding` that live on this process's devices.
 
-    Every process draws from its own data stream (seeded by the process index) and loads
-    global_batch_size / process_count rows; `host_local_to_global` stitches them into one array.
+    With the batch split over ('data', 'fsdp') and each process owning a contiguous block of devices
+    (as `jax.make_mesh` lays them out), they are one contiguous slice; every row, with one process.
     """
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
-    if global_batch_size % count:
-        raise ValueError(
-            f"batch_size={global_batch_size} is not divisible by the {count} processes: use a multiple of {count}"
-        )
-    per = global_batch_size // count
-    return slice(index * per, (index + 1) * per)
+    axis %= len(global_shape)
+    held: set[int] = set()
+    for index in sharding.addressable_devices_indices_map(global_shape).values():
+        held.update(range(*index[axis].indices(global_shape[axis])))
+    lo, hi = min(held), max(held) + 1
+    if len(held) != hi - lo:
+        raise ValueError(f"this process's devices hold non-contiguous rows of axis {axis} (between {lo} and {hi}): "
+                         "order the mesh's devices by process")
+    return slice(lo, hi)
 
 
-def host_local_to_global(local_BT: np.ndarray, mesh: Mesh) -> jax.Array:
-    """This process's rows -> the global batch array sharded over ('data', 'fsdp'), without copies
-    between hosts. With one process it is a plain `device_put`."""
-    sharding = batch_sharding(mesh, np.ndim(local_BT))
+def from_process_rows(local: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
+    """This process's rows (`process_rows`) -> the global array with `sharding`, without any host sending
+    data to another. With one process it is a plain `device_put`."""
     if jax.process_count() == 1:
-        return jax.device_put(local_BT, sharding)
-    return jax.make_array_from_process_local_data(sharding, local_BT)
+        return jax.device_put(local, sharding)
+    return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+
+def sync_processes(name: str) -> None:
+    """A barrier across the run's processes, so that what one process wrote is there for the others
+    (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def first_failed_process(failed: bool) -> int | None:
+    """Every process says whether a check failed on it; all get back the lowest failing process index
+    (None when none failed), so that they stop together instead of waiting on each other forever."""
+    if jax.process_count() == 1:
+        return 0 if failed else None
+    from jax.experimental import multihost_utils
+
+    bad = np.flatnonzero(np.asarray(multihost_utils.process_allgather(np.int32(failed))))
+    return int(bad[0]) if bad.size else None

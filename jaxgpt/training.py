@@ -213,13 +213,19 @@ def _constrain_state(tree, mesh: Mesh | None, scan_layers: bool):
     return jax.lax.with_sharding_constraint(tree, sharding_lib.state_shardings(tree, mesh, scan_layers))
 
 
-def _put_batches(xy: tuple[np.ndarray, ...], mesh: Mesh) -> tuple[jax.Array, ...]:
-    """Host batches (..., B, T) onto the mesh, their B axis split over ('data', 'fsdp')."""
-    def put(a):
-        spec = PartitionSpec(*([None] * (a.ndim - 2)), sharding_lib.BATCH_AXES, None)
-        return jax.device_put(a, NamedSharding(mesh, spec))
+def host_fed_batches(data: np.ndarray, keys: jax.Array, batch_size: int, block_size: int,
+                     mesh: Mesh) -> tuple[jax.Array, jax.Array]:
+    """`host_batches` as global arrays on the mesh, their batch axis split over ('data', 'fsdp').
 
-    return tuple(put(a) for a in xy)
+    Each process reads from `data` only the rows its own devices hold (all of them, with one process);
+    every process draws the same offsets from `keys`, so the global batch is the one a single process
+    would build.
+    """
+    global_shape = (*keys.shape[:-1], batch_size, block_size)
+    sharding = sharding_lib.batch_sharding(mesh, len(global_shape), batch_axis=-2)
+    rows = sharding_lib.process_rows(sharding, global_shape, axis=-2)
+    return tuple(sharding_lib.from_process_rows(a, sharding, global_shape)
+                 for a in host_batches(data, keys, batch_size, block_size, rows=rows))
 
 
 def mesh_from_config(config: ml_collections.ConfigDict) -> Mesh:
@@ -250,18 +256,20 @@ def eval_key(base_key: jax.Array, step: int, split_index: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base_key, EVAL_SALT), step), split_index)
 
 
-def host_batches(data: np.ndarray, keys: jax.Array, batch_size: int, block_size: int) -> tuple[np.ndarray, ...]:
+def host_batches(data: np.ndarray, keys: jax.Array, batch_size: int, block_size: int,
+                 rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
     """The batches `gather_batch` draws with raw uint32 `keys` of shape (*lead, 2), gathered on the host from `data`.
 
     For datasets kept off the device (large np.memmap): the same offsets as the on-device path, so both
-    paths train on the same windows. Returns x, y int32 of shape (*lead, batch_size, block_size).
+    paths train on the same windows. Only the batch rows `rows` are read. Returns x, y int32 of shape
+    (*lead, rows, block_size).
     """
     lead = keys.shape[:-1]
     flat = jnp.reshape(keys, (-1, keys.shape[-1]))
     high = len(data) - block_size
-    ix_NB = np.asarray(jax.vmap(lambda k: jax.random.randint(k, (batch_size,), 0, high))(flat))
+    ix_NB = np.asarray(jax.vmap(lambda k: jax.random.randint(k, (batch_size,), 0, high))(flat))[:, rows]
     window = ix_NB[..., None] + np.arange(block_size + 1)
-    tokens = np.asarray(data[window], dtype=np.int32).reshape(*lead, batch_size, block_size + 1)
+    tokens = np.asarray(data[window], dtype=np.int32).reshape(*lead, ix_NB.shape[-1], block_size + 1)
     return tokens[..., :-1], tokens[..., 1:]
 
 
@@ -280,7 +288,7 @@ def _check_out_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
     out_dir = pathlib.Path(config.out_dir).absolute()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
+        probe = out_dir / f".write-test-{socket.gethostname()}-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -467,10 +475,24 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
     """
     from tqdm.auto import tqdm
 
+    main = jax.process_index() == 0
     log = log or (lambda s: tqdm.write(s, file=sys.stdout))
-    config_lib.validate(config)
-    out_dir = _check_out_dir(config)
-    with RunLock(out_dir, take_over=config.take_over_lock, log=log):
+    if not main:  # one of several processes (multi-host): process 0 speaks and writes for the run
+        log = lambda s: None  # noqa: E731
+    with contextlib.ExitStack() as stack:
+        error = None
+        try:  # every process checks (they see the same files); process 0 holds the lock
+            config_lib.validate(config)
+            out_dir = _check_out_dir(config)
+            if main:
+                stack.enter_context(RunLock(out_dir, take_over=config.take_over_lock, log=log))
+        except (config_lib.ConfigError, TrainingError) as e:
+            error = e
+        failed = sharding_lib.first_failed_process(error is not None)
+        if error is not None:
+            raise error
+        if failed is not None:
+            raise TrainingError(f"process {failed} of this run stopped before training: see its error")
         return _train(config, out_dir, log)
 
 
@@ -506,8 +528,10 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, log: Callab
             f"({dataset.vocab_size})"
         )
     mesh = mesh_from_config(config)
-    if not config.resume:
+    main = jax.process_index() == 0  # with several processes, process 0 alone writes the run's files
+    if not config.resume and main:
         _clear_out_dir(out_dir)  # every check has passed: only now is anything removed
+    sharding_lib.sync_processes("jaxgpt: out_dir ready")
 
     model = init_model or config_lib.build_model(config, vocab_size, nnx.Rngs(config.seed))
     graphdef, params = nnx.split(model)
@@ -526,7 +550,7 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, log: Callab
     skipped = 0  # steps skipped for a non-finite loss or gradient (skip_nonfinite)
     if config.resume:
         try:  # the newest whole checkpoint: a corrupt or half-written one is passed over with a warning
-            which, saved_step = ckptr.find_usable(warn=lambda m: log(f"warning: {m}"), quarantine=True)
+            which, saved_step = _find_usable(ckptr, main, log)
             saved = config_lib.from_dict(ckptr.restore_meta(which, saved_step)["config"])
             for k, v in saved.model.items():
                 if k != "vocab_size" and config.model[k] != v:
@@ -547,7 +571,8 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, log: Callab
             history = [r for r in map(_json_or_none, metrics_path.read_text().splitlines()) if r is not None]
             # Steps from `step` on are redone: their records go (the evaluation at `step` itself stays).
             history = [r for r in history if r["step"] < step or (r["step"] == step and "val_loss" in r)]
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+            if main:
+                metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
         log(f"resumed from {ckptr.step_dir(which, saved_step)} at step {step} (best val loss {best_val:.4f})")
 
     n_params = sum(p.size for p in jax.tree.leaves(params))
@@ -576,6 +601,8 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, log: Callab
 
     def record(r: dict) -> None:
         history.append(r)
+        if not main:
+            return
         with open(metrics_path, "a") as f:
             f.write(json.dumps(r) + "\n")
 
@@ -591,8 +618,8 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, log: Callab
         keys = (eval_key(base_key, step, 0), eval_key(base_key, step, 1))
         splits = (train_data, val_data)
         if not on_device:
-            splits = tuple(_put_batches(host_batches(d, jax.random.split(k, config.eval_iters), config.batch_size,
-                                                     block_size), mesh) for d, k in zip(splits, keys))
+            splits = tuple(host_fed_batches(d, jax.random.split(k, config.eval_iters), config.batch_size, block_size,
+                                            mesh) for d, k in zip(splits, keys))
         return dict(zip(("train", "val"), map(float, estimate(params, splits, keys))))
 
     def do_eval() -> None:
@@ -611,7 +638,7 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, log: Callab
                 save("best")
             if improved or config.always_save_checkpoint:
                 save("latest")
-        if config.plot:
+        if config.plot and main:
             from jaxgpt.plotting import plot_losses
 
             title = f"{config.model.name} on {pathlib.Path(dataset.source).name}"
@@ -624,8 +651,8 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, log: Callab
         do_eval()
         ckptr.close()
         return {"step": step, "best_val_loss": best_val, "wall_time": time.time() - t0, "tokens_per_s": 0.0}
-    bar = tqdm(total=config.max_iters, initial=step, disable=not config.progress, dynamic_ncols=True, file=sys.stderr,
-               desc="train")
+    bar = tqdm(total=config.max_iters, initial=step, disable=not (config.progress and main), dynamic_ncols=True,
+               file=sys.stderr, desc="train")
     try:
         with _Interrupt() as interrupt:
             if step % config.eval_interval == 0 and step not in {r["step"] for r in history if "val_loss" in r}:
@@ -638,7 +665,7 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, log: Callab
                 data = train_data
                 if not on_device:
                     keys = jax.vmap(lambda s: step_keys(base_key, s, config.grad_accum_steps)[0])(jnp.arange(a, b))
-                    data = _put_batches(host_batches(train_data, keys, config.batch_size, block_size), mesh)
+                    data = host_fed_batches(train_data, keys, config.batch_size, block_size, mesh)
                 params, opt_state, metrics = train_chunk(params, opt_state, data, base_key, jnp.int32(a), n_steps=b - a)
                 losses = np.asarray(metrics["loss"])  # the one host sync per chunk
                 dt = time.perf_counter() - t_call
@@ -692,12 +719,37 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, log: Callab
     summary = {"step": step, "best_val_loss": best_val, "wall_time": wall, "tokens_per_s": tokens_per_s,
                "interrupted": interrupted is not None, "skipped_nonfinite": skipped}
     if interrupted is None and config.sample_tokens > 0:
-        model = nnx.merge(graphdef, params)
-        summary["sample"] = _sample_text(model, dataset.tokenizer, config.sample_tokens, config.seed)
-        log("-" * 40 + "\n" + summary["sample"] + "\n" + "-" * 40)
+        if jax.process_count() > 1:  # every process takes part in gathering the weights; process 0 samples
+            from jax.experimental import multihost_utils
+
+            params = jax.device_put(multihost_utils.process_allgather(params, tiled=True), jax.local_devices()[0])
+        if main:
+            model = nnx.merge(graphdef, params)
+            summary["sample"] = _sample_text(model, dataset.tokenizer, config.sample_tokens, config.seed)
+            log("-" * 40 + "\n" + summary["sample"] + "\n" + "-" * 40)
     log(f"done: step {step}, best val loss {best_val:.4f}, wall time {wall:.1f} s, {tokens_per_s:,.0f} tokens/s "
         f"(train steps)")
     return summary
+
+
+def _find_usable(ckptr: ckpt_lib.Checkpointer, main: bool, log: Callable[[str], None]) -> tuple[str, int]:
+    """The checkpoint to resume from. Process 0 looks first and moves unusable steps aside; the others
+    then look at what it left (with one process, just the first part)."""
+    error = None
+    if main:
+        try:
+            found = ckptr.find_usable(warn=lambda m: log(f"warning: {m}"), quarantine=True)
+        except ckpt_lib.CheckpointError as e:
+            error = e
+    failed = sharding_lib.first_failed_process(error is not None)
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise ckpt_lib.CheckpointError(f"process {failed} of this run found no usable checkpoint: see its error")
+    if not main:
+        ckptr.reload()
+        found = ckptr.find_usable(warn=lambda m: None)
+    return found
 
 
 def _sample_text(model: nnx.Module, tokenizer, n_tokens: int, seed: int) -> str:

@@ -15,12 +15,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from jaxgpt.sharding import (
+    batch_sharding,
     check_batch_size,
     is_multiprocess_env,
     make_mesh,
     maybe_initialize_distributed,
     param_spec,
-    process_batch_slice,
+    process_rows,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,12 +66,29 @@ def test_mesh_sizes_and_errors_on_one_device():
         make_mesh(data=0)
 
 
+class _ProcessView:
+    """What `process_rows` asks a sharding: the index of each device this process holds."""
+
+    def __init__(self, indices):
+        self.indices = indices
+
+    def addressable_devices_indices_map(self, shape):
+        return dict(enumerate(self.indices))
+
+
 def test_batch_and_process_splits():
     mesh = make_mesh()
     check_batch_size(4 * len(jax.devices()), mesh)
-    assert process_batch_slice(12, process_index=1, process_count=3) == slice(4, 8)
-    with pytest.raises(ValueError, match="not divisible by the 5 processes"):
-        process_batch_slice(12, process_index=0, process_count=5)
+    sharding = batch_sharding(mesh, 3, batch_axis=-2)
+    assert sharding.spec == PartitionSpec(None, ("data", "fsdp"), None)
+    assert process_rows(sharding, (5, 12, 8), axis=-2) == slice(0, 12)  # one process holds every row
+    # Process 1 of 3, two devices each, batch of 12 on axis 1 (each device holds 2 rows; the fsdp copies repeat).
+    mine = [(slice(None), slice(4, 6), slice(None)), (slice(None), slice(6, 8), slice(None)),
+            (slice(None), slice(4, 6), slice(None))]
+    assert process_rows(_ProcessView(mine), (5, 12, 8), axis=1) == slice(4, 8)
+    gap = [(slice(0, 2), slice(None)), (slice(6, 8), slice(None))]
+    with pytest.raises(ValueError, match="non-contiguous rows"):
+        process_rows(_ProcessView(gap), (12, 8), axis=0)
 
 
 def test_multiprocess_detection():
