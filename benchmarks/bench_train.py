@@ -360,6 +360,38 @@ def machine() -> str:
     )
 
 
+def matmul_gflops(m: int, k: int, n: int, repeats: int = 20) -> dict[str, float]:
+    """Best-of-`repeats` float32 GFLOP/s of one (m, k) @ (k, n) matmul in torch (2 threads) and in jax (jit):
+    the machine's ceiling for the dots that make up a training step."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    dot = jax.jit(jnp.dot)
+    dot(ja, jb).block_until_ready()
+    best = {"torch": float("inf"), "jax": float("inf")}
+    for _ in range(repeats):
+        for name, fn in (("torch", lambda: torch.mm(ta, tb)), ("jax", lambda: dot(ja, jb).block_until_ready())):
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return {name: 2 * m * k * n / t / 1e9 for name, t in best.items()}
+
+
+def matmul_ceiling() -> str:
+    """One line on what the machine's float32 matmuls reach: large, and at the small shape's MLP size."""
+    big = matmul_gflops(2048, 2048, 2048, repeats=5)
+    small = matmul_gflops(768, 128, 512)
+    return (f"float32 matmul ceiling, best of repeats: 2048x2048x2048 torch {big['torch']:.0f}, jax {big['jax']:.0f} "
+            f"GFLOP/s; 768x128x512 (the small shape's MLP) torch {small['torch']:.0f}, jax {small['jax']:.0f} GFLOP/s")
+
+
 def write_results(path: pathlib.Path, text: str) -> None:
     """Replaces the '### Latest run' block under '## Training step', keeping the rest of the file."""
     marker_start, marker_end = "<!-- bench_train:start -->", "<!-- bench_train:end -->"
@@ -406,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_probe(args.probe, shapes[0])))
         return 0
 
+    ceiling = matmul_ceiling()
+    print(ceiling + "\n", flush=True)
     tables = []
     for s in shapes:
         shape = SHAPES[s]
@@ -413,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         tables.append(fmt_table(s, rows))
         print(tables[-1] + "\n", flush=True)
     text = (
-        f"Machine: {machine()}.\n"
+        f"Machine: {machine()}.\n{ceiling}.\n"
         "Compare rows of one run (taken alternating in one process), not numbers across runs.\n\n" + "\n\n".join(tables)
     )
     if args.write:

@@ -1,0 +1,198 @@
+"""How good a training recipe is across seeds: the config's own val estimate and the exact val loss.
+
+`--impl torch` runs the same recipe through nanoGPT's training loop with the PyTorch reference model
+(tests/reference/torch_gpt.py: its `get_batch`, `estimate_loss`, AdamW groups, schedule and clipping),
+so that the two can be compared seed for seed on the same machine.
+
+A config's `eval_iters` batches give a noisy val estimate (shakespeare_char_cpu: 20 batches of 12 x 64
+tokens). This runs `jaxgpt.train` once per seed and reports, for each run, the wall time, tokens/s,
+the config's val estimate at the last step, and the exact val loss of the final parameters: the mean
+next-token loss over every non-overlapping `block_size` window of the val split (the expectation of
+the config's estimate). Medians over the seeds tell the recipe apart from the luck of one seed.
+
+    PYTHONPATH=$PWD python benchmarks/bench_recipe.py --config configs/shakespeare_char_cpu.py \\
+        --data ../shared/data/tinyshakespeare/input.txt --seeds 1337 1 2 3 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jaxgpt.config as config_lib  # noqa: E402
+import jaxgpt.data as data_lib  # noqa: E402
+from jaxgpt import checkpoint, training  # noqa: E402
+from jaxgpt.model import loss_fn  # noqa: E402
+
+
+def exact_loss(model: nnx.Module, ids: np.ndarray, block_size: int, batch_size: int = 256) -> float:
+    """Mean next-token loss over all non-overlapping windows of `ids` (every token predicted once)."""
+    n_windows = (len(ids) - 1) // block_size
+    x_NT = np.asarray(ids[: n_windows * block_size], np.int32).reshape(n_windows, block_size)
+    y_NT = np.asarray(ids[1 : n_windows * block_size + 1], np.int32).reshape(n_windows, block_size)
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def summed(params, x_BT, y_BT):
+        return loss_fn(nnx.merge(graphdef, params)(x_BT), y_BT) * x_BT.size
+
+    total = 0.0
+    for i in range(0, n_windows, batch_size):
+        total += float(summed(params, jnp.asarray(x_NT[i : i + batch_size]), jnp.asarray(y_NT[i : i + batch_size])))
+    return total / x_NT.size
+
+
+def _literal(text: str):
+    """'2' -> 2, 'True' -> True, 'abc' -> 'abc'."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _config(config_path: str, overrides: dict):
+    """The config file with `overrides` (the CLI's dotted names: model.n_layer=2) applied."""
+    config = config_lib.load_config_file(config_path)
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        node[leaf] = _literal(value)
+    return config
+
+
+def run_seed(config_path: str, data_path: str | None, seed: int, overrides: dict) -> dict:
+    """jaxgpt.train on the config with `seed`, in a temporary out_dir."""
+    config = _config(config_path, overrides)
+    with tempfile.TemporaryDirectory() as out_dir:
+        config.out_dir = out_dir
+        config.seed = seed
+        config.plot = False
+        config.progress = False
+        config.sample_tokens = 0
+        if data_path:
+            config.data.path = data_path
+        summary = training.train(config, log=lambda s: None)
+        metrics = [json.loads(line) for line in open(pathlib.Path(out_dir) / "metrics.jsonl")]
+        last_val = [m["val_loss"] for m in metrics if "val_loss" in m][-1]
+        model, _, info = checkpoint.load_model(out_dir, "latest")
+    dataset = data_lib.load_dataset(data_path)
+    block = config.model.block_size
+    return {
+        "seed": seed,
+        "step": info["step"],
+        "wall_s": summary["wall_time"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "val_estimate": last_val,
+        "best_val_estimate": summary["best_val_loss"],
+        "val_exact": exact_loss(model, dataset.val, block),
+    }
+
+
+def run_seed_torch(config_path: str, data_path: str | None, seed: int, overrides: dict) -> dict:
+    """nanoGPT's train.py loop (CPU, float32, no compile) on the PyTorch reference model."""
+    import time
+
+    import torch
+
+    from tests.reference import torch_gpt
+
+    config = _config(config_path, overrides)
+    dataset = data_lib.load_dataset(data_path or config.data.path or None)
+    m, B, T = config.model, config.batch_size, config.model.block_size
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(seed)
+    model = torch_gpt.GPT(torch_gpt.TorchGPTConfig(vocab_size=dataset.vocab_size, block_size=T, n_layer=m.n_layer,
+                                                   n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout, bias=m.bias))
+    opt = torch_gpt.configure_optimizers(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2))
+    splits = {k: torch.from_numpy(np.asarray(v, np.int64)) for k, v in (("train", dataset.train), ("val", dataset.val))}
+
+    def get_batch(split):
+        data = splits[split]
+        ix = torch.randint(len(data) - T, (B,))
+        return torch.stack([data[i:i + T] for i in ix]), torch.stack([data[i + 1:i + 1 + T] for i in ix])
+
+    @torch.no_grad()
+    def estimate_loss():
+        model.eval()
+        out = {k: float(torch.stack([model(*get_batch(k))[1] for _ in range(config.eval_iters)]).mean())
+               for k in ("train", "val")}
+        model.train()
+        return out
+
+    t0, val, best = time.time(), None, float("inf")
+    for it in range(config.max_iters + 1):
+        lr = torch_gpt.get_lr(it, config.learning_rate, config.warmup_iters, config.lr_decay_iters, config.min_lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        if it % config.eval_interval == 0:
+            val = estimate_loss()["val"]
+            best = min(best, val)
+        if it == config.max_iters:
+            break
+        _, loss = model(*get_batch("train"))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    wall = time.time() - t0
+    n_windows = (len(dataset.val) - 1) // T
+    with torch.no_grad():
+        model.eval()
+        x = splits["val"][: n_windows * T].view(n_windows, T)
+        y = splits["val"][1: n_windows * T + 1].view(n_windows, T)
+        exact = sum(float(model(x[i:i + 256], y[i:i + 256])[1]) * len(x[i:i + 256]) for i in range(0, n_windows, 256))
+    return {"seed": seed, "step": config.max_iters, "wall_s": wall, "tokens_per_s": config.max_iters * B * T / wall,
+            "val_estimate": val, "best_val_estimate": best, "val_exact": exact / n_windows}
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| seed | steps | wall s | tokens/s | val, config's estimate (last eval) | best val estimate "
+            "| val, exact (whole split) |\n|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {r['step']} | {r['wall_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['val_estimate']:.4f} | {r['best_val_estimate']:.4f} | {r['val_exact']:.4f} |")
+    med = {k: statistics.median(r[k] for r in rows)
+           for k in ("wall_s", "tokens_per_s", "val_estimate", "best_val_estimate", "val_exact")}
+    lines.append(f"| **median** | | {med['wall_s']:.1f} | {med['tokens_per_s']:,.0f} | {med['val_estimate']:.4f} | "
+                 f"{med['best_val_estimate']:.4f} | {med['val_exact']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "shakespeare_char_cpu.py"))
+    p.add_argument("--data", default=None, help="data.path (default: the config's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2, 3, 4])
+    p.add_argument("--impl", choices=("jax", "torch"), default="jax")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. max_iters=200")
+    args = p.parse_args(argv)
+    overrides = dict(s.split("=", 1) for s in args.set)
+    rows = []
+    for seed in args.seeds:
+        run = run_seed if args.impl == "jax" else run_seed_torch
+        rows.append(run(args.config, args.data, seed, overrides))
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{args.impl}: {pathlib.Path(args.config).name}, {len(rows)} seeds, jax {jax.__version__}\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
