@@ -99,3 +99,15 @@ def test_two_processes_train_as_one(tmp_path, shakespeare_path, on_device):
     assert rc0 == 0 and rc1 == 0, (err0[-2000:], err1[-2000:])
     assert "resumed from" in out0 and "done: step 9" in out0
     assert checkpoint.load_model(tmp_path / "two", "latest")[2]["step"] == 9
+
+
+def test_a_check_failing_on_process_0_stops_both(tmp_path, shakespeare_path):
+    """Process 0 alone takes the run lock: when it cannot, process 1 must not wait for it forever."""
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "jaxgpt.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # alive
+    (rc0, _, err0), (rc1, _, err1) = _two_processes(
+        tmp_path, f"--config.data.path={tiny_text(tmp_path, shakespeare_path)}", f"--config.out_dir={out}")
+    assert rc0 == 2 and "is in use by pid" in err0.splitlines()[-1], err0[-2000:]
+    assert rc1 == 2 and "process 0 of this run stopped before training" in err1.splitlines()[-1], err1[-2000:]
+    assert json.loads((out / "jaxgpt.lock").read_text())["pid"] == os.getpid()  # the other run's lock is kept
