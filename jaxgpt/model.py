@@ -111,15 +111,15 @@ def _matmul_cpu_fwd(x_NK, w_KM):
 
 
 def _matmul_cpu_bwd(residuals, g_NM):
-    # The weight gradient contracts over batch·time, the major axis of both x and g. Left to itself, XLA's
-    # CPU backend transposes g (and x) inside the fusions that produce them, reading every input with a
-    # stride: a third of a small model's step. Here x is transposed once, as a plain copy, and the dot
-    # takes both operands in their natural layouts. Same products and sums as autodiff's.
+    # The weight gradient contracts over batch·time, the major axis of both x and g. Left to autodiff
+    # (x^T g), XLA's CPU backend transposes the activations x and g inside the fusions that produce them,
+    # reading every input with a stride: a third of a small model's step. Computing g^T x instead and
+    # transposing that weight-sized result leaves the activations in their natural layout. Same products
+    # and sums as autodiff's.
     x_NK, w_KM = residuals
     K, M = w_KM.shape
-    x_KN = jax.lax.optimization_barrier(jax.lax.optimization_barrier(x_NK.reshape(-1, K)).T)
-    dw_KM = jnp.dot(x_KN, g_NM.reshape(-1, M))
-    return jnp.dot(g_NM, w_KM.T), dw_KM
+    dw_MK = jax.lax.dot_general(g_NM.reshape(-1, M), x_NK.reshape(-1, K), (((0,), (0,)), ((), ())))
+    return jnp.dot(g_NM, w_KM.T), dw_MK.T
 
 
 _matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
