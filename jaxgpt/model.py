@@ -128,7 +128,7 @@ _matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
 def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
     """nnx.Linear's dot: `lax.dot_general`, with a backward laid out for XLA's CPU GEMMs on the CPU.
 
-    1.6x faster training steps on a 2-core CPU for nanoGPT's CPU shape (benchmarks/RESULTS.md); GPUs and
+    About 1.7x faster training steps on a 2-core CPU for nanoGPT's CPU shape (benchmarks/RESULTS.md); GPUs and
     TPUs take transposed GEMM operands natively, so they keep the plain dot, and so do several (simulated)
     CPU devices, where the sharded plain dot is what GPUs and TPUs run.
     """
