@@ -39,11 +39,17 @@ from jaxgpt import checkpoint, training  # noqa: E402
 from jaxgpt.model import loss_fn  # noqa: E402
 
 
+def windows(ids: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every non-overlapping block_size window of `ids` and its next-token targets: two (N, block_size)."""
+    n = (len(ids) - 1) // block_size
+    x_NT = np.asarray(ids[: n * block_size], np.int64).reshape(n, block_size)
+    y_NT = np.asarray(ids[1 : n * block_size + 1], np.int64).reshape(n, block_size)
+    return x_NT, y_NT
+
+
 def exact_loss(model: nnx.Module, ids: np.ndarray, block_size: int, batch_size: int = 256) -> float:
     """Mean next-token loss over all non-overlapping windows of `ids` (every token predicted once)."""
-    n_windows = (len(ids) - 1) // block_size
-    x_NT = np.asarray(ids[: n_windows * block_size], np.int32).reshape(n_windows, block_size)
-    y_NT = np.asarray(ids[1 : n_windows * block_size + 1], np.int32).reshape(n_windows, block_size)
+    x_NT, y_NT = windows(ids, block_size)
     graphdef, params = nnx.split(model)
 
     @jax.jit
@@ -51,8 +57,9 @@ def exact_loss(model: nnx.Module, ids: np.ndarray, block_size: int, batch_size: 
         return loss_fn(nnx.merge(graphdef, params)(x_BT), y_BT) * x_BT.size
 
     total = 0.0
-    for i in range(0, n_windows, batch_size):
-        total += float(summed(params, jnp.asarray(x_NT[i : i + batch_size]), jnp.asarray(y_NT[i : i + batch_size])))
+    for i in range(0, len(x_NT), batch_size):
+        x_BT, y_BT = (jnp.asarray(a[i : i + batch_size], jnp.int32) for a in (x_NT, y_NT))
+        total += float(summed(params, x_BT, y_BT))
     return total / x_NT.size
 
 
@@ -91,7 +98,7 @@ def run_seed(config_path: str, data_path: str | None, seed: int, overrides: dict
         metrics = [json.loads(line) for line in open(pathlib.Path(out_dir) / "metrics.jsonl")]
         last_val = [m["val_loss"] for m in metrics if "val_loss" in m][-1]
         model, _, info = checkpoint.load_model(out_dir, "latest")
-    dataset = data_lib.load_dataset(data_path)
+    dataset = data_lib.load_dataset(config.data.path or None)  # data_path, when given, is in the config
     block = config.model.block_size
     return {
         "seed": seed,
@@ -151,14 +158,12 @@ def run_seed_torch(config_path: str, data_path: str | None, seed: int, overrides
         opt.step()
         opt.zero_grad(set_to_none=True)
     wall = time.time() - t0
-    n_windows = (len(dataset.val) - 1) // T
+    x, y = map(torch.from_numpy, windows(dataset.val, T))
     with torch.no_grad():
         model.eval()
-        x = splits["val"][: n_windows * T].view(n_windows, T)
-        y = splits["val"][1: n_windows * T + 1].view(n_windows, T)
-        exact = sum(float(model(x[i:i + 256], y[i:i + 256])[1]) * len(x[i:i + 256]) for i in range(0, n_windows, 256))
+        exact = sum(float(model(x[i:i + 256], y[i:i + 256])[1]) * len(x[i:i + 256]) for i in range(0, len(x), 256))
     return {"seed": seed, "step": config.max_iters, "wall_s": wall, "tokens_per_s": config.max_iters * B * T / wall,
-            "val_estimate": val, "best_val_estimate": best, "val_exact": exact / n_windows}
+            "val_estimate": val, "best_val_estimate": best, "val_exact": exact / len(x)}
 
 
 def table(rows: list[dict]) -> str:
