@@ -223,9 +223,15 @@ def _block(block, attn: _Attn, x_BTC, attend):
 
 
 def init_cache(model: GPT, batch_size: int) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-    """Empty per-layer key and value caches, each (B, n_head, block_size, head_size)."""
+    """Empty per-layer key and value caches, each (B * n_head, block_size, head_size).
+
+    Batch and heads share one leading axis, so the attention matmuls take the cache as it lies. With
+    (B, H, S, D), XLA reshapes the cache for each matmul and fuses the slot write into that reshape,
+    which stops the write from happening in place: the decode loop then copied every layer's cache
+    every step (40 % of a batch-1 step).
+    """
     c = model.config
-    shape = (batch_size, c.n_head, c.block_size, c.head_size)
+    shape = (batch_size * c.n_head, c.block_size, c.head_size)
     zeros = lambda: jnp.zeros(shape, jnp.dtype(c.dtype))  # noqa: E731
     return tuple(zeros() for _ in range(c.n_layer)), tuple(zeros() for _ in range(c.n_layer))
 
@@ -248,19 +254,25 @@ def prefill(model: GPT, idx_BT: jax.Array, cache):
             return attention(q, k, v, causal=True)
 
         x_BTC = _block(block, _Attn(block.attn), x_BTC, attend)
-        new_k.append(jax.lax.dynamic_update_slice_in_dim(k_cache, written["k"].astype(k_cache.dtype), 0, axis=2))
-        new_v.append(jax.lax.dynamic_update_slice_in_dim(v_cache, written["v"].astype(v_cache.dtype), 0, axis=2))
+        new_k.append(jax.lax.dynamic_update_slice_in_dim(k_cache, _merge_heads(written["k"], k_cache), 0, axis=1))
+        new_v.append(jax.lax.dynamic_update_slice_in_dim(v_cache, _merge_heads(written["v"], v_cache), 0, axis=1))
     del T
     return model.head(x_BTC), (tuple(new_k), tuple(new_v))
 
 
-def _cached_attention(q_BH1D, k_cache, v_cache, pos):
-    """One query at position `pos` against a fixed-size cache whose slots > pos are not yet valid."""
-    S = k_cache.shape[2]
-    scores_BH1S = jnp.einsum("bhtd,bhsd->bhts", q_BH1D, k_cache) * q_BH1D.shape[-1] ** -0.5
-    scores_BH1S = jnp.where(jnp.arange(S) <= pos, scores_BH1S.astype(jnp.float32), -jnp.inf)
-    wei_BH1S = jax.nn.softmax(scores_BH1S, axis=-1)
-    return jnp.einsum("bhts,bhsd->bhtd", wei_BH1S.astype(v_cache.dtype), v_cache)
+def _merge_heads(x_BHTD: jax.Array, cache: jax.Array) -> jax.Array:
+    """(B, H, T, D) -> the cache's (B * H, T, D) layout and dtype."""
+    B, H, T, D = x_BHTD.shape
+    return x_BHTD.reshape(B * H, T, D).astype(cache.dtype)
+
+
+def _cached_attention(q_N1D, k_cache, v_cache, pos):
+    """One query per row (N = B * H) at position `pos` against a fixed-size cache; slots > pos not yet valid."""
+    S = k_cache.shape[1]
+    scores_N1S = jnp.einsum("ntd,nsd->nts", q_N1D, k_cache) * q_N1D.shape[-1] ** -0.5
+    scores_N1S = jnp.where(jnp.arange(S) <= pos, scores_N1S.astype(jnp.float32), -jnp.inf)
+    wei_N1S = jax.nn.softmax(scores_N1S, axis=-1)
+    return jnp.einsum("nts,nsd->ntd", wei_N1S.astype(v_cache.dtype), v_cache)
 
 
 def decode_step(model: GPT, tok_B: jax.Array, pos: jax.Array, cache, attns: list[_Attn] | None = None):
@@ -277,13 +289,10 @@ def decode_step(model: GPT, tok_B: jax.Array, pos: jax.Array, cache, attns: list
         updated = {}
 
         def attend(q, k, v, k_cache=k_cache, v_cache=v_cache, updated=updated):
-            k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
-            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, pos, axis=2)
-            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, pos, axis=2)
-            # The barrier keeps XLA from fusing the slot write into the attention matmul's operand
-            # (a fresh copy of the cache each step): the write stays a lone in-place update.
-            updated["k"], updated["v"] = jax.lax.optimization_barrier((k_cache, v_cache))
-            return _cached_attention(q, updated["k"], updated["v"], pos)
+            updated["k"] = jax.lax.dynamic_update_slice_in_dim(k_cache, _merge_heads(k, k_cache), pos, axis=1)
+            updated["v"] = jax.lax.dynamic_update_slice_in_dim(v_cache, _merge_heads(v, v_cache), pos, axis=1)
+            y_N1D = _cached_attention(_merge_heads(q, k_cache), updated["k"], updated["v"], pos)
+            return y_N1D.reshape(q.shape).astype(q.dtype)
 
         x_B1C = _block(block, attn, x_B1C, attend)
         new_k.append(updated["k"])
