@@ -10,6 +10,9 @@ clip 1.0). Implementations:
     jax_remat  as jax, with `model.scan_layers` + `model.remat` (recompute each block in the backward)
     torch      tests/reference/torch_gpt.py in eager mode (`configure_optimizers`, nanoGPT's loop)
     torch_compile  the same model wrapped in `torch.compile` (its compile time is reported as first step)
+  mixed precision, not in the default set (bf16 matmuls change the numerics; worth it on CPUs with bf16 units):
+    jax_scan_bf16  jax_scan with `model.dtype="bfloat16"` (float32 parameters and optimiser)
+    torch_bf16     torch eager under `torch.autocast("cpu", dtype=torch.bfloat16)`
 
 Reported per shape: median ms/step, tokens/s, ratios against torch eager and compiled, first-step time
 (compile included), peak memory (RSS growth of a fresh subprocess over its first steps; for jax also
@@ -75,7 +78,8 @@ SHAPES = {
     "shakespeare_char_cpu": Shape(12, 64, 4, 4, 128, 0.0, lr_decay_iters=2000, rounds=5, steps=20, scan_k=20),
     "shakespeare_char": Shape(64, 256, 6, 6, 384, 0.2, rounds=3, steps=2, scan_k=2),
 }
-IMPLS = ("jax", "jax_scan", "jax_remat", "torch", "torch_compile")
+DEFAULT_IMPLS = ("jax", "jax_scan", "jax_remat", "torch", "torch_compile")
+IMPLS = (*DEFAULT_IMPLS, "jax_scan_bf16", "torch_bf16")
 WEIGHT_DECAY, BETAS, GRAD_CLIP, VOCAB = 0.1, (0.9, 0.99), 1.0, 65
 
 
@@ -111,13 +115,14 @@ def flops_per_token(shape: Shape) -> int:
 # ----------------------------------------------------------------------------------------------- jax
 
 
-def build_jax_steps(shape: Shape, tokens, *, remat: bool = False):
+def build_jax_steps(shape: Shape, tokens, *, remat: bool = False, dtype: str = "float32"):
     """jaxgpt's own training step, `jaxgpt.training.make_train_chunk`, on this shape.
 
     Returns (params, opt_state, train_chunk, data): `train_chunk(params, opt_state, data, key, step0,
     n_steps=K)` runs K AdamW steps in one compiled call (params and optimiser state donated); `data` is
     the token array on the device (batches drawn inside) or host batches of shape (K, 1, B, T).
     `remat`: the model's `scan_layers` + `remat` switches (one scanned block, recomputed in the backward).
+    `dtype`: the model's computation dtype ("bfloat16": mixed precision, float32 parameters).
     """
     import jax.numpy as jnp
     from flax import nnx
@@ -125,7 +130,7 @@ def build_jax_steps(shape: Shape, tokens, *, remat: bool = False):
     import jaxgpt
     from jaxgpt import optim, training
 
-    config = jaxgpt.GPTConfig(**shape.model_args(), scan_layers=remat, remat=remat)
+    config = jaxgpt.GPTConfig(**shape.model_args(), scan_layers=remat, remat=remat, dtype=dtype)
     model = jaxgpt.GPT(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     schedule = optim.lr_schedule(
@@ -143,15 +148,18 @@ def build_jax_steps(shape: Shape, tokens, *, remat: bool = False):
 
 class JaxRunner:
     """jax: one step per call on host batches (as `data.on_device=False`); jax_scan: K steps per call,
-    batches drawn on the device (train.py's default); jax_remat: as jax, with scan_layers + remat."""
+    batches drawn on the device (train.py's default); jax_remat: as jax, with scan_layers + remat;
+    jax_scan_bf16: as jax_scan, with model.dtype="bfloat16" (bf16 matmuls, float32 parameters)."""
 
     def __init__(self, shape: Shape, tokens, batches, impl: str):
         import jax
         import jax.numpy as jnp
 
-        self.jax, self.scan, self.shape = jax, impl == "jax_scan", shape
+        self.jax, self.scan, self.shape = jax, impl.startswith("jax_scan"), shape
         self.k = shape.scan_k if self.scan else 1
-        self.params, self.opt_state, self.chunk, self.data = build_jax_steps(shape, tokens, remat=impl == "jax_remat")
+        self.params, self.opt_state, self.chunk, self.data = build_jax_steps(
+            shape, tokens, remat=impl == "jax_remat", dtype="bfloat16" if impl.endswith("_bf16") else "float32"
+        )
         self.batches = [(jnp.asarray(x, jnp.int32)[None, None], jnp.asarray(y, jnp.int32)[None, None])
                         for x, y in batches]
         self.key = jax.random.key(1)
@@ -182,7 +190,7 @@ class JaxRunner:
 class TorchRunner:
     k = 1
 
-    def __init__(self, shape: Shape, batches, compiled: bool):
+    def __init__(self, shape: Shape, batches, compiled: bool, bf16: bool = False):
         import torch
 
         from tests.reference import torch_gpt
@@ -194,6 +202,8 @@ class TorchRunner:
         self.model.train()
         self.opt = torch_gpt.configure_optimizers(self.model, WEIGHT_DECAY, shape.learning_rate, BETAS)
         self.fwd = torch.compile(self.model) if compiled else self.model
+        # torch_bf16: CPU autocast, PyTorch's mixed precision (bf16 matmuls, float32 parameters)
+        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
         self.batches = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches]
         self.i = 0
 
@@ -204,7 +214,8 @@ class TorchRunner:
         for group in self.opt.param_groups:
             group["lr"] = lr
         x, y = self.batches[self.i % len(self.batches)]
-        _, loss = self.fwd(x, y)
+        with self.autocast:
+            _, loss = self.fwd(x, y)
         loss.backward()
         self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
         self.opt.step()
@@ -220,7 +231,7 @@ def make_runner(impl: str, shape: Shape, tokens, batches):
     import torch
 
     torch.set_num_threads(2)
-    return TorchRunner(shape, batches, compiled=impl == "torch_compile")
+    return TorchRunner(shape, batches, compiled=impl == "torch_compile", bf16=impl == "torch_bf16")
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -360,8 +371,8 @@ def machine() -> str:
     )
 
 
-def matmul_gflops(m: int, k: int, n: int, repeats: int = 20) -> dict[str, float]:
-    """Best-of-`repeats` float32 GFLOP/s of one (m, k) @ (k, n) matmul in torch (2 threads) and in jax (jit):
+def matmul_gflops(m: int, k: int, n: int, repeats: int = 20, dtype: str = "float32") -> dict[str, float]:
+    """Best-of-`repeats` GFLOP/s of one (m, k) @ (k, n) matmul in torch (2 threads) and in jax (jit):
     the machine's ceiling for the dots that make up a training step."""
     import jax
     import jax.numpy as jnp
@@ -371,8 +382,8 @@ def matmul_gflops(m: int, k: int, n: int, repeats: int = 20) -> dict[str, float]
     torch.set_num_threads(2)
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    ta, tb = torch.from_numpy(a).to(getattr(torch, dtype)), torch.from_numpy(b).to(getattr(torch, dtype))
+    ja, jb = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
     dot = jax.jit(jnp.dot)
     dot(ja, jb).block_until_ready()
     best = {"torch": float("inf"), "jax": float("inf")}
@@ -388,8 +399,20 @@ def matmul_ceiling() -> str:
     """One line on what the machine's float32 matmuls reach: large, and at the small shape's MLP size."""
     big = matmul_gflops(2048, 2048, 2048, repeats=5)
     small = matmul_gflops(768, 128, 512)
+    big16 = matmul_gflops(2048, 2048, 2048, repeats=5, dtype="bfloat16")
     return (f"float32 matmul ceiling, best of repeats: 2048x2048x2048 torch {big['torch']:.0f}, jax {big['jax']:.0f} "
-            f"GFLOP/s; 768x128x512 (the small shape's MLP) torch {small['torch']:.0f}, jax {small['jax']:.0f} GFLOP/s")
+            f"GFLOP/s; 768x128x512 (the small shape's MLP) torch {small['torch']:.0f}, jax {small['jax']:.0f} GFLOP/s; "
+            f"bfloat16 2048x2048x2048 torch {big16['torch']:.0f}, jax {big16['jax']:.0f} GFLOP/s; CPU bf16 "
+            f"instructions (avx512_bf16/amx_bf16): {cpu_bf16() or 'none'}")
+
+
+def cpu_bf16() -> str:
+    """The CPU's bf16 instruction-set flags from /proc/cpuinfo (empty where it has none or it is unreadable)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return ""
+    return ", ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags)
 
 
 def write_results(path: pathlib.Path, text: str) -> None:
@@ -408,7 +431,7 @@ def write_results(path: pathlib.Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of {', '.join(IMPLS)}")
+    p.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"comma-separated, of {', '.join(IMPLS)}")
     p.add_argument("--rounds", type=int, help="alternating rounds (default per shape)")
     p.add_argument("--steps", type=int, help="train steps per implementation per round (default per shape)")
     p.add_argument("--scan-k", type=int, help="train steps per jitted call for jax_scan (default per shape)")

@@ -75,8 +75,8 @@ def attention_weights(q: jax.Array, k: jax.Array, *, causal: bool = True) -> jax
     chex.assert_equal_shape_suffix([q, k], 1)
     chex.assert_equal(q.ndim, k.ndim)
     head_size = q.shape[-1]
-    scores = jnp.einsum("...td,...sd->...ts", q, k) * head_size**-0.5
-    scores = scores.astype(jnp.float32)
+    # float32 accumulation: what bf16 mixed precision means, and on CPUs with bf16 units the fast GEMM
+    scores = jnp.einsum("...td,...sd->...ts", q, k, preferred_element_type=jnp.float32) * head_size**-0.5
     if causal:
         scores = jnp.where(causal_mask(q.shape[-2], k.shape[-2]), scores, -jnp.inf)
     return jax.nn.softmax(scores, axis=-1)
@@ -99,4 +99,5 @@ def attention(
     chex.assert_equal_shape_prefix([k, v], k.ndim - 1)
     wei = attention_weights(q, k, causal=causal)
     wei = dropout(wei, dropout_rate, key)
-    return jnp.einsum("...ts,...sd->...td", wei.astype(v.dtype), v)
+    y = jnp.einsum("...ts,...sd->...td", wei.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return y.astype(v.dtype)

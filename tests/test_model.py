@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxgpt import GPT, BigramLanguageModel, GPTConfig, loss_fn
-from jaxgpt.model import sinusoidal_positions, stack_layers, unstack_layers, with_layout
+from jaxgpt.model import _dense_dot_general, sinusoidal_positions, stack_layers, unstack_layers, with_layout
 
 SMALL = dict(block_size=16, vocab_size=37, n_layer=2, n_head=4, n_embd=32)
 
@@ -209,6 +209,30 @@ def test_bfloat16_compute_keeps_float32_params_and_a_close_loss():
     # bf16 has an 8-bit mantissa (relative error ~4e-3 per op): the mean loss moves by far less than 1 %.
     assert abs(float(l16) - float(l32)) < 5e-3 * float(l32)
     assert not np.array_equal(np.asarray(l16), np.asarray(l32))  # the computation did change precision
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_dense_layer_matches_autodiff_of_a_float32_accumulating_dot(dtype):
+    # On one CPU device nnx.Linear's dot is a custom VJP ((g^T x)^T weight gradient, float32 accumulation
+    # for bf16). Value and gradients must be those of plain autodiff through the same dot.
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (3, 5, 16)).astype(dtype)
+    w = jax.random.normal(kw, (16, 8)).astype(dtype)
+    g = jax.random.normal(kg, (3, 5, 8)).astype(dtype)
+    dims = (((2,), (0,)), ((), ()))
+
+    def reference(x, w):
+        return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(dtype)
+
+    assert "custom_vjp_call" in str(jax.make_jaxpr(lambda x, w: _dense_dot_general(x, w, dims))(x, w))
+    y, vjp = jax.vjp(lambda x, w: _dense_dot_general(x, w, dims), x, w)
+    y_ref, vjp_ref = jax.vjp(reference, x, w)
+    assert y.dtype == jnp.dtype(dtype)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == "float32" else dict(rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), **tol)
+    for got, want in zip(vjp(g), vjp_ref(g)):
+        assert got.dtype == want.dtype == jnp.dtype(dtype)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
 
 
 @pytest.mark.parametrize("flags", [dict(scan_layers=True), dict(remat=True), dict(scan_layers=True, remat=True)])
