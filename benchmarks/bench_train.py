@@ -384,7 +384,8 @@ def matmul_gflops(m: int, k: int, n: int, repeats: int = 20, dtype: str = "float
     a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
     ta, tb = torch.from_numpy(a).to(getattr(torch, dtype)), torch.from_numpy(b).to(getattr(torch, dtype))
     ja, jb = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
-    dot = jax.jit(jnp.dot)
+    # bf16: accumulate in float32 as jaxgpt's layers do (torch's bf16 GEMMs accumulate in float32 too)
+    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))
     dot(ja, jb).block_until_ready()
     best = {"torch": float("inf"), "jax": float("inf")}
     for _ in range(repeats):
