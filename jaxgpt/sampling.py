@@ -269,10 +269,12 @@ def _merge_heads(x_BHTD: jax.Array, cache: jax.Array) -> jax.Array:
 def _cached_attention(q_N1D, k_cache, v_cache, pos):
     """One query per row (N = B * H) at position `pos` against a fixed-size cache; slots > pos not yet valid."""
     S = k_cache.shape[1]
-    scores_N1S = jnp.einsum("ntd,nsd->nts", q_N1D, k_cache) * q_N1D.shape[-1] ** -0.5
-    scores_N1S = jnp.where(jnp.arange(S) <= pos, scores_N1S.astype(jnp.float32), -jnp.inf)
+    # float32 accumulation, as jaxgpt.attention.attention: bf16 models decode with the same precision
+    scores_N1S = jnp.einsum("ntd,nsd->nts", q_N1D, k_cache, preferred_element_type=jnp.float32)
+    scores_N1S = jnp.where(jnp.arange(S) <= pos, scores_N1S * q_N1D.shape[-1] ** -0.5, -jnp.inf)
     wei_N1S = jax.nn.softmax(scores_N1S, axis=-1)
-    return jnp.einsum("nts,nsd->ntd", wei_N1S.astype(v_cache.dtype), v_cache)
+    y_N1D = jnp.einsum("nts,nsd->ntd", wei_N1S.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+    return y_N1D.astype(v_cache.dtype)
 
 
 def decode_step(model: GPT, tok_B: jax.Array, pos: jax.Array, cache, attns: list[_Attn] | None = None):
@@ -292,7 +294,7 @@ def decode_step(model: GPT, tok_B: jax.Array, pos: jax.Array, cache, attns: list
             updated["k"] = jax.lax.dynamic_update_slice_in_dim(k_cache, _merge_heads(k, k_cache), pos, axis=1)
             updated["v"] = jax.lax.dynamic_update_slice_in_dim(v_cache, _merge_heads(v, v_cache), pos, axis=1)
             y_N1D = _cached_attention(_merge_heads(q, k_cache), updated["k"], updated["v"], pos)
-            return y_N1D.reshape(q.shape).astype(q.dtype)
+            return y_N1D.reshape(q.shape)
 
         x_B1C = _block(block, attn, x_B1C, attend)
         new_k.append(updated["k"])

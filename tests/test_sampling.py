@@ -71,6 +71,18 @@ def test_cached_decode_logits_equal_full_forward(attention):
     np.testing.assert_allclose(sampling.last_logits(model, jnp.asarray(idx)), full_BTV[:, -1], atol=1e-5, rtol=1e-5)
 
 
+def test_bfloat16_cached_decode_matches_the_full_forward():
+    # A bf16 model decodes with a bf16 cache; its cached logits stay those of its own forward pass.
+    config = jaxgpt.GPTConfig(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32, dtype="bfloat16")
+    model = jaxgpt.GPT(config, rngs=nnx.Rngs(0))
+    idx = np.asarray(jax.random.randint(jax.random.key(2), (2, 16), 0, 37), np.int32)
+    full_BTV = model(jnp.asarray(idx))
+    _, cache = sampling.prefill(model, jnp.asarray(idx[:, :5]), sampling.init_cache(model, 2))
+    for pos in range(4, 16):
+        logits_BV, cache = sampling.decode_step(model, jnp.asarray(idx[:, pos]), jnp.int32(pos), cache)
+        np.testing.assert_allclose(logits_BV, full_BTV[:, pos], atol=1e-2)  # bf16 rounding
+
+
 def test_same_key_same_text_different_keys_differ_with_or_without_cache():
     model = sharp_model()
     n = BLOCK + 20
