@@ -151,28 +151,38 @@ def run(mesh):
             return loss_fn(nnx.merge(graphdef, p)(batch[:, :-1]), batch[:, 1:])
         loss, grads = jax.value_and_grad(f)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, loss, grads
 
-    step = jax.jit(step, in_shardings=(p_sh, o_sh, None), out_shardings=(p_sh, o_sh, None), donate_argnums=(0, 1))
-    losses = []
+    step = jax.jit(step, in_shardings=(p_sh, o_sh, None), out_shardings=(p_sh, o_sh, None, p_sh),
+                   donate_argnums=(0, 1))
+    losses, grads = [], []
     for i in range(3):
         # Step 1 gets a replicated batch (as when batches are drawn on the device), the others a split one.
         batch = jax.device_put(data[i], b_sh if i else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        params, opt_state, loss = step(params, opt_state, batch)
+        params, opt_state, loss, g = step(params, opt_state, batch)
         losses.append(float(loss))
+        grads.append(flat(g))
     kernel = params["h"][0]["mlp"]["c_fc"]["kernel"] if not SCAN else params["h"]["mlp"]["c_fc"]["kernel"]
-    return losses, jax.tree.map(np.asarray, nnx.to_pure_dict(params)), str(kernel.sharding.spec)
+    return losses, grads, flat(params), str(kernel.sharding.spec)
 
-ref_losses, ref_params, _ = run(make_mesh(1, 1, devices=jax.devices()[:1]))
+def flat(tree):
+    pure = nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
+    return {{"/".join(map(str, k)): np.asarray(v) for k, v in nnx.traversals.flatten_mapping(pure).items()}}
+
+def worst(a, b, scale=None):
+    # the largest difference over all leaves; relative to each leaf's largest reference value when `scale`
+    d = {{k: float(np.abs(a[k] - b[k]).max() / (np.abs(b[k]).max() if scale else 1.0)) for k in b}}
+    k = max(d, key=d.get)
+    return d[k], k
+
+ref_losses, ref_grads, ref_params, _ = run(make_mesh(1, 1, devices=jax.devices()[:1]))
 out = {{"n_devices": len(jax.devices()), "ref_losses": ref_losses}}
 for name, (d, f) in {{"dp8": (8, 1), "fsdp8": (1, 8), "2x4": (2, 4)}}.items():
-    losses, params, spec = run(make_mesh(d, f))
-    flat, ref_flat = nnx.traversals.flatten_mapping(params), nnx.traversals.flatten_mapping(ref_params)
-    diffs = {{"/".join(map(str, k)): np.abs(flat[k] - ref_flat[k]) for k in ref_flat}}
-    worst = max(diffs, key=lambda k: float(diffs[k].max()))
-    diff = float(diffs[worst].max())
-    out[name] = {{"loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)), "param_diff": diff,
-                 "worst": worst, "spec": spec}}
+    losses, grads, params, spec = run(make_mesh(d, f))
+    grad_diff, grad_worst = max(worst(g, r, scale=True) for g, r in zip(grads, ref_grads))
+    param_diff, param_worst = worst(params, ref_params)
+    out[name] = {{"loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)), "grad_diff": grad_diff,
+                 "grad_worst": grad_worst, "param_diff": param_diff, "param_worst": param_worst, "spec": spec}}
 print(json.dumps(out))
 """
 
@@ -182,9 +192,16 @@ def test_data_parallel_and_fsdp_match_one_device(scan):
     out = run_with_devices(SHARDED_STEPS.format(scan=scan))
     assert out["n_devices"] == 8
     assert out["ref_losses"][2] < out["ref_losses"][0]  # it trained
+    # Bounds by what float32 reduction order can honestly change. Losses and gradients are sums in another
+    # order: a few float32 ulps of their scale (each gradient leaf relative to its largest entry). The
+    # parameters after AdamW steps are not: Adam divides a gradient by its own root-mean-square, so an entry
+    # whose gradient is near zero moves by up to lr either way on noise alone (measured: 1.4e-5 on an Intel
+    # Xeon, 1e-6 on an AMD EPYC). A wrong sharding (a gradient not summed over the batch shards, a
+    # parameter shard updated from another's moments) moves entries by ~lr = 1e-3, far above lr / 10.
     for name in ("dp8", "fsdp8", "2x4"):
         assert out[name]["loss_diff"] < 1e-5, (name, out[name])
-        assert out[name]["param_diff"] < 1e-5, (name, out[name])
+        assert out[name]["grad_diff"] < 1e-5, (name, out[name])
+        assert out[name]["param_diff"] < 1e-4, (name, out[name])
     assert "fsdp" not in out["dp8"]["spec"]  # pure data parallelism: replicated weights
     assert "fsdp" in out["fsdp8"]["spec"] and "fsdp" in out["2x4"]["spec"]  # FSDP: weights split
 
