@@ -8,6 +8,9 @@ Each rung is a pure function with the same contract: tokens at time t may only l
     attention_weights    data-dependent weights: softmax(q @ k^T / sqrt(head_size)), masked
     attention            weights @ v, with dropout on the weights (nanoGPT's attn_dropout)
 
+`dot_product_attention` picks how a model computes the last rung: the ladder's `attention`, or JAX's
+fused kernels (`jax.nn.dot_product_attention`: XLA, or cuDNN's flash attention on NVIDIA GPUs).
+
 `causal=False` gives the encoder (unmasked) form of the seeds' "Attention is all you need" notes.
 """
 
@@ -101,3 +104,39 @@ def attention(
     wei = dropout(wei, dropout_rate, key)
     y = jnp.einsum("...ts,...sd->...td", wei.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return y.astype(v.dtype)
+
+
+ATTENTION_IMPLS = ("xla", "cudnn", "reference")
+
+
+def dot_product_attention(
+    q_BHTD: jax.Array,
+    k_BHSD: jax.Array,
+    v_BHSD: jax.Array,
+    *,
+    impl: str = "xla",
+    dropout_rate: float = 0.0,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """Causal attention by `impl` (GPTConfig.attention_impl) -> (B, H, T, D).
+
+    'reference' is `attention` above. 'xla' and 'cudnn' call `jax.nn.dot_product_attention`, which has
+    no dropout: when attention dropout is active (`dropout_rate > 0` and a key), 'xla' takes the
+    reference path, so the dropout nanoGPT applies to the weights still happens ('cudnn' with dropout
+    is refused by GPTConfig).
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl == "reference" or (impl == "xla" and dropout_rate > 0.0 and key is not None):
+        return attention(q_BHTD, k_BHSD, v_BHSD, causal=True, dropout_rate=dropout_rate, key=key)
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(
+            f"model.attention_impl='cudnn' needs an NVIDIA GPU, but JAX runs on {jax.default_backend()!r}: "
+            "use model.attention_impl='xla'"
+        )
+    # dot_product_attention takes (B, T, N, H); its softmax runs in float32 for 16-bit inputs.
+    to_btnh = lambda t: jnp.swapaxes(t, -3, -2)  # noqa: E731
+    y_BTHD = jax.nn.dot_product_attention(
+        to_btnh(q_BHTD), to_btnh(k_BHSD), to_btnh(v_BHSD), is_causal=True, implementation=impl
+    )
+    return to_btnh(y_BTHD)

@@ -167,20 +167,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(str(e)) from None
 
 
-def mesh_shape(config: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int]:
-    """(data, fsdp) of the config's mesh over `n_devices` devices, -1 filled in; ConfigError if they do not fit."""
-    data, fsdp = config.mesh.data, config.mesh.fsdp
-    if data == -1:
-        if n_devices % fsdp:
-            raise ConfigError(f"config key 'mesh.fsdp'={fsdp} does not divide the {n_devices} devices: "
-                              "pick a divisor of the device count")
-        data = n_devices // fsdp
-    if data * fsdp != n_devices:
-        raise ConfigError(f"config keys 'mesh.data'={data} x 'mesh.fsdp'={fsdp} = {data * fsdp} devices, but there "
-                          f"are {n_devices}: make the product equal the device count, or set mesh.data=-1")
-    return data, fsdp
-
-
 def gpt_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:
     """The `GPTConfig` of `config.model`, with `vocab_size` filled in (GPTConfig checks the values)."""
     fields = {f.name for f in dataclasses.fields(GPTConfig)}

@@ -28,7 +28,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxgpt.model import GPT, GPTConfig, unstack_layers, with_layout
+from jaxgpt.layout import unstack_layers, with_layout
+from jaxgpt.model import GPT, GPTConfig
 
 _LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 _BUFFER = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
@@ -445,7 +446,7 @@ def hf_gpt2_to_nanogpt(state_dict: Mapping) -> dict:
 
 
 def load_gpt2_pretrained(local_dir: str | os.PathLike, **config_overrides) -> GPT:
-    """A `GPT` holding the weights of a local Hugging Face GPT-2 folder (`GPT.from_pretrained` calls this).
+    """A `GPT` holding the weights of a local Hugging Face GPT-2 folder.
 
     Reads `config.json` and `model.safetensors` (sharded or not) or `pytorch_model.bin`; never downloads.
     GPT-2 is tanh-GELU, biased, tied, pre-LN with learned positions. `config_overrides` set GPTConfig

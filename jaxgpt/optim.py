@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxgpt.layout import is_stacked_layer
+
 
 def get_lr(
     it: int | jax.Array,
@@ -60,9 +62,7 @@ def decay_mask(params) -> object:
     """
 
     def rule(path, p):
-        keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
-        stacked = "h" in keys and not any(isinstance(k, int) for k in keys[keys.index("h") + 1 :])
-        return np.bool_(jnp.ndim(p) - int(stacked) >= 2)  # indexable with [...] like the leaves it mirrors
+        return np.bool_(jnp.ndim(p) - int(is_stacked_layer(path)) >= 2)  # indexable with [...] like the leaves
 
     return jax.tree_util.tree_map_with_path(rule, params)
 

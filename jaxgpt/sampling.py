@@ -6,12 +6,13 @@ Two paths with one contract (`idx` (B, T) int32 in, (B, T + max_new_tokens) out)
                      `block_size` tokens. Readable, and the reference the cache is tested against.
     use_cache=True   one compiled prefill writes every layer's keys and values into a fixed-size
                      cache; a compiled `lax.fori_loop` then feeds one token per step, reading the
-                     cache instead of recomputing the past.
+                     cache instead of recomputing the past. Both are the model's own forward pass:
+                     `GPT.__call__` with a `cache` (jaxgpt.kv_cache).
 
 Past `block_size` both follow nanoGPT exactly: each token is conditioned on the last `block_size`
 tokens at positions 0 .. block_size-1. Positions are added at the input (learned or sinusoidal), so
 once the window slides every cached key and value changes; the cached path then switches to a
-compiled loop of full-window forwards (only the last layer's last query and MLP row are computed).
+compiled loop of full-window forwards, projecting only the last position to the vocabulary.
 
 Randomness is explicit: the i-th new token is drawn with `jax.random.fold_in(key, i)`, so the same
 key gives the same text whether it is generated at once, in streamed chunks, with or without cache.
@@ -30,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgpt.attention import attention
-from jaxgpt.model import GPT, CausalSelfAttention
+from jaxgpt.kv_cache import LayerCache
+from jaxgpt.layout import with_layout
+from jaxgpt.model import GPT
 
 # --------------------------------------------------------------------------------------------------
 # Choosing the next token
@@ -172,153 +174,33 @@ def _generate_reference(model, idx_BT: np.ndarray, max_new_tokens: int, key, sam
 
 
 # --------------------------------------------------------------------------------------------------
-# The key/value cache
+# The cached path: the model's own forward with a key/value cache (jaxgpt.kv_cache)
 # --------------------------------------------------------------------------------------------------
 
 
-class _Attn:
-    """A block's attention as three functions: x -> (q, k, v) in (B, H, T, D), and y -> projection.
+def init_cache(model: GPT, batch_size: int) -> tuple[LayerCache, ...]:
+    """Empty per-layer key/value caches for `batch_size` rows (`GPT.init_cache`)."""
+    return model.init_cache(batch_size)
 
-    The fused form uses CausalSelfAttention.qkv / .project. The lecture's per-head form stacks the
-    heads' key, query and value kernels once, outside the decode loop, so each step runs one matmul
-    instead of 3 * n_head small ones.
+
+def prefill(model: GPT, idx_BT: jax.Array, cache: tuple[LayerCache, ...]):
+    """Runs the prompt (B, T <= block_size) through the model, caching its keys and values at positions 0 .. T-1.
+
+    Returns (logits (B, T, V), cache).
     """
-
-    def __init__(self, attn):
-        self.attn = attn
-        if isinstance(attn, CausalSelfAttention):
-            return
-        heads = list(attn.heads)
-        self.H = len(heads)
-        parts = [getattr(h, name) for name in ("query", "key", "value") for h in heads]
-        self.kernel = jnp.concatenate([p.kernel[...] for p in parts], axis=1)
-        self.bias = None if parts[0].bias is None else jnp.concatenate([p.bias[...] for p in parts])
-        self.dtype = parts[0].dtype
-
-    def qkv(self, x_BTC):
-        if isinstance(self.attn, CausalSelfAttention):
-            return self.attn.qkv(x_BTC)
-        B, T, C = x_BTC.shape
-        x_BTC = x_BTC.astype(self.dtype)
-        qkv_BT3C = x_BTC @ self.kernel.astype(self.dtype)
-        if self.bias is not None:
-            qkv_BT3C = qkv_BT3C + self.bias.astype(self.dtype)
-        qkv_3BHTD = qkv_BT3C.reshape(B, T, 3, self.H, C // self.H).transpose(2, 0, 3, 1, 4)
-        return qkv_3BHTD[0], qkv_3BHTD[1], qkv_3BHTD[2]
-
-    def project(self, y_BHTD):
-        if isinstance(self.attn, CausalSelfAttention):
-            return self.attn.project(y_BHTD)
-        B, H, T, D = y_BHTD.shape
-        return self.attn.c_proj(y_BHTD.transpose(0, 2, 1, 3).reshape(B, T, H * D))
+    return model(idx_BT, cache=cache, pos=0)
 
 
-def _block(block, attn: _Attn, x_BTC, attend):
-    """A Block with its attention's core replaced by `attend(q, k, v) -> y` (pre or post LayerNorm)."""
-    if block.norm_position == "pre":
-        x_BTC = x_BTC + attn.project(attend(*attn.qkv(block.ln_1(x_BTC))))
-        return x_BTC + block.mlp(block.ln_2(x_BTC))
-    x_BTC = block.ln_1(x_BTC + attn.project(attend(*attn.qkv(x_BTC))))
-    return block.ln_2(x_BTC + block.mlp(x_BTC))
+def decode_step(model: GPT, tok_B: jax.Array, pos: jax.Array, cache: tuple[LayerCache, ...]):
+    """Feeds one token per row at position `pos` (< block_size): returns (logits (B, V), cache)."""
+    logits_B1V, cache = model(tok_B[:, None], cache=cache, pos=pos)
+    return logits_B1V[:, 0, :], cache
 
 
-def init_cache(model: GPT, batch_size: int) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-    """Empty per-layer key and value caches, each (B * n_head, block_size, head_size).
-
-    Batch and heads share one leading axis, so the attention matmuls take the cache as it lies. With
-    (B, H, S, D), XLA reshapes the cache for each matmul and fuses the slot write into that reshape,
-    which stops the write from happening in place: the decode loop then copied every layer's cache
-    every step (40 % of a batch-1 step).
-    """
-    c = model.config
-    shape = (batch_size * c.n_head, c.block_size, c.head_size)
-    zeros = lambda: jnp.zeros(shape, jnp.dtype(c.dtype))  # noqa: E731
-    return tuple(zeros() for _ in range(c.n_layer)), tuple(zeros() for _ in range(c.n_layer))
-
-
-def prefill(model: GPT, idx_BT: jax.Array, cache):
-    """Runs the prompt through the model, writing its keys and values at positions 0 .. T-1.
-
-    Returns (logits (B, T, V), cache). T <= block_size.
-    """
-    chex.assert_rank(idx_BT, 2)
-    T = idx_BT.shape[1]
-    ks, vs = cache
-    new_k, new_v = [], []
-    x_BTC = model.embed(idx_BT)
-    for block, k_cache, v_cache in zip(model.h, ks, vs):
-        written = {}
-
-        def attend(q, k, v, written=written):
-            written["k"], written["v"] = k, v
-            return attention(q, k, v, causal=True)
-
-        x_BTC = _block(block, _Attn(block.attn), x_BTC, attend)
-        new_k.append(jax.lax.dynamic_update_slice_in_dim(k_cache, _merge_heads(written["k"], k_cache), 0, axis=1))
-        new_v.append(jax.lax.dynamic_update_slice_in_dim(v_cache, _merge_heads(written["v"], v_cache), 0, axis=1))
-    del T
-    return model.head(x_BTC), (tuple(new_k), tuple(new_v))
-
-
-def _merge_heads(x_BHTD: jax.Array, cache: jax.Array) -> jax.Array:
-    """(B, H, T, D) -> the cache's (B * H, T, D) layout and dtype."""
-    B, H, T, D = x_BHTD.shape
-    return x_BHTD.reshape(B * H, T, D).astype(cache.dtype)
-
-
-def _cached_attention(q_N1D, k_cache, v_cache, pos):
-    """One query per row (N = B * H) at position `pos` against a fixed-size cache; slots > pos not yet valid."""
-    S = k_cache.shape[1]
-    # float32 accumulation, as jaxgpt.attention.attention: bf16 models decode with the same precision
-    scores_N1S = jnp.einsum("ntd,nsd->nts", q_N1D, k_cache, preferred_element_type=jnp.float32)
-    scores_N1S = jnp.where(jnp.arange(S) <= pos, scores_N1S * q_N1D.shape[-1] ** -0.5, -jnp.inf)
-    wei_N1S = jax.nn.softmax(scores_N1S, axis=-1)
-    y_N1D = jnp.einsum("nts,nsd->ntd", wei_N1S.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
-    return y_N1D.astype(v_cache.dtype)
-
-
-def decode_step(model: GPT, tok_B: jax.Array, pos: jax.Array, cache, attns: list[_Attn] | None = None):
-    """Feeds one token per row at position `pos` (< block_size): returns (logits (B, V), cache).
-
-    The token's key and value are written into slot `pos` with dynamic_update_slice, so inside a
-    loop XLA updates the cache buffers in place.
-    """
-    attns = attns or [_Attn(b.attn) for b in model.h]
-    ks, vs = cache
-    new_k, new_v = [], []
-    x_B1C = model.embed(tok_B[:, None], start=pos)
-    for block, attn, k_cache, v_cache in zip(model.h, attns, ks, vs):
-        updated = {}
-
-        def attend(q, k, v, k_cache=k_cache, v_cache=v_cache, updated=updated):
-            updated["k"] = jax.lax.dynamic_update_slice_in_dim(k_cache, _merge_heads(k, k_cache), pos, axis=1)
-            updated["v"] = jax.lax.dynamic_update_slice_in_dim(v_cache, _merge_heads(v, v_cache), pos, axis=1)
-            y_N1D = _cached_attention(_merge_heads(q, k_cache), updated["k"], updated["v"], pos)
-            return y_N1D.reshape(q.shape)
-
-        x_B1C = _block(block, attn, x_B1C, attend)
-        new_k.append(updated["k"])
-        new_v.append(updated["v"])
-    return model.head(x_B1C)[:, 0, :], (tuple(new_k), tuple(new_v))
-
-
-def last_logits(model: GPT, idx_BT: jax.Array, attns: list[_Attn] | None = None) -> jax.Array:
-    """logits (B, V) of the last position of a full forward; the last layer runs only that row."""
-    attns = attns or [_Attn(b.attn) for b in model.h]
-    x_BTC = model.embed(idx_BT)
-    *blocks, last = list(zip(model.h, attns))
-    for block, attn in blocks:
-        x_BTC = _block(block, attn, x_BTC, lambda q, k, v: attention(q, k, v, causal=True))
-    block, attn = last
-    # Only the last row is needed: its query sees every key, so causality is the full mask.
-    attend = lambda q, k, v: attention(q[:, :, -1:], k, v, causal=False)  # noqa: E731
-    if block.norm_position == "pre":
-        x_B1C = x_BTC[:, -1:] + attn.project(attend(*attn.qkv(block.ln_1(x_BTC))))
-        x_B1C = x_B1C + block.mlp(block.ln_2(x_B1C))
-    else:
-        x_B1C = block.ln_1(x_BTC[:, -1:] + attn.project(attend(*attn.qkv(x_BTC))))
-        x_B1C = block.ln_2(x_B1C + block.mlp(x_B1C))
-    return model.head(x_B1C)[:, 0, :]
+def last_logits(model: GPT, idx_BT: jax.Array) -> jax.Array:
+    """logits (B, V) of the last position of a full forward (the head projects only that row)."""
+    x_BTC = model.blocks(model.embed(idx_BT), [None] * model.config.n_layer)
+    return model.head(x_BTC[:, -1:])[:, 0, :]
 
 
 @jax.tree_util.register_dataclass
@@ -336,7 +218,7 @@ class _State:
 def _start(graphdef, params, prompt_BT, length, buffer_BN):
     """Prefill over the (right-padded) prompt bucket and set up the loop state."""
     model = nnx.merge(graphdef, params)
-    _, cache = prefill(model, prompt_BT, init_cache(model, prompt_BT.shape[0]))
+    _, cache = prefill(model, prompt_BT, model.init_cache(prompt_BT.shape[0]))
     tokens_BN = jax.lax.dynamic_update_slice_in_dim(buffer_BN, prompt_BT, 0, axis=1)
     return _State(tokens_BN, length, jnp.zeros((), jnp.int32), cache)
 
@@ -345,12 +227,11 @@ def _start(graphdef, params, prompt_BT, length, buffer_BN):
 def _decode_cached(graphdef, params, state: _State, sampler, n_steps, key, temperature, top_p):
     """n_steps cached steps (the caller guarantees every position stays < block_size)."""
     model = nnx.merge(graphdef, params)
-    attns = [_Attn(b.attn) for b in model.h]  # stacked per-head kernels: built once, outside the loop
 
     def step(_, s: _State):
         pos = s.length - 1  # the last token is fed; its key and value join the cache
         tok_B = jax.lax.dynamic_index_in_dim(s.tokens_BN, pos, axis=1, keepdims=False)
-        logits_BV, cache = decode_step(model, tok_B, pos, s.cache, attns)
+        logits_BV, cache = decode_step(model, tok_B, pos, s.cache)
         nxt_B = sampler(logits_BV, jax.random.fold_in(key, s.drawn), temperature, top_p)
         tokens_BN = jax.lax.dynamic_update_slice_in_dim(s.tokens_BN, nxt_B[:, None], s.length, axis=1)
         return _State(tokens_BN, s.length + 1, s.drawn + 1, cache)
@@ -362,12 +243,11 @@ def _decode_cached(graphdef, params, state: _State, sampler, n_steps, key, tempe
 def _decode_window(graphdef, params, state: _State, sampler, n_steps, key, temperature, top_p):
     """n_steps steps past the context: a full forward over the last block_size tokens each."""
     model = nnx.merge(graphdef, params)
-    attns = [_Attn(b.attn) for b in model.h]
     block_size = model.config.block_size
 
     def step(_, s: _State):
         window_BT = jax.lax.dynamic_slice_in_dim(s.tokens_BN, s.length - block_size, block_size, axis=1)
-        logits_BV = last_logits(model, window_BT, attns)
+        logits_BV = last_logits(model, window_BT)
         nxt_B = sampler(logits_BV, jax.random.fold_in(key, s.drawn), temperature, top_p)
         tokens_BN = jax.lax.dynamic_update_slice_in_dim(s.tokens_BN, nxt_B[:, None], s.length, axis=1)
         return _State(tokens_BN, s.length + 1, s.drawn + 1, s.cache)
@@ -384,7 +264,7 @@ def _stream_cached(model: GPT, idx_BT: np.ndarray, max_new_tokens, key, sampler,
     T_pad = _bucket(T_c, cap=block_size)
     padded = np.zeros((B, T_pad), np.int32)
     padded[:, :T_c] = prompt_BT
-    graphdef, params = nnx.split(model)
+    graphdef, params = nnx.split(with_layout(model, scan_layers=False))  # the cache is kept per layer
     buffer = jnp.zeros((B, _bucket(T_pad + max_new_tokens, minimum=64)), jnp.int32)
     state = _start(graphdef, params, padded, jnp.int32(T_c), buffer)
     temperature = jnp.float32(temperature if temperature else 1.0)

@@ -23,8 +23,30 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxgpt.layout import is_stacked_layer
+
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both: FSDP is data parallelism too
+
+
+def mesh_sizes(data: int, fsdp: int, n_devices: int) -> tuple[int, int]:
+    """(data, fsdp) with a -1 filled in from `n_devices`; ValueError naming the config keys when they do not fit."""
+    sizes = {"data": data, "fsdp": fsdp}
+    for name, size in sizes.items():
+        if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+            raise ValueError(f"'mesh.{name}' must be a positive integer or -1, got {size!r}")
+    if data == -1 and fsdp == -1:
+        raise ValueError("at most one of 'mesh.data' and 'mesh.fsdp' may be -1 (all remaining devices)")
+    if -1 in (data, fsdp):
+        name, known = ("fsdp", fsdp) if data == -1 else ("data", data)
+        if n_devices % known:
+            raise ValueError(f"'mesh.{name}'={known} does not divide the {n_devices} devices: "
+                             "pick a divisor of the device count")
+        data, fsdp = (n_devices // known, fsdp) if data == -1 else (data, n_devices // known)
+    if data * fsdp != n_devices:
+        raise ValueError(f"'mesh.data'={data} x 'mesh.fsdp'={fsdp} = {data * fsdp} devices, but there are "
+                         f"{n_devices}: make the product equal the device count, or set one of them to -1")
+    return data, fsdp
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -33,23 +55,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
     data * fsdp must equal the number of devices (all of them, across hosts).
     """
     devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
-    sizes = {"data": data, "fsdp": fsdp}
-    for name, size in sizes.items():
-        if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
-            raise ValueError(f"mesh.{name} must be a positive integer or -1, got {size!r}")
-    if data == -1 and fsdp == -1:
-        raise ValueError("at most one of mesh.data and mesh.fsdp may be -1 (all remaining devices)")
-    known = math.prod(s for s in sizes.values() if s != -1)
-    if n % known:
-        raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} does not divide the {n} devices: pick sizes that do")
-    data = n // known if data == -1 else data
-    fsdp = n // known if fsdp == -1 else fsdp
-    if data * fsdp != n:
-        raise ValueError(
-            f"mesh.data={data} x mesh.fsdp={fsdp} = {data * fsdp} devices, but there are {n}: "
-            "make the product equal the device count, or set one of them to -1"
-        )
+    data, fsdp = mesh_sizes(data, fsdp, len(devices))
     # Auto axes: XLA propagates shardings from the step's in/out annotations (the model code stays unannotated).
     auto = (jax.sharding.AxisType.Auto,) * 2
     return jax.make_mesh((data, fsdp), AXES, axis_types=auto, devices=devices)
@@ -97,12 +103,6 @@ def param_spec(shape: Sequence[int], fsdp: int, skip_leading: bool = False) -> P
     return PartitionSpec(*spec)
 
 
-def _is_stacked_layer(path: tuple) -> bool:
-    # A scanned GPT keeps its blocks under 'h' with no integer layer key after it.
-    keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
-    return "h" in keys and not any(isinstance(k, int) for k in keys[keys.index("h") + 1 :])
-
-
 def state_shardings(tree, mesh: Mesh, scan_layers: bool = False):
     """A NamedSharding for every array leaf of `tree` (params, optimizer state, ...), by `param_spec`.
 
@@ -112,7 +112,7 @@ def state_shardings(tree, mesh: Mesh, scan_layers: bool = False):
 
     def rule(path, leaf):
         shape = getattr(leaf, "shape", ())
-        skip = scan_layers and _is_stacked_layer(path)
+        skip = scan_layers and is_stacked_layer(path)
         return NamedSharding(mesh, param_spec(shape, fsdp, skip_leading=skip))
 
     return jax.tree_util.tree_map_with_path(rule, tree)

@@ -230,8 +230,10 @@ def host_fed_batches(data: np.ndarray, keys: jax.Array, batch_size: int, block_s
 
 def mesh_from_config(config: ml_collections.ConfigDict) -> Mesh:
     """The config's ('data', 'fsdp') mesh over all devices; ConfigError when it or the batch size does not fit."""
-    data, fsdp = config_lib.mesh_shape(config, jax.device_count())
-    mesh = sharding_lib.make_mesh(data, fsdp)
+    try:
+        mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config keys {e}") from None
     try:
         sharding_lib.check_batch_size(config.batch_size, mesh)
     except ValueError as e:

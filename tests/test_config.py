@@ -95,19 +95,19 @@ def test_unknown_keys_and_wrong_types():
         config_lib.validate(c)
 
 
-def test_mesh_shape_fills_in_minus_one_and_must_match_the_devices():
+def test_mesh_sizes_fill_in_minus_one_and_must_match_the_devices():
+    from jaxgpt.sharding import mesh_sizes
+
     c = config_lib.base_config()
     assert (c.mesh.data, c.mesh.fsdp) == (-1, 1)  # every device data-parallel by default
-    assert config_lib.mesh_shape(c, 8) == (8, 1)
-    c.mesh.fsdp = 4
-    assert config_lib.mesh_shape(c, 8) == (2, 4)
-    c.mesh.data = 2
-    assert config_lib.mesh_shape(c, 8) == (2, 4)
-    with pytest.raises(config_lib.ConfigError, match=r"'mesh.data'=2 x 'mesh.fsdp'=4 = 8 devices, but there are 4"):
-        config_lib.mesh_shape(c, 4)
-    c.mesh.data, c.mesh.fsdp = -1, 3
-    with pytest.raises(config_lib.ConfigError, match="'mesh.fsdp'=3 does not divide the 8 devices"):
-        config_lib.mesh_shape(c, 8)
+    assert mesh_sizes(c.mesh.data, c.mesh.fsdp, 8) == (8, 1)
+    assert mesh_sizes(-1, 4, 8) == (2, 4)
+    assert mesh_sizes(2, -1, 8) == (2, 4)
+    assert mesh_sizes(2, 4, 8) == (2, 4)
+    with pytest.raises(ValueError, match=r"'mesh.data'=2 x 'mesh.fsdp'=4 = 8 devices, but there are 4"):
+        mesh_sizes(2, 4, 4)
+    with pytest.raises(ValueError, match="'mesh.fsdp'=3 does not divide the 8 devices"):
+        mesh_sizes(-1, 3, 8)
     c = config_lib.base_config()
     c.unlock()
     del c.mesh["data"]

@@ -268,7 +268,7 @@ def test_gpt2_safetensors_folder_loads_with_same_logits(tmp_path):
     hf.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
 
-    model = jaxgpt.GPT.from_pretrained(tmp_path)
+    model = jaxgpt.load_gpt2_pretrained(tmp_path)
 
     assert model.config.activation == "gelu_tanh" and model.config.tie_embeddings and model.config.bias
     assert (model.config.block_size, model.config.vocab_size) == (64, 97)
@@ -281,9 +281,9 @@ def test_gpt2_safetensors_folder_loads_with_same_logits(tmp_path):
 
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
-    _bits_equal(model, jaxgpt.GPT.from_pretrained(tmp_path / "sharded"))
+    _bits_equal(model, jaxgpt.load_gpt2_pretrained(tmp_path / "sharded"))
 
-    cropped = jaxgpt.GPT.from_pretrained(tmp_path, block_size=16)  # nanoGPT's crop_block_size
+    cropped = jaxgpt.load_gpt2_pretrained(tmp_path, block_size=16)  # nanoGPT's crop_block_size
     assert cropped.wpe.embedding.get_value().shape == (16, 32)
     np.testing.assert_allclose(
         np.asarray(_logits(cropped, idx[:, :16])), _hf_logits(hf, idx[:, :16]), rtol=1e-4, atol=1e-4
@@ -312,15 +312,15 @@ def test_gpt2_old_style_pytorch_model_bin(tmp_path):
 
 def test_not_a_gpt2_folder_says_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a folder"):
-        jaxgpt.GPT.from_pretrained(tmp_path / "nowhere")
+        jaxgpt.load_gpt2_pretrained(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="has no config.json"):
-        jaxgpt.GPT.from_pretrained(tmp_path)
+        jaxgpt.load_gpt2_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
     with pytest.raises(ValueError, match="model_type='llama'"):
-        jaxgpt.GPT.from_pretrained(tmp_path)
+        jaxgpt.load_gpt2_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
     with pytest.raises(ValueError, match=r"lacks GPT-2 fields \['n_head', 'n_embd', 'vocab_size', 'n_positions'\]"):
-        jaxgpt.GPT.from_pretrained(tmp_path)
+        jaxgpt.load_gpt2_pretrained(tmp_path)
     _hf_gpt2().config.to_json_file(tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="none of the GPT-2 weight files .*model.safetensors"):
-        jaxgpt.GPT.from_pretrained(tmp_path)
+        jaxgpt.load_gpt2_pretrained(tmp_path)

@@ -11,7 +11,9 @@ import pytest
 from flax import nnx
 
 from jaxgpt import GPT, BigramLanguageModel, GPTConfig, loss_fn
-from jaxgpt.model import _dense_dot_general, sinusoidal_positions, stack_layers, unstack_layers, with_layout
+from jaxgpt.cpu_matmul import dense_dot_general
+from jaxgpt.layout import stack_layers, unstack_layers, with_layout
+from jaxgpt.model import sinusoidal_positions
 
 SMALL = dict(block_size=16, vocab_size=37, n_layer=2, n_head=4, n_embd=32)
 
@@ -224,8 +226,8 @@ def test_cpu_dense_layer_matches_autodiff_of_a_float32_accumulating_dot(dtype):
     def reference(x, w):
         return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(dtype)
 
-    assert "custom_vjp_call" in str(jax.make_jaxpr(lambda x, w: _dense_dot_general(x, w, dims))(x, w))
-    y, vjp = jax.vjp(lambda x, w: _dense_dot_general(x, w, dims), x, w)
+    assert "custom_vjp_call" in str(jax.make_jaxpr(lambda x, w: dense_dot_general(x, w, dims))(x, w))
+    y, vjp = jax.vjp(lambda x, w: dense_dot_general(x, w, dims), x, w)
     y_ref, vjp_ref = jax.vjp(reference, x, w)
     assert y.dtype == jnp.dtype(dtype)
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == "float32" else dict(rtol=1e-2, atol=1e-2)

@@ -58,7 +58,8 @@ def test_global_norm_clip():
 
 
 def test_decay_mask_is_the_same_for_scanned_layers():
-    from jaxgpt.model import GPT, GPTConfig, stack_layers
+    from jaxgpt.layout import stack_layers
+    from jaxgpt.model import GPT, GPTConfig
 
     config = GPTConfig(block_size=8, vocab_size=11, n_layer=3, n_head=2, n_embd=8)
     params = nnx.state(GPT(config, rngs=nnx.Rngs(0)), nnx.Param)

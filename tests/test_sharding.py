@@ -58,8 +58,10 @@ def test_param_spec_shards_the_largest_divisible_axis():
 def test_mesh_sizes_and_errors_on_one_device():
     mesh = make_mesh()
     assert dict(mesh.shape) == {"data": len(jax.devices()), "fsdp": 1}
-    with pytest.raises(ValueError, match="does not divide"):
+    with pytest.raises(ValueError, match="devices, but there are"):
         make_mesh(data=3 * len(jax.devices()) + 1)
+    with pytest.raises(ValueError, match="does not divide"):
+        make_mesh(data=-1, fsdp=3 * len(jax.devices()) + 1)
     with pytest.raises(ValueError, match="at most one"):
         make_mesh(data=-1, fsdp=-1)
     with pytest.raises(ValueError, match="positive integer or -1"):
