@@ -167,6 +167,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(str(e)) from None
 
 
+# The model fields that say what a trained model is; with init_from or resume they come from its checkpoint.
+# The others (dropout, dtype, attention_impl, remat, scan_layers) say how to compute and stay the config's.
+ARCH_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "activation", "tie_embeddings",
+               "pos_encoding", "attention", "norm_position", "ln_eps", "param_dtype")
+
+
+def with_model_arch(config: ml_collections.ConfigDict, model: Any) -> ml_collections.ConfigDict:
+    """A new config whose `model.<ARCH_FIELDS>` are those of `model` (a GPTConfig, a mapping or a ConfigDict)."""
+    new = config.copy_and_resolve_references()
+    for k in ARCH_FIELDS:
+        new.model[k] = model[k] if isinstance(model, (dict, ml_collections.ConfigDict)) else getattr(model, k)
+    return new
+
+
 def gpt_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:
     """The `GPTConfig` of `config.model`, with `vocab_size` filled in (GPTConfig checks the values)."""
     fields = {f.name for f in dataclasses.fields(GPTConfig)}

@@ -152,7 +152,8 @@ class MultiHeadAttention(nnx.Module):
             out_BTC = jnp.concatenate([h(x_BTC, key=k) for h, k in zip(self.heads, head_keys)], axis=-1)
             return dropout(self.c_proj(out_BTC), self.dropout_rate, proj_key)
         # Decoding: every head's q, k, v side by side, so the cache serves them as one attention.
-        q, k, v = (jnp.stack([getattr(h, name)(x_BTC) for h in self.heads], axis=1) for name in ("query", "key", "value"))
+        q, k, v = (jnp.stack([getattr(h, name)(x_BTC) for h in self.heads], axis=1)
+                   for name in ("query", "key", "value"))
         y_BHTD, cache = kv_cache.attend(cache, q, k, v, pos)
         B, H, T, D = y_BHTD.shape
         return self.c_proj(y_BHTD.transpose(0, 2, 1, 3).reshape(B, T, H * D)), cache

@@ -81,3 +81,15 @@ def adamw(
     if grad_clip and grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
     return tx
+
+
+def schedule_from_config(config) -> optax.Schedule:
+    """The learning-rate schedule of a training config (`jaxgpt.config`: learning_rate, decay_lr, warmup_iters, ...)."""
+    return lr_schedule(config.learning_rate, decay_lr=config.decay_lr, warmup_iters=config.warmup_iters,
+                       lr_decay_iters=config.lr_decay_iters, min_lr=config.min_lr)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """nanoGPT's AdamW recipe with a training config's schedule, decay, betas and clip."""
+    return adamw(schedule_from_config(config), weight_decay=config.weight_decay, beta1=config.beta1,
+                 beta2=config.beta2, grad_clip=config.grad_clip)

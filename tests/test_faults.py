@@ -36,7 +36,7 @@ from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
 from jaxgpt import checkpoint as ckpt_lib
 from jaxgpt import config as config_lib
-from jaxgpt import data, training
+from jaxgpt import data, train_step, training
 from tests.test_training import tiny_config, tiny_text
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -457,7 +457,7 @@ def test_download_dying_mid_copy_leaves_nothing(tmp_path, monkeypatch):
 def _poison(monkeypatch, bad_step: int, kind: str) -> None:
     """Makes training step `bad_step` non-finite: its loss ('loss') or only its gradients ('grad')."""
     current = {}
-    real_keys, real_loss = training.step_keys, training._loss
+    real_keys, real_loss = train_step.step_keys, train_step._loss
 
     def step_keys(base_key, step, n):
         current["step"] = step  # the traced step number, used below in the same trace
@@ -474,8 +474,8 @@ def _poison(monkeypatch, bad_step: int, kind: str) -> None:
         s = jnp.where(hit, 0.0 * jax.tree.leaves(params)[0].sum(), 1.0)
         return value + 0.0 * jnp.sqrt(s)
 
-    monkeypatch.setattr(training, "step_keys", step_keys)
-    monkeypatch.setattr(training, "_loss", loss)
+    monkeypatch.setattr(train_step, "step_keys", step_keys)
+    monkeypatch.setattr(train_step, "_loss", loss)
 
 
 def _positions(n_tokens: int, keys: jax.Array, batch_size: int, block_size: int) -> set[int]:

@@ -85,11 +85,11 @@ def _setup(vocab=11, block_size=8, dropout=0.0):
 
 
 def test_boundaries_never_cross_an_evaluation():
-    chunks = training._boundaries(0, 23, eval_interval=10, steps_per_call=4)
+    chunks = training.chunk_boundaries(0, 23, eval_interval=10, steps_per_call=4)
     assert chunks[0] == (0, 4) and chunks[-1][1] == 23
     assert all(b0 == a1 for (_, b0), (a1, _) in zip(chunks, chunks[1:]))  # contiguous
     assert all(a // 10 == (b - 1) // 10 for a, b in chunks)  # no chunk spans a multiple of 10
-    assert training._boundaries(10, 10, 10, 4) == []
+    assert training.chunk_boundaries(10, 10, 10, 4) == []
 
 
 def test_grad_accumulation_equals_one_big_batch():

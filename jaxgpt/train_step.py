@@ -1,0 +1,198 @@
+"""The training step: pure, jitted functions over the split NNX state.
+
+The step is functional, the way Flax's gemma example and MaxText do it: `graphdef, params = nnx.split(model)`;
+`train_chunk(params, opt_state, data, base_key, step0)` runs `n_steps` optimizer steps in one `lax.scan`
+(so a CPU pays Python dispatch once per chunk, not per step), `nnx.merge`s the model inside, donates
+`params` and `opt_state`, and returns the per-step losses. Gradient accumulation is a `lax.scan` over
+micro-batches inside each step. `estimate_loss` is nanoGPT's evaluation: one compiled call for both splits.
+
+Every random choice is a function of (seed, step): the batch and the dropout masks of step i come from
+`fold_in(base_key, i)`. The data position and the RNG are therefore restored by restoring the step, and
+N steps in one run equal N/2 + resume + N/2 bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxgpt import data as data_lib
+from jaxgpt import sharding as sharding_lib
+from jaxgpt.model import loss_fn
+
+EVAL_SALT = 0x5EED  # eval batches come from a key stream apart from the training batches'
+
+
+def step_keys(base_key: jax.Array, step: jax.Array | int, grad_accum_steps: int) -> tuple[jax.Array, jax.Array]:
+    """(batch keys, dropout keys) of a step's micro-batches, each of shape (grad_accum_steps, ...)."""
+    keys = jax.random.split(jax.random.fold_in(base_key, step), 2 * grad_accum_steps)
+    return keys[:grad_accum_steps], keys[grad_accum_steps:]
+
+
+def eval_key(base_key: jax.Array, step: int, split_index: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base_key, EVAL_SALT), step), split_index)
+
+
+def _loss(graphdef: nnx.GraphDef, params: nnx.State, x_BT: jax.Array, y_BT: jax.Array, key, use_dropout: bool):
+    model = nnx.merge(graphdef, params)
+    return loss_fn(model(x_BT, key=key if use_dropout else None), y_BT)
+
+
+def make_train_chunk(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    batch_size: int,
+    block_size: int,
+    grad_accum_steps: int = 1,
+    use_dropout: bool = False,
+    mesh: Mesh | None = None,
+    scan_layers: bool = False,
+    skip_nonfinite: bool = False,
+) -> Callable:
+    """The jitted `train_chunk(params, opt_state, data, base_key, step0, *, n_steps)`.
+
+    `data` is either the whole token array on the device (batches are drawn inside, with
+    `jaxgpt.data`'s gather) or a pair of pre-drawn host batches `(x, y)` of shape
+    (n_steps, grad_accum_steps, batch_size, block_size). Returns (params, opt_state, metrics) with
+    metrics['loss'] (n_steps,): the mean micro-batch loss of each step, computed with the parameters before
+    that step's update, and metrics['finite'] (n_steps,): whether the loss and the gradients were finite.
+    With `skip_nonfinite`, a step whose loss, gradients or updates are not finite changes neither the
+    parameters nor the optimizer state.
+
+    With a `mesh`, every batch is split over its ('data', 'fsdp') axes and params / opt_state keep the
+    shardings of `jaxgpt.sharding.state_shardings` (`scan_layers`: the model stacks its blocks), in and out.
+    """
+    grad_fn = jax.value_and_grad(partial(_loss, graphdef, use_dropout=use_dropout))
+
+    def one_step(params, opt_state, data, base_key, step, xy_ABT):
+        batch_keys, drop_keys = step_keys(base_key, step, grad_accum_steps)
+
+        def micro(grads, inputs):
+            i, batch_key, drop_key = inputs
+            if xy_ABT is None:
+                x_BT, y_BT = data_lib.gather_batch(batch_key, data, batch_size, block_size)
+            else:
+                x_BT, y_BT = xy_ABT[0][i], xy_ABT[1][i]
+            x_BT, y_BT = _constrain_batch(x_BT, mesh), _constrain_batch(y_BT, mesh)
+            loss, g = grad_fn(params, x_BT, y_BT, drop_key)
+            return (g if grads is None else jax.tree.map(jnp.add, grads, g)), loss
+
+        if grad_accum_steps == 1:
+            grads, loss = micro(None, (0, batch_keys[0], drop_keys[0]))
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            grads, losses = jax.lax.scan(micro, zeros, (jnp.arange(grad_accum_steps), batch_keys, drop_keys))
+            grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+            loss = losses.mean()
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if not skip_nonfinite:
+            return new_params, new_opt_state, loss, finite
+        keep_new = finite & _all_finite(updates)  # a NaN learning rate spoils the updates, not the gradients
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(keep_new, new, old),
+                                         (new_params, new_opt_state), (params, opt_state))
+        return params, opt_state, loss, keep_new
+
+    def train_chunk(params, opt_state, data, base_key, step0, *, n_steps: int):
+        on_device = not isinstance(data, tuple)
+
+        def body(carry, inputs):
+            params, opt_state = carry
+            i, xy = inputs
+            params, opt_state, loss, finite = one_step(params, opt_state, data, base_key, step0 + i,
+                                                       None if on_device else xy)
+            return (params, opt_state), (loss, finite)
+
+        xs = (jnp.arange(n_steps), None if on_device else data)
+        params, opt_state = _constrain_state((params, opt_state), mesh, scan_layers)
+        (params, opt_state), (losses, finite) = jax.lax.scan(body, (params, opt_state), xs)
+        # Outputs sharded as the inputs were, so the donated buffers are reused.
+        params, opt_state = _constrain_state((params, opt_state), mesh, scan_layers)
+        return params, opt_state, {"loss": losses, "finite": finite}
+
+    return jax.jit(train_chunk, donate_argnames=("params", "opt_state"), static_argnames=("n_steps",))
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def make_estimate_loss(graphdef: nnx.GraphDef, *, batch_size: int, block_size: int, eval_iters: int,
+                       mesh: Mesh | None = None) -> Callable:
+    """The jitted `estimate_loss(params, splits, keys) -> mean loss of each split` (no dropout).
+
+    `splits` is a tuple of datasets, each the token array on the device or pre-drawn batches `(x, y)` of
+    shape (eval_iters, B, T); `keys` one key per split. Each split's loss is the mean over `eval_iters`
+    random batches (nanoGPT's `estimate_loss`); train and val share one compiled call. With a `mesh`,
+    each batch is split over its ('data', 'fsdp') axes.
+    """
+
+    def one_split(params, data, key):
+        def batch_loss(inputs):
+            k, xy = inputs
+            if xy is None:
+                x_BT, y_BT = data_lib.gather_batch(k, data, batch_size, block_size)
+            else:
+                x_BT, y_BT = xy
+            x_BT, y_BT = _constrain_batch(x_BT, mesh), _constrain_batch(y_BT, mesh)
+            return _loss(graphdef, params, x_BT, y_BT, None, False)
+
+        xy = data if isinstance(data, tuple) else None
+        return jax.lax.map(batch_loss, (jax.random.split(key, eval_iters), xy)).mean()
+
+    def estimate(params, splits, keys):
+        return tuple(one_split(params, data, key) for data, key in zip(splits, keys))
+
+    return jax.jit(estimate)
+
+
+def _constrain_batch(x_BT: jax.Array, mesh: Mesh | None) -> jax.Array:
+    return x_BT if mesh is None else sharding_lib.constrain_batch(x_BT, mesh)
+
+
+def _constrain_state(tree, mesh: Mesh | None, scan_layers: bool):
+    # The FSDP rule depends only on paths and shapes, so it gives the same shardings inside the trace.
+    if mesh is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, sharding_lib.state_shardings(tree, mesh, scan_layers))
+
+
+def host_batches(data: np.ndarray, keys: jax.Array, batch_size: int, block_size: int,
+                 rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+    """The batches `gather_batch` draws with raw uint32 `keys` of shape (*lead, 2), gathered on the host from `data`.
+
+    For datasets kept off the device (large np.memmap): the same offsets as the on-device path, so both
+    paths train on the same windows. Only the batch rows `rows` are read. Returns x, y int32 of shape
+    (*lead, rows, block_size).
+    """
+    lead = keys.shape[:-1]
+    flat = jnp.reshape(keys, (-1, keys.shape[-1]))
+    high = len(data) - block_size
+    ix_NB = np.asarray(jax.vmap(lambda k: jax.random.randint(k, (batch_size,), 0, high))(flat))[:, rows]
+    window = ix_NB[..., None] + np.arange(block_size + 1)
+    tokens = np.asarray(data[window], dtype=np.int32).reshape(*lead, ix_NB.shape[-1], block_size + 1)
+    return tokens[..., :-1], tokens[..., 1:]
+
+
+def host_fed_batches(data: np.ndarray, keys: jax.Array, batch_size: int, block_size: int,
+                     mesh: Mesh) -> tuple[jax.Array, jax.Array]:
+    """`host_batches` as global arrays on the mesh, their batch axis split over ('data', 'fsdp').
+
+    Each process reads from `data` only the rows its own devices hold (all of them, with one process);
+    every process draws the same offsets from `keys`, so the global batch is the one a single process
+    would build.
+    """
+    global_shape = (*keys.shape[:-1], batch_size, block_size)
+    sharding = sharding_lib.batch_sharding(mesh, len(global_shape), batch_axis=-2)
+    rows = sharding_lib.process_rows(sharding, global_shape, axis=-2)
+    return tuple(sharding_lib.from_process_rows(a, sharding, global_shape)
+                 for a in host_batches(data, keys, batch_size, block_size, rows=rows))
