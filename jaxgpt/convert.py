@@ -30,6 +30,7 @@ from flax import nnx
 
 from jaxgpt.layout import unstack_layers, with_layout
 from jaxgpt.model import GPT, GPTConfig
+from jaxgpt.safe_pickle import UnsafePickleError, load_torch_checkpoint
 
 _LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 _BUFFER = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
@@ -175,11 +176,13 @@ def load_nanogpt_checkpoint(
     `config_overrides` replace GPTConfig fields (e.g. `dropout=0.1` to fine-tune, `dtype='bfloat16'`).
     The state dict may carry torch.compile's `_orig_mod.` prefix and the `attn.bias` mask buffers.
     """
-    torch = _import_torch()
+    _import_torch()  # the install hint, before the file is touched
     ckpt_path = _resolve_ckpt(path)
     try:
-        # nanoGPT pickles its config dict (plain Python values) next to the tensors, hence weights_only=False.
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        # weights_only=True: nanoGPT's config dict is plain values; a pickled global in a downloaded file is refused.
+        checkpoint = load_torch_checkpoint(ckpt_path)
+    except UnsafePickleError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         raise ValueError(f"{ckpt_path} is not a readable PyTorch checkpoint: {type(e).__name__}: {e}") from None
     if not isinstance(checkpoint, Mapping):

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxgpt.safe_pickle import UnsafePickleError, load_pickle
 from jaxgpt.tokenizer import CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_dict, tokenizer_from_meta
 
 OUTPUTS = ("train.bin", "val.bin", "meta.pkl")
@@ -239,8 +240,9 @@ def load_prepared(data_dir: str | os.PathLike) -> PreparedData:
         raise FileNotFoundError(f"{data_dir} has no {missing}: run python -m jaxgpt.prepare --out {data_dir} first")
     meta, tokenizer = {}, None
     if (data_dir / "meta.pkl").is_file():
-        with open(data_dir / "meta.pkl", "rb") as f:
-            meta = pickle.load(f)
+        meta = load_pickle(data_dir / "meta.pkl")  # plain values only: nothing in a downloaded folder runs
+        if not isinstance(meta, dict):
+            raise ValueError(f"{data_dir / 'meta.pkl'} holds a {type(meta).__name__}, not nanoGPT's meta dict")
         tokenizer = tokenizer_from_dict(meta["tokenizer"]) if "tokenizer" in meta else None
         if tokenizer is None and "itos" in meta:
             tokenizer = tokenizer_from_meta(data_dir / "meta.pkl")
@@ -269,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
+    except UnsafePickleError as e:  # a --tokenizer meta.pkl that would run code: bad input, refused
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -261,10 +261,9 @@ def tokenizer_from_meta(path: str | os.PathLike) -> Tokenizer:
     jaxgpt's prepare stores `tokenizer` (a `to_dict()`); nanoGPT's char datasets store `itos`
     (id -> character) and `vocab_size`, which make a `CharTokenizer` with the same ids.
     """
-    import pickle
+    from jaxgpt.safe_pickle import load_pickle
 
-    with open(path, "rb") as f:
-        meta = pickle.load(f)
+    meta = load_pickle(path)  # a downloaded meta.pkl: plain values only, nothing in it runs
     if not isinstance(meta, dict):
         raise ValueError(f"{path} holds a {type(meta).__name__}, not nanoGPT's meta dict")
     if "tokenizer" in meta:

@@ -192,7 +192,7 @@ def test_saved_ckpt_loads_the_way_nanogpt_sample_and_resume_do(tmp_path):
     nnx.update(model, params)
     path = save_nanogpt_checkpoint(model, tmp_path / "ckpt.pt", config={"dataset": "x"}, optimizer=opt_state)
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     assert set(checkpoint) >= {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config"}
     assert set(checkpoint["model_args"]) == set(NANO_ARGS)
     assert not any(k.endswith(".attn.bias") for k in checkpoint["model"])  # flash-attention nanoGPT has none
