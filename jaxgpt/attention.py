@@ -8,7 +8,8 @@ Each rung is a pure function with the same contract: tokens at time t may only l
     attention_weights    data-dependent weights: softmax(q @ k^T / sqrt(head_size)), masked
     attention            weights @ v, with dropout on the weights (nanoGPT's attn_dropout)
 
-`causal=False` gives the encoder (unmasked) form of the seeds' "Attention is all you need" notes.
+`causal=False` gives the encoder (unmasked) form: the lecture's note that an encoder block simply drops the
+mask, as in the Transformer paper ("Attention Is All You Need", Vaswani et al., 2017).
 """
 
 from __future__ import annotations
