@@ -69,7 +69,10 @@ def python_blocks() -> list[tuple[str, str]]:
 def test_the_pages_have_what_this_file_checks():
     assert len(shell_commands("train.py")) >= 5 and len(shell_commands("sample.py")) >= 3
     assert len(python_blocks()) >= 4
-    assert len(ROOT.joinpath("README.md").read_text().splitlines()) <= 150  # one first screen
+    readme = ROOT.joinpath("README.md").read_text()
+    assert len(readme.splitlines()) <= 150  # one first screen
+    linked = set(re.findall(r"\]\((docs/[\w.-]+\.md)", readme))
+    assert linked == {f"docs/{p.name}" for p in PAGES[1:]}  # every page is linked, every link has a page
 
 
 @pytest.mark.parametrize("page, cmd", shell_commands("train.py"), ids=lambda v: " ".join(v) if isinstance(v, list)
@@ -190,3 +193,15 @@ def test_python_blocks_run_as_written(interop_files, name, code):
     r = _run(interop_files, [sys.executable, "-c", code])
     assert r.returncode == 0, f"{name}:\n{code}\n{r.stderr[-3000:]}"
     assert "Traceback" not in r.stderr
+
+
+def test_submodules_are_reachable_as_attributes_and_imported_on_first_use():
+    code = ("import sys, jaxgpt\n"
+            "assert 'jaxgpt.training' not in sys.modules and 'jaxgpt.prepare' not in sys.modules\n"
+            "assert jaxgpt.data.get_batch and jaxgpt.training.train and jaxgpt.prepare.load_prepared\n"
+            "assert {'data', 'training', 'checkpoint'} <= set(dir(jaxgpt))\n"
+            "try:\n    jaxgpt.no_such_thing\nexcept AttributeError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "module 'jaxgpt' has no attribute 'no_such_thing'"
