@@ -1,7 +1,8 @@
 """Sample text from a trained jaxgpt checkpoint, streaming it to the terminal as it is produced.
 
-    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 \\
+    python sample.py --out_dir=out-shakespeare-char-cpu --start="ROMEO:" --num_samples=3 \\
         --max_new_tokens=500 --temperature=0.8 --top_k=200 --seed=1337
+    python sample.py --config configs/shakespeare_char_cpu.py --start="ROMEO:"   # that config's out_dir
 
 `--start=FILE:prompt.txt` reads the prompt from a file; `--init_from=nanogpt:PATH` or `gpt2:PATH` samples a
 nanoGPT checkpoint or a local GPT-2 folder instead of a jaxgpt run. Errors (a missing checkpoint, a prompt
@@ -29,7 +30,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description="Sample from a trained jaxgpt model.")
-    p.add_argument("--out_dir", default="out", help="directory holding the checkpoint (as train.py wrote it)")
+    p.add_argument("--out_dir", default=None, help="directory holding the checkpoint (as train.py wrote it); "
+                   "default: --config's out_dir, else 'out'")
+    p.add_argument("--config", default=None, help="the training config file (configs/*.py): sample its out_dir")
     p.add_argument("--which", default="best", choices=("best", "latest"), help="which checkpoint to load")
     p.add_argument("--init_from", default="", help="sample another model instead of --out_dir's: 'nanogpt:PATH' "
                    "(a nanoGPT out_dir or ckpt.pt) or 'gpt2:PATH' (a local Hugging Face GPT-2 folder)")
@@ -61,6 +64,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.chunk_size < 1:
         raise UsageError(f"--chunk_size must be >= 1, got {args.chunk_size}")
     return args
+
+
+def resolve_out_dir(args: argparse.Namespace) -> str:
+    """The run to sample: --out_dir when given, else the out_dir of --config's file, else 'out'."""
+    if args.out_dir is not None:
+        return args.out_dir
+    if args.config is None:
+        return "out"
+    if not os.path.isfile(args.config):
+        raise UsageError(f"config file {args.config!r} not found: pass one of configs/*.py")
+    from jaxgpt.config import load_config_file  # imported here: `sample.py --help` stays fast
+
+    try:
+        return load_config_file(args.config).out_dir
+    except Exception as e:  # noqa: BLE001 - the config file's own code failed; report it in one line
+        raise UsageError(f"cannot load config file {args.config!r}: {type(e).__name__}: {e}") from None
 
 
 def read_prompt(start: str) -> str:
@@ -126,12 +145,13 @@ def main(
         if args.init_from:
             model, tokenizer = _load_init_from(args.init_from)
         else:
-            if not os.path.exists(args.out_dir):
-                raise UsageError(f"no checkpoint at {args.out_dir!r}: train first or pass --out_dir")
+            out_dir = resolve_out_dir(args)
+            if not os.path.exists(out_dir):
+                raise UsageError(f"no checkpoint at {out_dir!r}: train first or pass --out_dir")
             try:
-                model, tokenizer, _ = load_model(args.out_dir, args.which)
+                model, tokenizer, _ = load_model(out_dir, args.which)
             except FileNotFoundError as e:
-                raise UsageError(f"no {args.which} checkpoint in {args.out_dir!r} ({e})") from None
+                raise UsageError(f"no {args.which} checkpoint in {out_dir!r} ({e})") from None
         if tokenizer is None:
             raise UsageError("the checkpoint has no tokenizer (no meta.pkl or tokenizer.json found beside it)")
         ids = encode_prompt(tokenizer, prompt)

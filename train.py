@@ -2,11 +2,15 @@
 
 A thin command line over `jaxgpt.training.train`: the config file and its overrides are parsed by
 ml_collections' config flags; every bad key, value, dataset or out_dir ends in one `error:` line and
-exit status 2.
+exit status 2. nanoGPT's habits work too: `python train.py configs/x.py --max_iters=300` (a positional config
+file, `--key=value` for a config key); nanoGPT options with no jaxgpt counterpart are refused with the jaxgpt way
+of doing the same thing.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import sys
 
 from absl import app, flags, logging
@@ -15,9 +19,89 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
 
 
+_CONFIG_FILE: str | None = None  # the config file named on the command line, once parsed
+
+
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+# nanoGPT's top-level keys that jaxgpt keeps under `model.`, and the ones it renamed.
+NANOGPT_MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "dtype", "vocab_size")
+NANOGPT_RENAMED = {"gradient_accumulation_steps": "grad_accum_steps"}
+# nanoGPT options with no jaxgpt counterpart: what to do instead.
+_METRICS = "jaxgpt has no wandb logging: metrics go to out_dir/metrics.jsonl and out_dir/loss.png"
+NANOGPT_REFUSED = {
+    "device": "JAX picks the device itself: set JAX_PLATFORMS=cpu (or cuda, tpu) in the environment instead",
+    "compile": "jaxgpt always compiles with XLA (jax.jit): there is nothing to set, drop the option",
+    "backend": "several processes join through jax.distributed by themselves (docs/scaling.md): drop the option",
+    "wandb_log": _METRICS,
+    "wandb_project": _METRICS,
+    "wandb_run_name": _METRICS,
+    "dataset": "jaxgpt reads a path, not a dataset name: use --config.data.path=data/<dataset> (a text file or "
+    "a nanoGPT data directory)",
+}
+_NANOGPT_INIT_FROM = {
+    "resume": "jaxgpt continues a run with --config.resume=True",
+    "scratch": "jaxgpt starts from scratch by default, drop the option",
+}
+
+
+def _close_files(path: str) -> str:
+    """' (did you mean ...?)' naming the closest .py file beside a config path that does not exist, or ''."""
+    folder = os.path.dirname(path) or "."
+    try:
+        names = [n for n in os.listdir(folder) if n.endswith(".py")]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(os.path.basename(path), names, n=1)
+    return f" (did you mean {os.path.join(os.path.dirname(path), close[0])!r}?)" if close else ""
+
+
+def translate_argv(argv: list[str], known_flags: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """nanoGPT's command-line forms rewritten as jaxgpt's; raises ValueError (one line) for what cannot be.
+
+    A positional `configs/x.py` becomes `--config=configs/x.py`; `--max_iters=300` (any `--key=value` whose key
+    is not one of `known_flags`, absl's own flags) becomes `--config.max_iters=300`, nanoGPT's model keys go
+    under `model.` (`--n_layer=4` -> `--config.model.n_layer=4`); `--init_from=resume` and options jaxgpt has no
+    use for (`--device`, `--compile`, `--wandb_log`, ...) raise with the jaxgpt equivalent. An unknown key is
+    left for the config's own check, which names it.
+    """
+    out, positional = [argv[0]], []
+    waiting: str | None = None  # an option given without `=`, whose value may be the next argument
+    for arg in argv[1:]:
+        if waiting is not None and not arg.startswith("-") and (waiting in ("config", "flagfile")
+                                                                or not arg.endswith(".py")):
+            out.append(arg)  # `--config FILE`, `--config.max_iters 300`
+            waiting = None
+            continue
+        waiting = None
+        if not arg.startswith("-") or arg == "-":
+            positional.append(arg)
+            continue
+        name, eq, value = arg.lstrip("-").partition("=")
+        if name in NANOGPT_REFUSED:
+            raise ValueError(f"--{name} is a nanoGPT option: {NANOGPT_REFUSED[name]}")
+        if name == "init_from" and (value in _NANOGPT_INIT_FROM or value.startswith("gpt2") and ":" not in value):
+            hint = _NANOGPT_INIT_FROM.get(value, "jaxgpt does not download GPT-2; use --config.init_from=gpt2:PATH "
+                                                 "with a local Hugging Face GPT-2 folder")
+            raise ValueError(f"--init_from={value} is nanoGPT's: {hint}")
+        if not eq or "." in name or name in known_flags or name == "config":
+            out.append(arg)
+            waiting = None if eq else name
+            continue
+        if name in NANOGPT_MODEL_KEYS:
+            name = f"model.{name}"
+        out.append(f"--config.{NANOGPT_RENAMED.get(name, name)}={value}")
+    if positional:
+        if len(positional) > 1 or not positional[0].endswith(".py"):
+            raise ValueError(f"unexpected arguments {positional}: pass one config file (configs/<name>.py) and "
+                             "options as --config.key=value")
+        if _config_path(out) is not None:
+            raise ValueError(f"two config files, {positional[0]!r} and --config {_config_path(out)!r}: pass one")
+        out.insert(1, f"--config={positional[0]}")
+    return out
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -29,26 +113,44 @@ def _config_path(argv: list[str]) -> str | None:
     return None
 
 
+def _fail_unknown_key(argv: list[str], e: Exception) -> None:
+    """Exits naming the override whose key the config lacks (with the closest key), else the parse error."""
+    from jaxgpt import config as config_lib
+
+    path = _config_path(argv)
+    try:
+        base = config_lib.load_config_file(path) if path else None
+    except Exception:  # noqa: BLE001 - the config file itself is broken; report that
+        _fail(f"cannot load config file {path!r}: {e}")
+    for arg in argv[1:]:
+        if base is not None and arg.startswith("--config."):
+            message = config_lib.unknown_key(base, arg[len("--config."):].split("=", 1)[0])
+            if message:
+                _fail(message)
+    _fail(f"bad config override: {e}")
+
+
 def _parse(argv: list[str]) -> list[str]:
     """absl's flag parsing, with its tracebacks turned into one line naming the bad key or value."""
     try:
+        argv = translate_argv(argv, set(flags.FLAGS))
+    except ValueError as e:
+        _fail(str(e))
+    sys.argv[:] = argv  # ml_collections finds its overrides in sys.argv itself
+    global _CONFIG_FILE
+    _CONFIG_FILE = path = _config_path(argv)
+    if path is not None and not os.path.isfile(path):  # before ml_collections turns it into a traceback
+        _fail(f"config file {path!r} not found{_close_files(path)}: pass one of configs/*.py")
+    try:
         return flags.FLAGS(argv)
     except flags.Error as e:
+        if "Unknown command line flag 'config." in str(e):  # a top-level key that does not exist
+            _fail_unknown_key(argv, e)
         _fail(str(e).removeprefix("flag "))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        from jaxgpt import config as config_lib
-
-        path = _config_path(argv)
-        try:
-            base = config_lib.load_config_file(path) if path else None
-        except Exception:  # noqa: BLE001 - the config file itself is broken; report that
-            _fail(f"cannot load config file {path!r}: {e}")
-        for arg in argv[1:]:
-            if base is not None and arg.startswith("--config."):
-                message = config_lib.unknown_key(base, arg[len("--config."):].split("=", 1)[0])
-                if message:
-                    _fail(message)
-        _fail(f"bad config override: {e}")
+        _fail_unknown_key(argv, e)
+    except Exception as e:  # noqa: BLE001 - raised by the config file's own code (a SyntaxError, ...)
+        _fail(f"cannot load config file {path!r}: {type(e).__name__}: {e}")
     return []  # not reached
 
 
@@ -66,11 +168,14 @@ def main(argv: list[str]) -> None:
     except (ValueError, RuntimeError) as e:
         _fail(f"cannot join the other processes of this run: {e}")
 
-    config = _CONFIG.value
+    try:
+        config = _CONFIG.value
+    except OSError as e:  # ml_collections keeps a file it could not read as an error raised here
+        _fail(f"cannot load config file {_CONFIG_FILE!r}: {str(e).splitlines()[-1].strip()}")
     if config is None:
         _fail("no config: pass --config configs/<name>.py")
     if not hasattr(config, "to_dict"):  # ml_collections' placeholder for a file it could not load
-        _fail(f"cannot load config file {_config_path(sys.argv)!r}")
+        _fail(f"cannot load config file {_CONFIG_FILE!r}")
     try:
         training.train(config)
     except (ConfigError, DataError, training.TrainingError, FileNotFoundError) as e:

@@ -1,5 +1,7 @@
 """jaxgpt: the GPT of "Let's build GPT" and nanoGPT as pure JAX functions and Flax NNX modules."""
 
+import importlib
+
 from jaxgpt.convert import (
     from_torch_state_dict,
     load_gpt2_pretrained,
@@ -47,3 +49,20 @@ __all__ = [
     "tokenizer_from_dict",
 ]
 __version__ = "0.1.0"
+
+# Submodules reachable as attributes (`jaxgpt.data.get_batch`), each imported on first use so that
+# `import jaxgpt` does not pay for all of them.
+_SUBMODULES = frozenset({
+    "attention", "checkpoint", "config", "convert", "data", "mfu", "model", "optim", "plotting", "prepare",
+    "sampling", "sharding", "tokenizer", "training",
+})
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"jaxgpt.{name}")
+    raise AttributeError(f"module 'jaxgpt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _SUBMODULES)

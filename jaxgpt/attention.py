@@ -11,7 +11,8 @@ Each rung is a pure function with the same contract: tokens at time t may only l
 `dot_product_attention` picks how a model computes the last rung: the ladder's `attention`, or JAX's
 fused kernels (`jax.nn.dot_product_attention`: XLA, or cuDNN's flash attention on NVIDIA GPUs).
 
-`causal=False` gives the encoder (unmasked) form of the seeds' "Attention is all you need" notes.
+`causal=False` gives the encoder (unmasked) form: the lecture's note that an encoder block simply drops the
+mask, as in the Transformer paper ("Attention Is All You Need", Vaswani et al., 2017).
 """
 
 from __future__ import annotations

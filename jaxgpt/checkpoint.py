@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pathlib
 import warnings
@@ -35,6 +36,20 @@ from jaxgpt.tokenizer import Tokenizer, tokenizer_from_dict
 WHICH = ("latest", "best")
 KEEP = {"latest": 2, "best": 1}  # steps kept per manager: 'latest' keeps one to fall back to
 MANIFEST = "jaxgpt_manifest.json"
+
+
+# What Orbax says each time a manager opens read-only (as load_model's do, on purpose): nothing to act on, and
+# "read only" reads as if the directory were not writable.
+_READ_ONLY_NOTES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+
+class _DropReadOnlyNotes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_READ_ONLY_NOTES)
+
+
+if not any(isinstance(f, _DropReadOnlyNotes) for f in logging.getLogger("absl").filters):
+    logging.getLogger("absl").addFilter(_DropReadOnlyNotes())
 
 
 class CheckpointError(RuntimeError):

@@ -9,6 +9,7 @@ import pytest
 jax.config.update("jax_default_matmul_precision", "highest")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# JAXGPT_SHAKESPEARE names a local copy of tiny Shakespeare; else a sibling shared/ checkout's, else the download.
 SHAKESPEARE = pathlib.Path(
     os.environ.get("JAXGPT_SHAKESPEARE", ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt")
 )
@@ -24,5 +25,13 @@ def _torch_highest_precision():
 
 @pytest.fixture(scope="session")
 def shakespeare_path() -> pathlib.Path:
-    assert SHAKESPEARE.exists(), f"tiny Shakespeare not found at {SHAKESPEARE} (set JAXGPT_SHAKESPEARE)"
-    return SHAKESPEARE
+    """Tiny Shakespeare: $JAXGPT_SHAKESPEARE, a sibling shared/ checkout's copy, or jaxgpt's own download
+    (size and sha256 checked, kept in $JAXGPT_CACHE) so that a fresh clone's tests need nothing else."""
+    if "JAXGPT_SHAKESPEARE" in os.environ:
+        assert SHAKESPEARE.is_file(), f"JAXGPT_SHAKESPEARE={SHAKESPEARE} is not a file: point it at input.txt"
+        return SHAKESPEARE
+    if SHAKESPEARE.is_file():
+        return SHAKESPEARE
+    from jaxgpt.data import default_text_path
+
+    return default_text_path()

@@ -1,4 +1,5 @@
-"""The lecture's ladder: three causal means agree with the seeds' printed values, then attention."""
+"""The lecture's ladder: three causal means agree with the values printed in its notebook (gpt-dev.ipynb), then
+attention."""
 
 import chex
 import jax
@@ -9,7 +10,7 @@ import torch
 
 from jaxgpt import attention as A
 
-# xbow[0] as printed in the seeds (torch.manual_seed(1337); x = torch.randn(4, 8, 2)).
+# xbow[0] as printed in the lecture's notebook (torch.manual_seed(1337); x = torch.randn(4, 8, 2)).
 SEED_XBOW0 = np.array(
     [
         [0.1808, -0.0700],
@@ -63,7 +64,7 @@ def test_attention_weights_match_the_lecture_formula():
 
 
 def test_encoder_form_is_unmasked_and_matches_the_seed():
-    # The seeds' "Attention is all you need" notes: inputs attend to each other, no mask.
+    # The encoder form (the lecture; "Attention Is All You Need"): inputs attend to each other, no mask.
     torch.manual_seed(123)
     inputs = jnp.asarray(torch.rand((6, 3)).numpy())
     scores = inputs @ inputs.T

@@ -1,0 +1,132 @@
+"""A newcomer's command lines: nanoGPT's forms accepted where their meaning is plain, nanoGPT options without a
+counterpart refused with the jaxgpt way, mistyped or broken config files in one line, `sample.py --config`."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+import train
+from jaxgpt import checkpoint
+from tests.test_training import tiny_text
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CPU_CONFIG = "configs/shakespeare_char_cpu.py"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return dict(os.environ, JAXGPT_CACHE=str(cache), PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+
+
+def _run(env, script, *args, timeout=300, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def _one_error_line(r) -> str:
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    return lines[0]
+
+
+def test_translate_argv_maps_nanogpts_forms():
+    argv = ["train.py", CPU_CONFIG, "--max_iters=300", "--n_layer=4", "--dtype=bfloat16", "--bias=True",
+            "--gradient_accumulation_steps=2", "--config.model.n_head=2", "--init_from=nanogpt:run"]
+    assert train.translate_argv(argv) == [
+        "train.py", f"--config={CPU_CONFIG}", "--config.max_iters=300", "--config.model.n_layer=4",
+        "--config.model.dtype=bfloat16", "--config.model.bias=True", "--config.grad_accum_steps=2",
+        "--config.model.n_head=2", "--config.init_from=nanogpt:run",
+    ]
+    # `--config FILE` and `--config.key VALUE` keep their values; absl's own flags pass through
+    assert train.translate_argv(["t", "--config", CPU_CONFIG, "--config.max_iters", "3", "--verbosity=1"],
+                                {"verbosity"}) == ["t", "--config", CPU_CONFIG, "--config.max_iters", "3",
+                                                   "--verbosity=1"]
+
+
+@pytest.mark.parametrize("argv", [["a.py", "b.py"], ["notes.txt"], ["--config", CPU_CONFIG, "configs/bigram.py"]])
+def test_translate_argv_refuses_stray_positionals(argv):
+    with pytest.raises(ValueError, match="config"):
+        train.translate_argv(["train.py", *argv])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arg, hint",
+    [
+        ("--device=cpu", "JAX_PLATFORMS=cpu"),
+        ("--compile=False", "always compiles with XLA"),
+        ("--init_from=resume", "--config.resume=True"),
+        ("--init_from=gpt2-medium", "--config.init_from=gpt2:PATH"),
+        ("--wandb_log=True", "out_dir/metrics.jsonl"),
+        ("--dataset=shakespeare_char", "--config.data.path=data/<dataset>"),
+        ("--backend=nccl", "jax.distributed"),
+    ],
+)
+def test_nanogpt_options_without_a_counterpart_name_the_jaxgpt_way(env, tmp_path, arg, hint):
+    start = time.perf_counter()
+    r = _run(env, "train.py", CPU_CONFIG, arg, f"--out_dir={tmp_path / 'out'}")
+    line = _one_error_line(r)
+    assert arg.split("=")[0] in line and hint in line
+    assert time.perf_counter() - start < 30  # refused before JAX starts (generous: a loaded 2-core machine)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_mistyped_config_file_is_one_line_naming_it(env, tmp_path):
+    for args in (["--config", "configs/shakespeare_char_cpuu.py"], ["configs/shakespeare_char_cpuu.py"]):
+        line = _one_error_line(_run(env, "train.py", *args, f"--config.out_dir={tmp_path / 'out'}"))
+        assert "'configs/shakespeare_char_cpuu.py' not found" in line
+        assert "did you mean 'configs/shakespeare_char_cpu.py'" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_config_file_that_fails_to_load_is_one_line(env, tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(:\n")
+    line = _one_error_line(_run(env, "train.py", str(broken)))
+    assert str(broken) in line and "SyntaxError" in line
+    no_function = tmp_path / "empty.py"
+    no_function.write_text("x = 1\n")
+    line = _one_error_line(_run(env, "train.py", str(no_function)))
+    assert str(no_function) in line and "get_config" in line
+
+
+@pytest.mark.slow
+def test_an_unknown_top_level_key_in_nanogpt_form_names_the_closest(env, tmp_path):
+    line = _one_error_line(_run(env, "train.py", CPU_CONFIG, "--max_iterz=3", f"--out_dir={tmp_path / 'out'}"))
+    assert "unknown config key 'max_iterz' (did you mean 'max_iters'?)" in line
+
+
+@pytest.mark.slow
+def test_nanogpt_forms_train_and_sample_config_finds_the_run(env, tmp_path, shakespeare_path):
+    text = tiny_text(tmp_path, shakespeare_path)
+    out = tmp_path / "run"
+    r = _run(env, "train.py", CPU_CONFIG, "--max_iters=4", "--n_layer=1", "--n_head=2", "--n_embd=16",
+             "--block_size=8", "--batch_size=4", "--eval_iters=2", "--eval_interval=4", "--steps_per_call=2",
+             "--warmup_iters=1", "--lr_decay_iters=4", "--progress=False", "--sample_tokens=5",
+             f"--config.data.path={text}", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, _, info = checkpoint.load_model(out, "latest")
+    assert info["step"] == 4 and info["config"]["model"]["n_layer"] == 1 and info["config"]["batch_size"] == 4
+
+    config = tmp_path / "my_config.py"  # a user's config: the CPU recipe with its own out_dir
+    config.write_text(f"from jaxgpt.config import base_config\n\n\ndef get_config():\n    c = base_config()\n"
+                      f"    c.out_dir = {str(out)!r}\n    return c\n")
+    r = _run(env, "sample.py", "--config", str(config), "--start=ROMEO:", "--num_samples=1",
+             "--max_new_tokens=6", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("ROMEO:") and len(r.stdout.split("\n---")[0]) == len("ROMEO:") + 6
+    assert "WARNING:absl" not in r.stderr, r.stderr  # Orbax's read-only notes are not the user's business
+
+    r = _run(env, "sample.py", "--config", str(tmp_path / "nope.py"), cwd=tmp_path)
+    assert r.returncode == 2 and "nope.py' not found" in r.stderr and "Traceback" not in r.stderr
