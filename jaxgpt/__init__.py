@@ -1,68 +1,39 @@
-"""jaxgpt: the GPT of "Let's build GPT" and nanoGPT as pure JAX functions and Flax NNX modules."""
+"""jaxgpt: the GPT of "Let's build GPT" and nanoGPT as pure JAX functions and Flax NNX modules.
+
+The names below are imported on first use (`jaxgpt.GPT`, `jaxgpt.data.get_batch`), so `import jaxgpt`
+costs nothing and importing one module of the package loads only what that module needs.
+"""
 
 import importlib
 
-from jaxgpt.convert import (
-    from_torch_state_dict,
-    load_gpt2_pretrained,
-    load_init_from,
-    load_nanogpt_checkpoint,
-    save_nanogpt_checkpoint,
-    to_torch_state_dict,
-)
-from jaxgpt.model import (
-    GPT,
-    MLP,
-    BigramLanguageModel,
-    Block,
-    CausalSelfAttention,
-    GPTConfig,
-    Head,
-    MultiHeadAttention,
-    loss_fn,
-)
-from jaxgpt.sampling import generate, generate_stream
-from jaxgpt.tokenizer import CharTokenizer, HFTokenizer, TiktokenTokenizer, load_tokenizer, tokenizer_from_dict
-
-__all__ = [
-    "GPT",
-    "MLP",
-    "BigramLanguageModel",
-    "Block",
-    "CausalSelfAttention",
-    "CharTokenizer",
-    "GPTConfig",
-    "HFTokenizer",
-    "Head",
-    "MultiHeadAttention",
-    "TiktokenTokenizer",
-    "from_torch_state_dict",
-    "load_gpt2_pretrained",
-    "load_init_from",
-    "load_nanogpt_checkpoint",
-    "load_tokenizer",
-    "generate",
-    "generate_stream",
-    "loss_fn",
-    "save_nanogpt_checkpoint",
-    "to_torch_state_dict",
-    "tokenizer_from_dict",
-]
-__version__ = "0.1.0"
-
-# Submodules reachable as attributes (`jaxgpt.data.get_batch`), each imported on first use so that
-# `import jaxgpt` does not pay for all of them.
+# public name -> the module that defines it
+_EXPORTS = {
+    "GPT": "model", "MLP": "model", "BigramLanguageModel": "model", "Block": "model",
+    "CausalSelfAttention": "model", "GPTConfig": "model", "Head": "model", "MultiHeadAttention": "model",
+    "loss_fn": "model",
+    "generate": "sampling", "generate_stream": "sampling",
+    "CharTokenizer": "tokenizer", "HFTokenizer": "tokenizer", "TiktokenTokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer", "tokenizer_from_dict": "tokenizer",
+    "from_torch_state_dict": "convert", "load_gpt2_pretrained": "convert", "load_init_from": "convert",
+    "load_nanogpt_checkpoint": "convert", "save_nanogpt_checkpoint": "convert", "to_torch_state_dict": "convert",
+}
 _SUBMODULES = frozenset({
-    "attention", "checkpoint", "config", "convert", "data", "mfu", "model", "optim", "plotting", "prepare",
-    "sampling", "sharding", "tokenizer", "training",
+    "attention", "checkpoint", "config", "convert", "cpu_matmul", "data", "kv_cache", "layout", "mfu", "model",
+    "optim", "plotting", "prepare", "run_dir", "safe_pickle", "sampling", "sharding", "tokenizer", "train_step",
+    "training",
 })
+
+__all__ = sorted(_EXPORTS)
+__version__ = "0.1.0"
 
 
 def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"jaxgpt.{_EXPORTS[name]}"), name)
     if name in _SUBMODULES:
         return importlib.import_module(f"jaxgpt.{name}")
     raise AttributeError(f"module 'jaxgpt' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _SUBMODULES)
+    return sorted(set(globals()) | set(_EXPORTS) | _SUBMODULES)

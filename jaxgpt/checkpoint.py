@@ -248,14 +248,15 @@ class Checkpointer:
             reason = " ".join(str(e).split())[:300] or type(e).__name__
             raise CheckpointError(f"cannot restore {self.step_dir(which, step)} ({reason})") from e
 
-    def find_usable(self, *, warn: Callable[[str], None], quarantine: bool = False) -> tuple[str, int]:
-        """The newest whole checkpoint, 'latest' first, then 'best': returns (which, step).
+    def find_usable(self, *, warn: Callable[[str], None], quarantine: bool = False,
+                    kinds: tuple[str, ...] = WHICH) -> tuple[str, int]:
+        """The newest whole checkpoint of `kinds`, 'latest' first at equal steps: returns (which, step).
 
         Each unusable step passed over is reported through `warn`, naming it and the one used instead;
         with `quarantine`, it is moved to checkpoints/unusable/ so that new saves do not collide with it.
         Raises `CheckpointError` listing every step when none is usable.
         """
-        candidates = sorted(((s, w) for w in WHICH for s in self.steps(w)), key=lambda c: (-c[0], WHICH.index(c[1])))
+        candidates = sorted(((s, w) for w in kinds for s in self.steps(w)), key=lambda c: (-c[0], WHICH.index(c[1])))
         bad: list[tuple[str, int, str]] = []
         for step, which in candidates:
             try:
@@ -307,7 +308,8 @@ def load_model(out_dir: str | os.PathLike, which: str = "best") -> tuple[nnx.Mod
         steps = ckptr.steps(which)
         if not steps:
             raise FileNotFoundError(f"no {which} checkpoint in {ckpt_dir}")
-        step = _newest_whole(ckptr, which, steps)
+        warn = lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)  # noqa: E731
+        _, step = ckptr.find_usable(warn=warn, kinds=(which,))
         meta = ckptr.restore_meta(which, step)
         config = config_lib.from_dict(meta["config"])
         model = nnx.eval_shape(
@@ -333,18 +335,3 @@ def load_model(out_dir: str | os.PathLike, which: str = "best") -> tuple[nnx.Mod
         "path": str(ckpt_dir / str(step)),
     }
     return model, tokenizer, info
-
-
-def _newest_whole(ckptr: Checkpointer, which: str, steps: list[int]) -> int:
-    """The newest verified step of `which`, warning about each newer unusable one; CheckpointError if none."""
-    bad = []
-    for step in steps:
-        try:
-            ckptr.verify(which, step)
-        except CheckpointError as e:
-            bad.append(str(e))
-            continue
-        for reason in bad:
-            warnings.warn(f"{reason}; using {ckptr.step_dir(which, step)} instead", RuntimeWarning, stacklevel=3)
-        return step
-    raise CheckpointError(f"no usable {which} checkpoint: {'; '.join(bad)}")
