@@ -292,12 +292,33 @@ class JaxTrainer:
 # --------------------------------------------------------------------------------------------- torch
 
 
+def use_sdpa(model) -> None:
+    """Switches the reference GPT's attention to nanoGPT's flash path, in place.
+
+    nanoGPT's CausalSelfAttention calls `F.scaled_dot_product_attention(is_causal=True, dropout_p=...)`
+    when torch has it (flash attention on GPUs); the reference spells the masked softmax out for
+    readability. The same function of the same weights (the dropout masks differ), at nanoGPT's speed.
+    """
+    import torch.nn.functional as F
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(self.n_embd, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+    for block in model.transformer.h:
+        block.attn.forward = types.MethodType(forward, block.attn)
+
+
 class TorchTrainer:
     """The PyTorch reference trained as nanoGPT's train.py does: compiled model, bf16 autocast, AdamW
     groups of `configure_optimizers` (fused on CUDA, as nanoGPT picks), the learning rate set each step,
-    gradient clipping; batches drawn on the device from the token array."""
+    gradient clipping; batches drawn on the device from the token array. `sdpa`: nanoGPT's attention."""
 
-    def __init__(self, shape: TrainShape, train_ids, vocab_size: int, device: str, compile_model: bool):
+    def __init__(self, shape: TrainShape, train_ids, vocab_size: int, device: str, compile_model: bool,
+                 sdpa: bool = True):
         import numpy as np
         import torch
 
@@ -308,6 +329,8 @@ class TorchTrainer:
         config = torch_gpt.TorchGPTConfig(vocab_size=vocab_size, block_size=shape.block_size, n_layer=shape.n_layer,
                                           n_head=shape.n_head, n_embd=shape.n_embd, dropout=shape.dropout, bias=False)
         self.model = torch_gpt.GPT(config).to(device)
+        if sdpa:
+            use_sdpa(self.model)
         self.n_params = self.model.get_num_params()
         groups = torch_gpt.configure_optimizers(self.model, shape.weight_decay, shape.learning_rate,
                                                 (shape.beta1, shape.beta2)).param_groups
@@ -379,18 +402,32 @@ class Bench:
         self.args, self.plan = args, plan
         self.rows: list[dict] = []
         self.info: dict = {}
+        self.sections: tuple[str, ...] = ()
+        self.t0 = time.perf_counter()
+
+    def write_json(self, table: str | None = None) -> None:
+        add_ratios(self.rows)
+        doc = {"machine": self.info, "sections": list(self.sections), "total_s": time.perf_counter() - self.t0,
+               "complete": table is not None, "rows": self.rows, "table": table}
+        self.args.json.parent.mkdir(parents=True, exist_ok=True)
+        self.args.json.write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
     def row(self, section: str, impl: str, unit: str, **fields) -> dict:
         r = {"section": section, "impl": impl, "unit": unit, **fields}
         self.rows.append(r)
+        if self.args.json:  # rewritten after every row: a run stopped by a timeout keeps what it measured
+            self.write_json()
         print(f"[bench_gpu] {section} | {impl}: " + ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()),
             file=sys.stderr, flush=True)
         return r
 
     def guarded(self, section: str, impl: str, unit: str, fn: Callable[[], dict]) -> dict | None:
-        """`fn()`'s fields as a row, or its error as a row; never raises."""
+        """`fn()`'s fields as a row, or its error as a row; never raises. Past `--budget`, skipped."""
         t0 = time.perf_counter()
+        if self.args.budget is not None and t0 - self.t0 > self.args.budget:
+            self.row(section, impl, unit, error=f"skipped: past the --budget of {self.args.budget:.0f} s")
+            return None
         try:
             fields = fn()
         except Exception as e:  # noqa: BLE001  (one failing part is a table entry; the others still run)
@@ -415,6 +452,7 @@ class Bench:
         else:  # a CPU run checks the script on tiny shapes, where more threads only contend
             torch.set_num_threads(1)
         self.compile = {"auto": self.device == "cuda", "yes": True, "no": False}[self.args.torch_compile]
+        self.sdpa = self.args.torch_attention == "sdpa"
         self.train_ids, self.val_ids, self.vocab = load_corpus(self.args.data)
         self.on_gpu = jax.default_backend() == "gpu"
         from jaxgpt import mfu
@@ -429,6 +467,7 @@ class Bench:
             "jax": jax.__version__,
             "torch": torch.__version__,
             "torch_compile": self.compile,
+            "torch_attention": self.args.torch_attention,
             "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
             "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
             "tiny": self.args.tiny,
@@ -464,7 +503,7 @@ class Bench:
             self.guarded(section, impl, "ms/step", run)
         if torch_impl:
             def run_torch():
-                t = TorchTrainer(shape, train_ids, vocab, self.device, self.compile)
+                t = TorchTrainer(shape, train_ids, vocab, self.device, self.compile, self.sdpa)
                 stats = measure(lambda: t.window(k), windows, first=lambda: t.window(1))
                 trainers["torch"] = t
                 kind = self.info["torch_device"] if self.device == "cuda" else "cpu"
@@ -474,7 +513,8 @@ class Bench:
         return trainers
 
     def torch_label(self) -> str:
-        return f"torch reference{' compiled' if self.compile else ' eager'} + bf16 autocast ({self.device})"
+        return (f"torch reference{', sdpa' if self.sdpa else ''}{', compiled' if self.compile else ', eager'}, "
+                f"bf16 autocast ({self.device})")
 
     def run_step_and_eval(self) -> None:
         shape = self.plan.shakespeare
@@ -495,7 +535,7 @@ class Bench:
             label = self.torch_label() if impl == "torch" else impl
             t = trainers.get(impl)
             if t is None:
-                self.row(section, label, "ms/eval", error="not run: its training step failed (see its row)")
+                self.row(section, label, "ms/eval", error="not run: no trained model (see its step row)")
                 continue
             ev = t.make_eval(self.val_ids, self.plan.eval_iters) if impl == "torch" else t.make_eval(
                 self.train_ids, self.val_ids, self.plan.eval_iters)
@@ -537,6 +577,8 @@ class Bench:
         model = jaxgpt.GPT(jaxgpt.GPTConfig(**cfg, bias=False), rngs=nnx.Rngs(0))
         torch.manual_seed(0)
         ref = torch_gpt.GPT(torch_gpt.TorchGPTConfig(**cfg, bias=False)).to(self.device).eval()
+        if self.sdpa:
+            use_sdpa(ref)
         seeds = iter(range(1 << 30))
         repeats = max(3, self.plan.windows)
         for batch in self.plan.sample_batches:
@@ -566,7 +608,8 @@ class Bench:
                 return {**stats, "first_s": first, "tokens_per_s": batch / stats["median_s"]}
 
             self.guarded(section, "jaxgpt generate, KV cache, float32", "ms/token", jax_side)
-            self.guarded(section, f"torch reference generate, no cache, bf16 autocast ({self.device})", "ms/token",
+            label = f"torch reference generate{', sdpa' if self.sdpa else ''}, no cache, bf16 autocast ({self.device})"
+            self.guarded(section, label, "ms/token",
                          torch_side)
 
     def run_recipe(self) -> None:
@@ -607,10 +650,10 @@ class Bench:
         self.setup()
         if "step" in sections or "eval" in sections:
             self.run_step_and_eval()
-        if "gpt2" in sections:
-            self.run_gpt2()
         if "sample" in sections:
             self.run_sample()
+        if "gpt2" in sections:  # last: the longest compiles
+            self.run_gpt2()
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -682,6 +725,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe-set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for the recipe run, e.g. model.dtype=bfloat16 (repeatable)")
     p.add_argument("--recipe-timeout", type=float, default=420.0, help="seconds before the recipe run is stopped")
+    p.add_argument("--budget", type=float, help="seconds: parts that would start later are skipped (marked so)")
+    p.add_argument("--torch-attention", choices=("sdpa", "reference"), default="sdpa",
+                   help="the torch side's attention: nanoGPT's F.scaled_dot_product_attention (flash on GPUs; "
+                        "default) or the reference's written-out softmax")
     p.add_argument("--tiny", action="store_true", help="tiny shapes for every section (a CPU check in seconds)")
     p.add_argument("--windows", type=int, help="timed windows per measurement (default 5; 2 with --tiny)")
     p.add_argument("--torch-compile", choices=("auto", "yes", "no"), default="auto",
@@ -724,18 +771,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.windows:
         plan = dataclasses.replace(plan, windows=args.windows)
     bench = Bench(args, plan)
-    t0 = time.perf_counter()
     bench.run(sections)
     add_ratios(bench.rows)
     table = fmt_table(bench.rows, bench.info)
     print(table, flush=True)
-    total = time.perf_counter() - t0
-    print(f"\ntotal {total:.1f} s", flush=True)
+    print(f"\ntotal {time.perf_counter() - bench.t0:.1f} s", flush=True)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"machine": bench.info, "sections": list(sections), "total_s": total, "rows": bench.rows,
-               "table": table}
-        args.json.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        bench.write_json(table)
     return 1 if any("error" in r for r in bench.rows) else 0
 
 

@@ -47,6 +47,7 @@ def test_tiny_run_has_every_section_with_sane_timings(tmp_path, shakespeare_path
     rows = doc["rows"]
     assert not [r for r in rows if "error" in r]
     assert doc["machine"]["jax_backend"] == "cpu" and doc["machine"]["torch_compile"] is False
+    assert doc["complete"] and doc["machine"]["torch_attention"] == "sdpa"
 
     plan = bench_gpu.TINY
     sections = {
@@ -94,6 +95,42 @@ def test_tiny_recipe_runs_train_py_and_reads_its_metrics(tmp_path, shakespeare_p
     max_iters, interval = int(overrides["max_iters"]), int(overrides["eval_interval"])
     assert row["final_step"] == max_iters and row["evals"] == max_iters // interval + 1
     assert 0 < row["best_val"] < math.log(65) + 0.5  # a character model's loss, near or below uniform's
+
+
+@pytest.mark.slow
+def test_past_the_budget_parts_are_skipped_and_reported(tmp_path, shakespeare_path):
+    out = tmp_path / "bench.json"
+    proc = _run(["--tiny", "--only", "step,sample", "--budget", "0", "--data", str(shakespeare_path),
+                 "--json", str(out)], timeout=300)
+    assert proc.returncode == 1  # nothing measured is a failed run
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["section"] for r in rows} == {"shakespeare_char step", "sampling 1 + 15 tokens, batch 1",
+                                            "sampling 1 + 15 tokens, batch 8"}
+    assert all(r["error"].startswith("skipped: past the --budget") for r in rows)
+    assert proc.stdout.count("| failed |") == len(rows)
+
+
+def test_use_sdpa_is_the_reference_attention():
+    import torch
+
+    from tests.reference import torch_gpt
+
+    torch.manual_seed(0)
+    config = torch_gpt.TorchGPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.1)
+    model = torch_gpt.GPT(config).eval()
+    x = torch.randint(0, 65, (3, 20))
+    logits, loss = model(x, x)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    bench_gpu.use_sdpa(model)
+    logits_sdpa, loss_sdpa = model(x, x)
+    loss_sdpa.backward()
+    torch.testing.assert_close(logits_sdpa, logits, rtol=1e-5, atol=1e-5)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-5)
+    model.train()  # dropout on: masks drawn, so outputs differ from eval mode
+    assert not torch.allclose(model(x)[0], logits_sdpa)
 
 
 @pytest.mark.parametrize(
