@@ -10,7 +10,8 @@
 # folder, the .xplane.pb gzipped). With --recipe, and when at least RECIPE_NEED_S seconds of the
 # BUDGET_S budget are left after the benchmark, the whole train.py shakespeare_char run follows
 # ($OUT/recipe.json). Each phase prints a timestamp. Budget knobs (seconds, environment):
-# BUDGET_S=540, PYTEST_TIMEOUT_S=150, BENCH_TIMEOUT_S=330, RECIPE_NEED_S=150.
+# BUDGET_S=540, PYTEST_TIMEOUT_S=150, BENCH_TIMEOUT_S=330, RECIPE_NEED_S=150; BENCH_ARGS adds options to
+# bench_gpu.py (BENCH_ARGS=--tiny: a quick smoke run of this script).
 #
 # Prepare on a machine with PyPI access, in the repository root (both folders are git-ignored):
 #   .whl/  wheels of what the GPU machine lacks, installed with --no-deps into /tmp/site; for a machine
@@ -27,6 +28,7 @@ BUDGET_S=${BUDGET_S:-540}
 PYTEST_TIMEOUT_S=${PYTEST_TIMEOUT_S:-150}
 BENCH_TIMEOUT_S=${BENCH_TIMEOUT_S:-330}
 RECIPE_NEED_S=${RECIPE_NEED_S:-150}
+BENCH_ARGS=${BENCH_ARGS:-}
 RECIPE=0
 for arg in "$@"; do
   case "$arg" in
@@ -79,13 +81,17 @@ phase "pytest on the GPU (timeout ${PYTEST_TIMEOUT_S}s)"
 JAX_PLATFORMS=cuda timeout "$PYTEST_TIMEOUT_S" "$PYTHON" -m pytest -q -p no:cacheprovider \
   tests/test_model.py tests/test_attention.py tests/test_sampling.py tests/test_training.py 2>&1 | tail -n 60 \
   | tee -a "$LOG"
+echo | tee -a "$LOG"
 echo "pytest exit status: ${PIPESTATUS[0]} (124: timed out)" | tee -a "$LOG"
 
 BENCH_T=$(( $(left) < BENCH_TIMEOUT_S ? $(left) : BENCH_TIMEOUT_S ))
 phase "bench_gpu.py (timeout ${BENCH_T}s)"
 rm -rf "$OUT/trace.raw"
+# --budget: parts that would start in the last minute are skipped (marked so) rather than cut off
+# shellcheck disable=SC2086
 timeout "$BENCH_T" "$PYTHON" benchmarks/bench_gpu.py --data "$DATA" --json "$OUT/bench_gpu.json" \
-  --profile "$OUT/trace.raw" 2>&1 | tee -a "$LOG"
+  --profile "$OUT/trace.raw" --budget $(( BENCH_T > 120 ? BENCH_T - 60 : BENCH_T / 2 )) $BENCH_ARGS 2>&1 \
+  | tee -a "$LOG"
 echo "bench_gpu exit status: ${PIPESTATUS[0]} (124: timed out)" | tee -a "$LOG"
 
 phase "trace files"
@@ -101,8 +107,9 @@ fi
 if [ "$RECIPE" = 1 ]; then
   if [ "$(left)" -ge "$RECIPE_NEED_S" ]; then
     phase "recipe: train.py --config configs/shakespeare_char.py (timeout $(left)s)"
-    timeout "$(left)" "$PYTHON" benchmarks/bench_gpu.py --data "$DATA" --only recipe --recipe-timeout $(( $(left) - 10 )) \
-      --json "$OUT/recipe.json" 2>&1 | tee -a "$LOG"
+    # shellcheck disable=SC2086
+    timeout "$(left)" "$PYTHON" benchmarks/bench_gpu.py --data "$DATA" --only recipe \
+      --recipe-timeout $(( $(left) - 10 )) --json "$OUT/recipe.json" $BENCH_ARGS 2>&1 | tee -a "$LOG"
     echo "recipe exit status: ${PIPESTATUS[0]} (124: timed out)" | tee -a "$LOG"
   else
     phase "recipe skipped: $(left)s left of ${BUDGET_S}s, needs ${RECIPE_NEED_S}s"
