@@ -9,7 +9,8 @@ One command, one table (markdown on stdout) and, with `--json PATH`, the same ro
               (tests/reference/torch_gpt.py) under `torch.compile` + bf16 autocast, fused AdamW as nanoGPT
               picks on CUDA, batches drawn on the device
     eval      one evaluation: eval_iters=200 batches of the train split and 200 of val, no dropout
-              (jaxgpt: `training.make_estimate_loss`, one compiled call; torch: nanoGPT's estimate_loss loop)
+              (jaxgpt: `training.make_estimate_loss`, one compiled call; torch: nanoGPT's estimate_loss loop
+              over the compiled model, its batches drawn on the device)
     gpt2      GPT-2 124M step, 12 x 1024 tokens, random tokens, `configs/gpt2_124m.py`'s settings (bf16,
               cuDNN attention on GPUs, betas (0.9, 0.95)) with one micro-batch per step (nanoGPT's bench.py):
               jaxgpt host-fed one step per call (the config as shipped), jaxgpt on-device 10 steps per call,
@@ -489,7 +490,7 @@ class Bench:
         return {**stats, "tokens_per_s": tok_s, **({} if peak_mfu is None else {"mfu": peak_mfu}), **extra}
 
     def train_section(self, section: str, shape: TrainShape, jax_variants: list[tuple[str, dict]],
-                      torch_impl: str | None, vocab: int, train_ids, val_ids=None) -> dict:
+                      torch_impl: str | None, vocab: int, train_ids) -> dict:
         """Trains every variant (sequentially: one at a time on the device); returns the live trainers."""
         windows, k = self.plan.windows, shape.steps_per_call
         trainers: dict = {}
