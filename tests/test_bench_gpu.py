@@ -110,6 +110,15 @@ def test_past_the_budget_parts_are_skipped_and_reported(tmp_path, shakespeare_pa
     assert proc.stdout.count("| failed |") == len(rows)
 
 
+@pytest.mark.slow
+def test_xla_dump_is_set_before_jax_starts(tmp_path, shakespeare_path):
+    dump = tmp_path / "hlo"
+    proc = _run(["--tiny", "--only", "sample", "--xla-dump", str(dump), "--data", str(shakespeare_path)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = [p.name for p in dump.iterdir()]
+    assert any("decode" in n and n.endswith("after_optimizations.txt") for n in names), names[:20]
+
+
 def test_use_sdpa_is_the_reference_attention():
     import torch
 
