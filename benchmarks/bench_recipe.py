@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
 import pathlib
 import statistics
 import sys
@@ -112,58 +111,26 @@ def run_seed(config_path: str, data_path: str | None, seed: int, overrides: dict
 
 
 def run_seed_torch(config_path: str, data_path: str | None, seed: int, overrides: dict) -> dict:
-    """nanoGPT's train.py loop (CPU, float32, no compile) on the PyTorch reference model."""
-    import time
-
+    """nanoGPT's train.py loop (CPU, float32, no compile) on the PyTorch reference model (nanogpt_loop.py)."""
     import torch
 
-    from tests.reference import torch_gpt
+    from benchmarks.nanogpt_loop import CPU_RECIPE
+    from benchmarks.nanogpt_loop import train as nanogpt_train
 
     config = _config(config_path, overrides)
     dataset = data_lib.load_dataset(data_path or config.data.path or None)
-    m, B, T = config.model, config.batch_size, config.model.block_size
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(seed)
-    model = torch_gpt.GPT(torch_gpt.TorchGPTConfig(vocab_size=dataset.vocab_size, block_size=T, n_layer=m.n_layer,
-                                                   n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout, bias=m.bias))
-    opt = torch_gpt.configure_optimizers(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2))
-    splits = {k: torch.from_numpy(np.asarray(v, np.int64)) for k, v in (("train", dataset.train), ("val", dataset.val))}
-
-    def get_batch(split):
-        data = splits[split]
-        ix = torch.randint(len(data) - T, (B,))
-        return torch.stack([data[i:i + T] for i in ix]), torch.stack([data[i + 1:i + 1 + T] for i in ix])
-
-    @torch.no_grad()
-    def estimate_loss():
-        model.eval()
-        out = {k: float(torch.stack([model(*get_batch(k))[1] for _ in range(config.eval_iters)]).mean())
-               for k in ("train", "val")}
-        model.train()
-        return out
-
-    t0, val, best = time.time(), None, float("inf")
-    for it in range(config.max_iters + 1):
-        lr = torch_gpt.get_lr(it, config.learning_rate, config.warmup_iters, config.lr_decay_iters, config.min_lr)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        if it % config.eval_interval == 0:
-            val = estimate_loss()["val"]
-            best = min(best, val)
-        if it == config.max_iters:
-            break
-        _, loss = model(*get_batch("train"))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    wall = time.time() - t0
+    settings = {k: (config.model[k] if k in config.model else config[k]) for k in CPU_RECIPE}
+    model, out = nanogpt_train(np.asarray(dataset.train), np.asarray(dataset.val), dataset.vocab_size, seed=seed,
+                               log=lambda line: None, **settings)
+    T = config.model.block_size
     x, y = map(torch.from_numpy, windows(dataset.val, T))
     with torch.no_grad():
         model.eval()
         exact = sum(float(model(x[i:i + 256], y[i:i + 256])[1]) * len(x[i:i + 256]) for i in range(0, len(x), 256))
-    return {"seed": seed, "step": config.max_iters, "wall_s": wall, "tokens_per_s": config.max_iters * B * T / wall,
-            "val_estimate": val, "best_val_estimate": best, "val_exact": exact / len(x)}
+    wall = out["wall_s"]
+    return {"seed": seed, "step": config.max_iters, "wall_s": wall,
+            "tokens_per_s": config.max_iters * config.batch_size * T / wall,
+            "val_estimate": out["val"], "best_val_estimate": out["best_val"], "val_exact": exact / len(x)}
 
 
 def table(rows: list[dict]) -> str:

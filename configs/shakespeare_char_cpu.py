@@ -18,6 +18,7 @@ def get_config():
     c.beta2 = 0.99
     c.warmup_iters = 100
     c.steps_per_call = 125  # two compiled calls per evaluation interval
+    c.sample_tokens = 200  # the end-of-run sample: about a second on a CPU (0 skips it)
     c.model.block_size = 64
     c.model.n_layer = 4
     c.model.n_head = 4

@@ -190,11 +190,15 @@ def gpt_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs) -> GPT | BigramLanguageModel:
-    """A freshly initialised model of `config.model.name` for a vocabulary of `vocab_size`."""
+    """A freshly initialised model of `config.model.name` for a vocabulary of `vocab_size`.
+
+    The initial weights are drawn by one compiled program (which the compilation cache keeps): drawn
+    eagerly, each parameter's shape would compile a small program of its own, seconds in all.
+    """
     cfg = gpt_config(config, vocab_size)
     if config.model.name == "bigram":
-        return BigramLanguageModel(cfg.vocab_size, cfg.block_size, rngs=rngs)
-    return GPT(cfg, rngs=rngs)
+        return nnx.jit(lambda r: BigramLanguageModel(cfg.vocab_size, cfg.block_size, rngs=r))(rngs)
+    return nnx.jit(lambda r: GPT(cfg, rngs=r))(rngs)
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -5,11 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display needed, safe in threads and on servers
-
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # no pyplot: no global state, so drawing in a thread is safe
 
 
 def plot_losses(records: Iterable[dict], path: str | os.PathLike, title: str = "") -> None:
@@ -18,7 +14,8 @@ def plot_losses(records: Iterable[dict], path: str | os.PathLike, title: str = "
     steps = [r["step"] for r in records if "loss" in r]
     losses = [r["loss"] for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    fig = Figure(figsize=(8, 5), dpi=100)
+    ax = fig.add_subplot()
     if steps:
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (batch)")
     if evals:
@@ -36,5 +33,4 @@ def plot_losses(records: Iterable[dict], path: str | os.PathLike, title: str = "
     fig.tight_layout()
     tmp = f"{path}.tmp.png"
     fig.savefig(tmp)
-    plt.close(fig)
     os.replace(tmp, path)  # a viewer never sees a half-written file

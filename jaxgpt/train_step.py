@@ -56,8 +56,13 @@ def make_train_chunk(
     mesh: Mesh | None = None,
     scan_layers: bool = False,
     skip_nonfinite: bool = False,
+    max_steps: int | None = None,
+    lr_schedule: Callable | None = None,
 ) -> Callable:
     """The jitted `train_chunk(params, opt_state, data, base_key, step0, *, n_steps)`.
+
+    With the data on the device and `max_steps`, one compiled program runs any n_steps <= max_steps (the
+    step count is a loop bound, not a shape), so a run whose chunks differ in length compiles once.
 
     `data` is either the whole token array on the device (batches are drawn inside, with
     `jaxgpt.data`'s gather) or a pair of pre-drawn host batches `(x, y)` of shape
@@ -69,6 +74,7 @@ def make_train_chunk(
 
     With a `mesh`, every batch is split over its ('data', 'fsdp') axes and params / opt_state keep the
     shardings of `jaxgpt.sharding.state_shardings` (`scan_layers`: the model stacks its blocks), in and out.
+    With an `lr_schedule`, metrics['lr'] holds each step's learning rate (computed with the step, not after).
     """
     grad_fn = jax.value_and_grad(partial(_loss, graphdef, use_dropout=use_dropout))
 
@@ -102,24 +108,40 @@ def make_train_chunk(
                                          (new_params, new_opt_state), (params, opt_state))
         return params, opt_state, loss, keep_new
 
-    def train_chunk(params, opt_state, data, base_key, step0, *, n_steps: int):
+    def train_chunk(params, opt_state, data, base_key, step0, n_steps, *, length: int):
         on_device = not isinstance(data, tuple)
 
-        def body(carry, inputs):
-            params, opt_state = carry
-            i, xy = inputs
-            params, opt_state, loss, finite = one_step(params, opt_state, data, base_key, step0 + i,
-                                                       None if on_device else xy)
-            return (params, opt_state), (loss, finite)
+        def body(i, carry):
+            params, opt_state, metrics = carry
+            xy = None if on_device else jax.tree.map(lambda a: a[i], data)
+            params, opt_state, loss, ok = one_step(params, opt_state, data, base_key, step0 + i, xy)
+            new = {"loss": loss, "finite": ok}
+            if lr_schedule is not None:
+                new["lr"] = jnp.asarray(lr_schedule(step0 + i), jnp.float32)
+            return params, opt_state, {k: metrics[k].at[i].set(v) for k, v in new.items()}
 
-        xs = (jnp.arange(n_steps), None if on_device else data)
         params, opt_state = _constrain_state((params, opt_state), mesh, scan_layers)
-        (params, opt_state), (losses, finite) = jax.lax.scan(body, (params, opt_state), xs)
+        metrics = {"loss": jnp.zeros(length, jnp.float32), "finite": jnp.zeros(length, bool)}
+        if lr_schedule is not None:
+            metrics["lr"] = jnp.zeros(length, jnp.float32)
+        params, opt_state, metrics = jax.lax.fori_loop(0, n_steps, body, (params, opt_state, metrics))
         # Outputs sharded as the inputs were, so the donated buffers are reused.
         params, opt_state = _constrain_state((params, opt_state), mesh, scan_layers)
-        return params, opt_state, {"loss": losses, "finite": finite}
+        return params, opt_state, metrics
 
-    return jax.jit(train_chunk, donate_argnames=("params", "opt_state"), static_argnames=("n_steps",))
+    jitted = jax.jit(train_chunk, donate_argnames=("params", "opt_state"), static_argnames=("length",))
+
+    def call(params, opt_state, data, base_key, step0, *, n_steps: int):
+        on_device = not isinstance(data, tuple)
+        if on_device and max_steps is not None and n_steps > max_steps:
+            raise ValueError(f"n_steps={n_steps} is more than this train_chunk's max_steps={max_steps}")
+        # The step count is a traced loop bound: every n_steps <= length shares one compiled program.
+        length = (max_steps or n_steps) if on_device else n_steps
+        params, opt_state, metrics = jitted(params, opt_state, data, base_key, step0, jnp.int32(n_steps),
+                                            length=length)
+        return params, opt_state, metrics if length == n_steps else {k: v[:n_steps] for k, v in metrics.items()}
+
+    return call
 
 
 def _all_finite(tree) -> jax.Array:

@@ -16,6 +16,7 @@ import os
 import pathlib
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -85,15 +86,21 @@ def step_mfu(config: ml_collections.ConfigDict, model: nnx.Module, n_devices: in
     return lambda tokens_per_s: mfu_lib.mfu(tokens_per_s, per_token, n_devices, device_kind)
 
 
-def chunk_boundaries(start: int, max_iters: int, eval_interval: int, steps_per_call: int) -> list[tuple[int, int]]:
-    """Chunks [a, b) of steps: at most steps_per_call long, never crossing a multiple of eval_interval."""
+def chunk_boundaries(start: int, max_iters: int, eval_interval: int, steps_per_call: int,
+                     first_call: int | None = None) -> list[tuple[int, int]]:
+    """Chunks [a, b) of steps: at most steps_per_call long (the first at most `first_call`, so progress shows
+    early), never crossing a multiple of eval_interval."""
     chunks, a = [], start
     while a < max_iters:
         next_eval = (a // eval_interval + 1) * eval_interval
-        b = min(a + steps_per_call, next_eval, max_iters)
+        longest = steps_per_call if chunks or first_call is None else min(first_call, steps_per_call)
+        b = min(a + longest, next_eval, max_iters)
         chunks.append((a, b))
         a = b
     return chunks
+
+
+FIRST_CALL_STEPS = 8  # the first compiled call of a run trains this many steps at most
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -241,6 +248,7 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
         if failed is not None:
             raise TrainingError(f"process {failed} of this run stopped before training: see its error")
         sharding_lib.sync_processes("jaxgpt: out_dir ready")
+        log(f"data: {len(dataset.train):,} train / {len(dataset.val):,} val tokens from {dataset.source}")
         return _train(config, out_dir, dataset, init_model, mesh, log)
 
 
@@ -250,7 +258,7 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
     from tqdm.auto import tqdm
 
     if config.compile_cache and not jax.config.jax_compilation_cache_dir:
-        enable_compilation_cache(data_lib.cache_dir() / "xla")
+        enable_compilation_cache(data_lib.cache_dir() / "xla", min_compile_time_secs=0.0)
     main = jax.process_index() == 0
     block_size = config.model.block_size
     vocab_size = config.model.vocab_size or dataset.vocab_size
@@ -276,7 +284,6 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
             metrics.keep_before(s["step"])
         tokens_per_step = config.batch_size * block_size * config.grad_accum_steps
         log(f"{config.model.name}: {count_params(s['params']) / 1e6:.2f}M parameters, vocab {vocab_size}, "
-            f"{len(dataset.train):,} train / {len(dataset.val):,} val tokens from {dataset.source}; "
             f"{tokens_per_step:,} tokens per step")
         if mesh.size > 1:
             log(f"mesh: data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} over {mesh.size} "
@@ -290,6 +297,7 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
         with Interrupt(log=log, call_seconds=run.call_seconds) as interrupt, contextlib.closing(bar):
             interrupted = run.loop(bar, interrupt)
     finally:
+        run.wait_for_plot()
         ckptr.close()
     summary = {"step": s["step"], "best_val_loss": s["best_val"], "wall_time": time.time() - run.t0,
                "tokens_per_s": run.tokens_per_s(), "interrupted": interrupted is not None,
@@ -343,10 +351,10 @@ class _Run:
         self.train_chunk = make_train_chunk(
             graphdef, tx, batch_size=c.batch_size, block_size=block_size, grad_accum_steps=c.grad_accum_steps,
             use_dropout=c.model.dropout > 0 and c.model.name == "gpt", mesh=mesh,
-            scan_layers=c.model.scan_layers, skip_nonfinite=c.skip_nonfinite)
+            scan_layers=c.model.scan_layers, skip_nonfinite=c.skip_nonfinite,
+            max_steps=c.steps_per_call if self.on_device else None, lr_schedule=optim.schedule_from_config(c))
         self.estimate = make_estimate_loss(graphdef, batch_size=c.batch_size, block_size=block_size,
                                            eval_iters=c.eval_iters, mesh=mesh)
-        self.schedule = optim.schedule_from_config(c)
         self.mfu_of = step_mfu(c, nnx.merge(graphdef, state["params"]), mesh.size)
         self.meta = {"config": config_lib.to_dict(c), "vocab_size": c.model.vocab_size or dataset.vocab_size,
                      "tokenizer": dataset.tokenizer.to_dict() if dataset.tokenizer else None}
@@ -356,6 +364,7 @@ class _Run:
         self.first_call = (0.0, 0)
         self.call_started: float | None = None
         self.postfix: dict[str, str] = {}
+        self.plotter: threading.Thread | None = None
 
     def call_seconds(self) -> float | None:
         return None if self.call_started is None else time.perf_counter() - self.call_started
@@ -370,11 +379,13 @@ class _Run:
         if s["step"] % c.eval_interval == 0 and not self.metrics.evaluated(s["step"]):
             self.evaluate()
         start = s["step"]
-        for a, b in chunk_boundaries(start, c.max_iters, c.eval_interval, c.steps_per_call):
+        # On the device every chunk length shares one compiled program: a short first call shows progress early.
+        first_call = FIRST_CALL_STEPS if self.on_device else None
+        for a, b in chunk_boundaries(start, c.max_iters, c.eval_interval, c.steps_per_call, first_call):
             if interrupt.signum is not None:
                 break
             if a == start:
-                self.log(f"compiling the training step ({b - a} steps per call) ...")
+                self.log(f"compiling the training step (up to {c.steps_per_call} steps per call) ...")
             self.train(a, b, first=a == start)
             bar.update(b - a)
             bar.set_postfix(**self.postfix)
@@ -396,7 +407,8 @@ class _Run:
             data = host_fed_batches(self.train_data, keys, c.batch_size, c.model.block_size, self.mesh)
         s["params"], s["opt_state"], out = self.train_chunk(s["params"], s["opt_state"], data, s["key"],
                                                             jnp.int32(a), n_steps=b - a)
-        losses, finite = np.asarray(out["loss"]), np.asarray(out["finite"])  # the one host sync per chunk
+        out = jax.device_get(out)  # the one host sync per chunk
+        losses, finite, lrs = out["loss"], out["finite"], out["lr"]
         dt = time.perf_counter() - self.call_started
         self.call_started = None
         if first:  # it also compiles: the throughput counts it only when no other call ran
@@ -423,7 +435,7 @@ class _Run:
         for i in range(a, b):
             s["skipped"] += int(not finite[i - a])
             if i % c.log_interval == 0:
-                r = {"step": i, "loss": float(losses[i - a]), "lr": float(self.schedule(i)), "ms_per_step": ms,
+                r = {"step": i, "loss": float(losses[i - a]), "lr": float(lrs[i - a]), "ms_per_step": ms,
                      "tokens_per_s": tok_s, **extra}
                 if c.skip_nonfinite:
                     r["skipped_nonfinite"] = s["skipped"]  # so far, this step included
@@ -462,11 +474,27 @@ class _Run:
                 self.save("best")
             if improved or c.always_save_checkpoint:
                 self.save("latest")
-        if c.plot and self.main:
+        if c.plot and self.main and (step > 0 or c.eval_only):  # a curve needs a second point
+            self.plot()
+
+    def plot(self) -> None:
+        """Redraws loss.png in a thread, so that training goes on meanwhile (one drawing at a time)."""
+        self.wait_for_plot()
+        title = f"{self.config.model.name} on {pathlib.Path(self.dataset.source).name}"
+        records = list(self.metrics.history)
+
+        def draw():
             from jaxgpt.plotting import plot_losses
 
-            title = f"{c.model.name} on {pathlib.Path(self.dataset.source).name}"
-            plot_losses(self.metrics.history, self.out_dir / "loss.png", title=title)
+            plot_losses(records, self.out_dir / "loss.png", title=title)
+
+        self.plotter = threading.Thread(target=draw, name="jaxgpt-plot")
+        self.plotter.start()
+
+    def wait_for_plot(self) -> None:
+        if self.plotter is not None:
+            self.plotter.join()
+            self.plotter = None
 
     def save(self, which: str) -> None:
         s = self.s

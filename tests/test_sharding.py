@@ -181,7 +181,7 @@ ref_losses, ref_grads, ref_params, _ = run(make_mesh(1, 1, devices=jax.devices()
 out = {{"n_devices": len(jax.devices()), "ref_losses": ref_losses}}
 for name, (d, f) in {{"dp8": (8, 1), "fsdp8": (1, 8), "2x4": (2, 4)}}.items():
     losses, grads, params, spec = run(make_mesh(d, f))
-    grad_diff, grad_worst = max(worst(g, r, scale=True) for g, r in zip(grads, ref_grads))
+    grad_diff, grad_worst = worst(grads[0], ref_grads[0], scale=True)  # the first step: the same parameters
     param_diff, param_worst = worst(params, ref_params)
     out[name] = {{"loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)), "grad_diff": grad_diff,
                  "grad_worst": grad_worst, "param_diff": param_diff, "param_worst": param_worst, "spec": spec}}
@@ -194,8 +194,9 @@ def test_data_parallel_and_fsdp_match_one_device(scan):
     out = run_with_devices(SHARDED_STEPS.format(scan=scan))
     assert out["n_devices"] == 8
     assert out["ref_losses"][2] < out["ref_losses"][0]  # it trained
-    # Bounds by what float32 reduction order can honestly change. Losses and gradients are sums in another
-    # order: a few float32 ulps of their scale (each gradient leaf relative to its largest entry). The
+    # Bounds by what float32 reduction order can honestly change. Losses and the first step's gradients (the
+    # same parameters everywhere) are sums in another order: a few float32 ulps of their scale (each gradient
+    # leaf relative to its largest entry); later gradients also see the parameters' differences. The
     # parameters after AdamW steps are not: Adam divides a gradient by its own root-mean-square, so an entry
     # whose gradient is near zero moves by up to lr either way on noise alone (measured: 1.4e-5 on an Intel
     # Xeon, 1e-6 on an AMD EPYC). A wrong sharding (a gradient not summed over the batch shards, a

@@ -51,6 +51,7 @@ def test_tiny_run_then_resume(env, tmp_path, shakespeare_path):
     assert [s for s in steps if s < 8] == sorted(s for s in steps if s < 8)  # one continuous record
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(env, tmp_path, shakespeare_path):
     text = tiny_text(tmp_path, shakespeare_path)
     out = tmp_path / "out"
@@ -86,3 +87,43 @@ def test_bad_input_is_one_error_line(env, tmp_path, args, message):
     assert lines[-1].startswith("error: ") and message in lines[-1], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_answers_at_once_and_a_second_quits_within_a_second_keeping_the_checkpoint(env, tmp_path,
+                                                                                          shakespeare_path):
+    """During a long compiled call: the first Ctrl-C is answered at once, the second ends the process in about a
+    second with status 130, one line and no traceback or crash, and the checkpoint of step 8 stays loadable."""
+    text = tiny_text(tmp_path, shakespeare_path)
+    out = tmp_path / "out"
+    log = tmp_path / "stdout.txt"
+    common = [*TINY, f"--config.data.path={text}", f"--config.out_dir={out}", "--config.lr_decay_iters=1000000",
+              "--config.sample_tokens=0"]
+    assert _train(env, *common, "--config.max_iters=8", "--config.eval_interval=8").returncode == 0
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "shakespeare_char_cpu.py"),
+           *common, "--config.resume=True", "--config.max_iters=1000000", "--config.eval_interval=1000000",
+           "--config.steps_per_call=1000000"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and "compiling the training step" not in log.read_text():
+            time.sleep(0.2)
+        time.sleep(4)  # past the first short call, inside one compiled call of many steps
+        proc.send_signal(signal.SIGINT)
+        t_first = time.time()
+        while time.time() - t_first < 5 and "stopping after the current compiled call" not in log.read_text():
+            time.sleep(0.05)
+        answered = time.time() - t_first
+        proc.send_signal(signal.SIGINT)
+        t_second = time.time()
+        _, stderr = proc.communicate(timeout=30)
+        quit_after = time.time() - t_second
+    finally:
+        proc.kill()
+    assert answered < 2.0, log.read_text()[-2000:]
+    assert proc.returncode == 130, stderr[-2000:]
+    assert quit_after < 2.0
+    assert "quitting now without saving" in stderr
+    assert "Traceback" not in stderr and "Fatal Python error" not in stderr and "Segmentation" not in stderr
+    assert checkpoint.load_model(out, "latest")[2]["step"] == 8
