@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "colab_tpu.ipynb")
 
@@ -32,6 +34,7 @@ def test_install_cell_is_tagged_and_has_a_repository_placeholder():
     assert "JAXGPT_REPO =" in source and "%pip install" in source
 
 
+@pytest.mark.slow  # a Python subprocess
 def test_notebook_trains_plots_and_samples_on_cpu(tmp_path, shakespeare_path):
     env = dict(
         os.environ,

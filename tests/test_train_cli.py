@@ -15,6 +15,8 @@ import pytest
 from jaxgpt import checkpoint
 from tests.test_training import tiny_text
 
+pytestmark = pytest.mark.slow  # every test here runs train.py in a subprocess
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TINY = [
