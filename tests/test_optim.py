@@ -69,11 +69,11 @@ def test_grad_clip_scales_a_large_gradient_to_the_clip_norm():
     assert norm > 1.0
     unit = jax.tree.map(lambda g: g / norm, grads)  # the same direction at global norm 1
     clipped, expected = _second_update(1.0, grads), _second_update(1.0, unit)
-    chex.assert_trees_all_close(clipped, expected, rtol=1e-6)
+    chex.assert_trees_all_close(clipped, expected, rtol=1e-5)
     unclipped = _second_update(0.0, grads)  # grad_clip=0: no clipping, the large gradient moves Adam differently
     assert float(jnp.max(jnp.abs(unclipped["w"] - clipped["w"]))) > 1e-4
-    chex.assert_trees_all_close(_second_update(0.0, unit), expected, rtol=1e-6)  # below the clip nothing changes
-    chex.assert_trees_all_close(_second_update(2.0 * norm, grads), unclipped, rtol=1e-6)
+    chex.assert_trees_all_close(_second_update(0.0, unit), expected, rtol=1e-5)  # below the clip nothing changes
+    chex.assert_trees_all_close(_second_update(2.0 * norm, grads), unclipped, rtol=1e-5)  # a clip above the norm
 
 
 def test_decay_mask_is_the_same_for_scanned_layers():
