@@ -1,4 +1,4 @@
-"""Shared test settings: full float32 matmul precision in both frameworks, and the corpus path."""
+"""Shared test settings: full float32 matmul precision (JAX here, PyTorch via `torch_highest`), the corpus path."""
 
 import os
 import pathlib
@@ -15,12 +15,17 @@ SHAKESPEARE = pathlib.Path(
 )
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _torch_highest_precision():
+@pytest.fixture(scope="session")
+def torch_highest():
+    """PyTorch at full float32 matmul precision on every core, for the tests that compare with it.
+
+    Not autouse: the tests that do not touch PyTorch neither import it nor pay for its start-up.
+    """
     import torch
 
     torch.set_float32_matmul_precision("highest")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return torch
 
 
 @pytest.fixture(scope="session")

@@ -11,14 +11,19 @@ import jaxgpt
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_train  # noqa: E402
 
+from tests.matmul_flops import training_matmul_flops_per_token, vector_params  # noqa: E402
+
 
 @pytest.mark.parametrize("name", sorted(bench_train.SHAPES))
-def test_flops_per_token_uses_the_models_parameter_count(name):
+def test_flops_per_token_is_the_models_matmul_count(name):
+    """The GFLOP/s column's count equals the matmuls of the benchmarked model's training step.
+
+    nanoGPT's 6N also counts 6 FLOPs per LayerNorm gain, which is in N but in no matmul.
+    """
     shape = bench_train.SHAPES[name]
-    config = jaxgpt.GPTConfig(**shape.model_args())
-    n = nnx.eval_shape(lambda: jaxgpt.GPT(config, rngs=nnx.Rngs(0))).num_params()
-    attention = 12 * shape.n_layer * shape.block_size * shape.n_embd
-    assert bench_train.flops_per_token(shape) == 6 * n + attention
+    model = nnx.eval_shape(lambda: jaxgpt.GPT(jaxgpt.GPTConfig(**shape.model_args()), rngs=nnx.Rngs(0)))
+    counted = training_matmul_flops_per_token(model, shape.block_size)
+    assert bench_train.flops_per_token(shape) == counted + 6 * vector_params(model)
 
 
 def test_write_results_replaces_only_its_block(tmp_path):

@@ -14,6 +14,8 @@ from jaxgpt.convert import torch_name
 from tests.reference.torch_gpt import GPT as TorchGPT
 from tests.reference.torch_gpt import TorchGPTConfig, train_steps
 
+pytestmark = pytest.mark.usefixtures("torch_highest")  # these tests compare with PyTorch
+
 BASE = dict(block_size=16, vocab_size=37, n_head=4, n_embd=32)
 CONFIGS = {
     "nanogpt": dict(n_layer=2),

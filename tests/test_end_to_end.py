@@ -27,6 +27,7 @@ def _params(model: nnx.Module) -> dict:
     return {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+@pytest.mark.slow  # a Python subprocess
 def test_sample_cli_streams_what_the_trained_model_generates(tmp_path, shakespeare_path):
     text = tiny_text(tmp_path, shakespeare_path)
     out = tmp_path / "run"

@@ -150,6 +150,7 @@ def _leftovers(out: pathlib.Path) -> int:
     return n
 
 
+@pytest.mark.slow  # a Python subprocess
 def test_sigkill_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path, text, xla_cache):
     """10 SIGKILLs, 3 at fixed points of the checkpoint write and 7 at seeded random times: after each a
     checkpoint restores; resuming each time ends with the parameters of a run never killed, bit for bit."""
@@ -192,6 +193,7 @@ def test_sigkill_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path,
     assert losses[0] == losses[1] and len(losses[0]) == 32
 
 
+@pytest.mark.slow  # a Python subprocess
 def test_sigterm_checkpoints_and_exits_0_and_a_second_run_is_refused(tmp_path, text, xla_cache):
     """train.py under SIGTERM (a preempted VM; Ctrl-C is tests/test_train_cli.py's): a checkpoint, exit status
     0, lock released. While it runs, a second run on its out_dir is refused, naming the first's pid and host."""

@@ -19,6 +19,8 @@ from jaxgpt.convert import load_gpt2_pretrained, load_init_from, load_nanogpt_ch
 from tests.reference.torch_gpt import GPT as TorchGPT
 from tests.reference.torch_gpt import TorchGPTConfig, configure_optimizers
 
+pytestmark = pytest.mark.usefixtures("torch_highest")  # these tests compare with PyTorch
+
 NANO_ARGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=65, dropout=0.0)
 
 

@@ -21,6 +21,8 @@ from jaxgpt import checkpoint
 from tests.test_train_cli import TINY
 from tests.test_training import tiny_text
 
+pytestmark = pytest.mark.slow  # every test here runs train.py in a subprocess
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

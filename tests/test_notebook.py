@@ -96,6 +96,7 @@ def test_install_cell_names_the_runtimes_jax_when_pip_cannot_fit_it(monkeypatch)
         _run_install_cell(monkeypatch, ROOT, pip_rc=1)
 
 
+@pytest.mark.slow  # a Python subprocess
 def test_notebook_trains_plots_and_samples_on_cpu(tmp_path, shakespeare_path):
     env = dict(
         os.environ,

@@ -1,5 +1,6 @@
 """nanoGPT's optimiser recipe: the schedule, the decay mask, clipping."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,13 +49,31 @@ def test_biases_are_not_decayed_but_weights_are():
     np.testing.assert_allclose(new["b"], 1.0)
 
 
-def test_global_norm_clip():
-    params = {"w": jnp.zeros((4,))}
-    tx = optim.adamw(1.0, weight_decay=0.0, grad_clip=1.0)
-    grads = {"w": jnp.full((4,), 10.0)}
-    clip_state = tx.init(params)
-    clipped, _ = optax.clip_by_global_norm(1.0).update(grads, clip_state[0])
-    assert float(optax.tree.norm(clipped)) == pytest.approx(1.0)
+def _second_update(grad_clip: float, grads: dict) -> dict:
+    """jaxgpt's AdamW update for `grads` after a small first gradient.
+
+    Adam's first update is the gradient's sign whatever its size; the second shows whether it was clipped.
+    """
+    params = {"w": jnp.ones((2, 3)), "b": jnp.zeros((3,))}
+    tx = optim.adamw(1e-2, weight_decay=0.1, beta2=0.99, grad_clip=grad_clip)
+    state = tx.init(params)
+    first = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)  # global norm 0.3: never clipped
+    _, state = tx.update(first, state, params)
+    updates, _ = tx.update(grads, state, params)
+    return updates
+
+
+def test_grad_clip_scales_a_large_gradient_to_the_clip_norm():
+    grads = {"w": jnp.arange(6.0).reshape(2, 3) * 10.0 - 20.0, "b": jnp.array([30.0, -4.0, 7.0])}
+    norm = float(np.sqrt(sum(float(jnp.sum(g**2)) for g in grads.values())))
+    assert norm > 1.0
+    unit = jax.tree.map(lambda g: g / norm, grads)  # the same direction at global norm 1
+    clipped, expected = _second_update(1.0, grads), _second_update(1.0, unit)
+    chex.assert_trees_all_close(clipped, expected, rtol=1e-5)
+    unclipped = _second_update(0.0, grads)  # grad_clip=0: no clipping, the large gradient moves Adam differently
+    assert float(jnp.max(jnp.abs(unclipped["w"] - clipped["w"]))) > 1e-4
+    chex.assert_trees_all_close(_second_update(0.0, unit), expected, rtol=1e-5)  # below the clip nothing changes
+    chex.assert_trees_all_close(_second_update(2.0 * norm, grads), unclipped, rtol=1e-5)  # a clip above the norm
 
 
 def test_decay_mask_is_the_same_for_scanned_layers():

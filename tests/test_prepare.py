@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from jaxgpt.prepare import load_prepared, main, prepare, token_dtype
 from jaxgpt.tokenizer import CharTokenizer, HFTokenizer
@@ -132,6 +133,7 @@ def test_existing_outputs_are_not_overwritten(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["meta.pkl", "train.bin", "val.bin"]  # no temps
 
 
+@pytest.mark.slow  # a Python subprocess
 def test_module_entry_point(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("to be or not to be\n" * 50)

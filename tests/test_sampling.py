@@ -11,6 +11,8 @@ import jaxgpt
 from jaxgpt import sampling
 from tests.reference import torch_gpt
 
+pytestmark = pytest.mark.usefixtures("torch_highest")  # these tests compare with PyTorch
+
 VOCAB, BLOCK = 13, 16
 
 

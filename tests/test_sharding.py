@@ -105,6 +105,7 @@ def test_multiprocess_detection():
         is_multiprocess_env({"JAX_NUM_PROCESSES": "many"})
 
 
+@pytest.mark.slow  # a Python subprocess
 def test_batch_not_divisible_is_a_clear_error_on_8_devices():
     out = run_with_devices(
         """
@@ -190,6 +191,7 @@ print(json.dumps(out))
 
 
 @pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.slow  # a Python subprocess
 def test_data_parallel_and_fsdp_match_one_device(scan):
     out = run_with_devices(SHARDED_STEPS.format(scan=scan))
     assert out["n_devices"] == 8
@@ -266,6 +268,7 @@ def xla_cache(tmp_path):
         compilation_cache.reset_cache()
 
 
+@pytest.mark.slow  # a Python subprocess
 def test_train_on_8_devices_matches_one_device_and_checkpoints_move_between_meshes(tmp_path, shakespeare_path,
                                                                                      xla_cache):
     """train(config) with data parallelism 8 and with FSDP 2 x 4 gives one device's losses; a 1-device

@@ -15,6 +15,8 @@ import pytest
 from jaxgpt import checkpoint
 from tests.test_training import tiny_text
 
+pytestmark = pytest.mark.slow  # every test here runs train.py in a subprocess
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TINY = [
@@ -51,7 +53,6 @@ def test_tiny_run_then_resume(env, tmp_path, shakespeare_path):
     assert [s for s in steps if s < 8] == sorted(s for s in steps if s < 8)  # one continuous record
 
 
-@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(env, tmp_path, shakespeare_path):
     text = tiny_text(tmp_path, shakespeare_path)
     out = tmp_path / "out"
@@ -89,7 +90,6 @@ def test_bad_input_is_one_error_line(env, tmp_path, args, message):
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-@pytest.mark.slow
 def test_ctrl_c_answers_at_once_and_a_second_quits_within_a_second_keeping_the_checkpoint(env, tmp_path,
                                                                                           shakespeare_path):
     """During a long compiled call: the first Ctrl-C is answered at once, the second ends the process in about a
