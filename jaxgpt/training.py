@@ -365,6 +365,8 @@ class _Run:
         self.call_started: float | None = None
         self.postfix: dict[str, str] = {}
         self.plotter: threading.Thread | None = None
+        self.prefetched: dict[tuple[int, int], tuple[jax.Array, jax.Array]] = {}
+        self.eval_seconds = 0.0
 
     def call_seconds(self) -> float | None:
         return None if self.call_started is None else time.perf_counter() - self.call_started
@@ -381,12 +383,14 @@ class _Run:
         start = s["step"]
         # On the device every chunk length shares one compiled program: a short first call shows progress early.
         first_call = FIRST_CALL_STEPS if self.on_device else None
-        for a, b in chunk_boundaries(start, c.max_iters, c.eval_interval, c.steps_per_call, first_call):
+        chunks = chunk_boundaries(start, c.max_iters, c.eval_interval, c.steps_per_call, first_call)
+        for k, (a, b) in enumerate(chunks):
             if interrupt.signum is not None:
                 break
             if a == start:
                 self.log(f"compiling the training step (up to {c.steps_per_call} steps per call) ...")
-            self.train(a, b, first=a == start)
+            upcoming = chunks[k + 1] if k + 1 < len(chunks) and b % c.eval_interval else None
+            self.train(a, b, first=a == start, upcoming=upcoming)
             bar.update(b - a)
             bar.set_postfix(**self.postfix)
             if s["step"] % c.eval_interval == 0 or s["step"] == c.max_iters:
@@ -398,15 +402,24 @@ class _Run:
                      f"{self.out_dir / 'checkpoints' / 'latest'}; continue with --config.resume=True")
         return signum
 
-    def train(self, a: int, b: int, *, first: bool) -> None:
+    def host_batches(self, a: int, b: int):
+        """The batches of steps [a, b) gathered on the host and put on the devices (data kept off the device)."""
+        c = self.config
+        keys = jax.vmap(lambda i: step_keys(self.s["key"], i, c.grad_accum_steps)[0])(jnp.arange(a, b))
+        return host_fed_batches(self.train_data, keys, c.batch_size, c.model.block_size, self.mesh)
+
+    def train(self, a: int, b: int, *, first: bool, upcoming: tuple[int, int] | None = None) -> None:
         c, s = self.config, self.s
         self.call_started = time.perf_counter()
         data = self.train_data
         if not self.on_device:
-            keys = jax.vmap(lambda i: step_keys(s["key"], i, c.grad_accum_steps)[0])(jnp.arange(a, b))
-            data = host_fed_batches(self.train_data, keys, c.batch_size, c.model.block_size, self.mesh)
+            data = self.prefetched.pop((a, b), None) or self.host_batches(a, b)
         s["params"], s["opt_state"], out = self.train_chunk(s["params"], s["opt_state"], data, s["key"],
                                                             jnp.int32(a), n_steps=b - a)
+        if not self.on_device and upcoming is not None:
+            # Double buffering: the call above runs asynchronously, so the next chunk's batches are gathered
+            # while the devices compute.
+            self.prefetched[upcoming] = self.host_batches(*upcoming)
         out = jax.device_get(out)  # the one host sync per chunk
         losses, finite, lrs = out["loss"], out["finite"], out["lr"]
         dt = time.perf_counter() - self.call_started
@@ -455,10 +468,12 @@ class _Run:
         if not self.on_device:
             splits = tuple(host_fed_batches(d, jax.random.split(k, c.eval_iters), c.batch_size, c.model.block_size,
                                             self.mesh) for d, k in zip(splits, keys))
-        if not self.metrics.history:
-            self.log(f"step {step}: evaluating on 2 x {c.eval_iters} batches (compiles first) ...")
+        if not self.metrics.history or self.eval_seconds > 5:  # say why the console is quiet
+            took = f"; the last one took {self.eval_seconds:.0f} s" if self.eval_seconds else " (compiles first)"
+            self.log(f"step {step}: evaluating on 2 x {c.eval_iters} batches{took} ...")
         self.call_started = time.perf_counter()
         losses = dict(zip(("train", "val"), map(float, self.estimate(s["params"], splits, keys))))
+        self.eval_seconds = time.perf_counter() - self.call_started
         self.call_started = None
         if not all(math.isfinite(v) for v in losses.values()):
             raise TrainingError(f"non-finite eval loss at step {step} (train {losses['train']}, val {losses['val']}): "

@@ -45,6 +45,7 @@ def test_tiny_run_then_resume(env, tmp_path, shakespeare_path):
     r = _train(env, *common, "--config.max_iters=4")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "best val loss" in r.stdout and "tokens/s" in r.stdout.splitlines()[-1]
+    assert "compiling the training step" in r.stdout  # the wait for the first step says what it is
     assert (out / "loss.png").exists() and checkpoint.load_model(out, "latest")[2]["step"] == 4
     r = _train(env, *common, "--config.max_iters=8", "--config.resume=True")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -87,7 +88,7 @@ def test_bad_input_is_one_error_line(env, tmp_path, args, message):
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
-    assert not (tmp_path / "out" / "checkpoints").exists()
+    assert not (tmp_path / "out").exists()  # nothing is created before the config, data and out_dir pass
 
 
 def test_ctrl_c_answers_at_once_and_a_second_quits_within_a_second_keeping_the_checkpoint(env, tmp_path,
