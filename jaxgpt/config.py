@@ -27,6 +27,7 @@ class ConfigError(ValueError):
 
 
 MODEL_NAMES = ("gpt", "bigram")
+MATMUL_PRECISIONS = ("", "default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -65,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.min_lr = 6e-5
     c.steps_per_call = 1  # optimizer steps per compiled call (a lax.scan); >1 removes per-step dispatch cost
     c.skip_nonfinite = False  # a step with a NaN/inf loss or gradient: False stops the run, True skips the update
+    # float32 matmuls: '' keeps JAX's default, which favours speed (TF32 tensor cores on NVIDIA Ampere and newer
+    # GPUs, bfloat16 passes on TPUs, full float32 on CPUs); 'highest' computes them in full float32 everywhere
+    c.matmul_precision = ""
     # model (GPTConfig fields + the model's name)
     m = ml_collections.ConfigDict()
     m.name = "gpt"
@@ -153,6 +157,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config key 'data.train_fraction' must be in (0, 1), got {config.data.train_fraction}")
     if not config.out_dir:
         raise ConfigError("config key 'out_dir' must not be empty")
+    if config.matmul_precision not in MATMUL_PRECISIONS:
+        raise ConfigError(f"config key 'matmul_precision' must be one of {MATMUL_PRECISIONS}, "
+                          f"got {config.matmul_precision!r}")
     if config.model.name not in MODEL_NAMES:
         raise ConfigError(f"config key 'model.name' must be one of {MODEL_NAMES}, got {config.model.name!r}")
     if config.mesh.fsdp < 1:

@@ -249,6 +249,8 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
             raise TrainingError(f"process {failed} of this run stopped before training: see its error")
         sharding_lib.sync_processes("jaxgpt: out_dir ready")
         log(f"data: {len(dataset.train):,} train / {len(dataset.val):,} val tokens from {dataset.source}")
+        if config.matmul_precision:
+            stack.enter_context(jax.default_matmul_precision(config.matmul_precision))
         return _train(config, out_dir, dataset, init_model, mesh, log)
 
 

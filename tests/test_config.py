@@ -165,3 +165,14 @@ def test_dict_round_trip_keeps_every_value():
 def test_missing_config_file():
     with pytest.raises(config_lib.ConfigError, match="not found"):
         config_lib.load_config_file("configs/nope.py")
+
+
+def test_matmul_precision_is_an_explicit_choice():
+    c = config_lib.base_config()
+    assert c.matmul_precision == ""  # JAX's default, stated in the config
+    for ok in config_lib.MATMUL_PRECISIONS:
+        c.matmul_precision = ok
+        config_lib.validate(c)
+    c.matmul_precision = "fast"
+    with pytest.raises(config_lib.ConfigError, match="'matmul_precision' must be one of"):
+        config_lib.validate(c)
