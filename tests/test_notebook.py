@@ -37,10 +37,15 @@ def install_cell(path: str = NOTEBOOK) -> str:
     return "".join(install[0]["source"])
 
 
-def test_install_cell_clones_the_projects_own_repository():
+def repository_url() -> str:
+    """pyproject.toml's [project.urls] Repository: the one place the project's address is written."""
     with open(os.path.join(ROOT, "pyproject.toml")) as f:  # tomllib is Python >= 3.11; jaxgpt supports 3.10
         urls = f.read().split("[project.urls]", 1)[1].split("\n[", 1)[0]
-    repository = re.search(r'^Repository = "([^"]+)"', urls, re.M).group(1)
+    return re.search(r'^Repository = "([^"]+)"', urls, re.M).group(1)
+
+
+def test_install_cell_clones_the_projects_own_repository():
+    repository = repository_url()
     source = install_cell()
     assert f'JAXGPT_REPO = "{repository}"' in source
     assert "<" not in repository and "<org>" not in source  # nothing left for the user to fill in
