@@ -234,6 +234,9 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
             dataset = _load_data(config)
             config, dataset, init_model = _resolve(config, out_dir, dataset)
             _check_data(dataset, config.model.block_size)
+            if (config.model.vocab_size or dataset.vocab_size) < dataset.vocab_size:
+                raise config_lib.ConfigError(f"config key 'model.vocab_size'={config.model.vocab_size} is smaller "
+                                             f"than the dataset's vocabulary ({dataset.vocab_size})")
             mesh = mesh_from_config(config)
             if main:
                 prepare_out_dir(out_dir, fresh=False)
@@ -264,9 +267,6 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
     main = jax.process_index() == 0
     block_size = config.model.block_size
     vocab_size = config.model.vocab_size or dataset.vocab_size
-    if vocab_size < dataset.vocab_size:
-        raise config_lib.ConfigError(f"config key 'model.vocab_size'={vocab_size} is smaller than the dataset's "
-                                     f"vocabulary ({dataset.vocab_size})")
     model = init_model or config_lib.build_model(config, vocab_size, nnx.Rngs(config.seed))
     graphdef, params = nnx.split(model)
     tx = optim.make_optimizer(config)
