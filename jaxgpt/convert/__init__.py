@@ -6,17 +6,7 @@
 
 and `load_init_from`, which picks one for train.py / sample.py's `init_from`.
 
-The mapping is mechanical because the module names are nanoGPT's:
-
-    NNX path                       torch name                             value
-    wte/embedding                  transformer.wte.weight                 as is
-    h/0/attn/c_attn/kernel         transformer.h.0.attn.c_attn.weight     transposed ((in, out) vs (out, in))
-    h/0/ln_1/scale                 transformer.h.0.ln_1.weight            as is
-    lm_head/kernel                 lm_head.weight                         transposed
-
-Non-parameter buffers of nanoGPT (the causal mask `attn.bias`, `attn.masked_bias`) are ignored, as is
-torch.compile's `_orig_mod.` prefix. With tied embeddings the torch dict carries the shared matrix
-twice (`transformer.wte.weight` and `lm_head.weight`); jaxgpt holds it once.
+`torch_names` holds the name mapping; nothing here downloads.
 """
 
 from __future__ import annotations
