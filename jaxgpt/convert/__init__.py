@@ -1,6 +1,6 @@
 """Conversion between jaxgpt's NNX state and PyTorch-side formats, one module per format:
 
-    torch_names   nanoGPT-style state dicts <-> NNX state (the name mapping below)
+    torch_names   nanoGPT-style state dicts <-> NNX state (the parameter-name mapping)
     nanogpt       nanoGPT's ckpt.pt, read and written
     gpt2          a local Hugging Face GPT-2 folder
 
