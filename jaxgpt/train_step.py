@@ -131,16 +131,26 @@ def make_train_chunk(
 
     jitted = jax.jit(train_chunk, donate_argnames=("params", "opt_state"), static_argnames=("length",))
 
-    def call(params, opt_state, data, base_key, step0, *, n_steps: int):
+    def arguments(params, opt_state, data, base_key, step0, n_steps: int) -> tuple[tuple, dict]:
         on_device = not isinstance(data, tuple)
         if on_device and max_steps is not None and n_steps > max_steps:
             raise ValueError(f"n_steps={n_steps} is more than this train_chunk's max_steps={max_steps}")
         # The step count is a traced loop bound: every n_steps <= length shares one compiled program.
         length = (max_steps or n_steps) if on_device else n_steps
-        params, opt_state, metrics = jitted(params, opt_state, data, base_key, step0, jnp.int32(n_steps),
-                                            length=length)
-        return params, opt_state, metrics if length == n_steps else {k: v[:n_steps] for k, v in metrics.items()}
+        return (params, opt_state, data, base_key, step0, jnp.int32(n_steps)), {"length": length}
 
+    def call(params, opt_state, data, base_key, step0, *, n_steps: int):
+        args, kwargs = arguments(params, opt_state, data, base_key, step0, n_steps)
+        params, opt_state, metrics = jitted(*args, **kwargs)
+        return params, opt_state, metrics if kwargs["length"] == n_steps else {k: v[:n_steps] for k, v in
+                                                                                metrics.items()}
+
+    def lower(params, opt_state, data, base_key, step0, *, n_steps: int):
+        """The compiler's view of one call (`jax.stages.Lowered`), e.g. for its memory analysis."""
+        args, kwargs = arguments(params, opt_state, data, base_key, step0, n_steps)
+        return jitted.lower(*args, **kwargs)
+
+    call.lower = lower
     return call
 
 
