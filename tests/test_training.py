@@ -90,6 +90,28 @@ def test_boundaries_never_cross_an_evaluation():
     assert all(b0 == a1 for (_, b0), (a1, _) in zip(chunks, chunks[1:]))  # contiguous
     assert all(a // 10 == (b - 1) // 10 for a, b in chunks)  # no chunk spans a multiple of 10
     assert training.chunk_boundaries(10, 10, 10, 4) == []
+    # A short first call, so that progress shows within seconds of the compile.
+    assert training.chunk_boundaries(0, 300, 250, 125, first_call=8) == [(0, 8), (8, 133), (133, 250), (250, 300)]
+
+
+def test_chunks_of_any_length_share_one_program_and_equal_one_long_chunk():
+    """With max_steps, 3 steps then 5 steps equal 8 steps in one call, bit for bit, and compile once."""
+    graphdef, params, tx = _setup(dropout=0.1)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 11, 400), jnp.int32)
+    key = jax.random.PRNGKey(4)
+    chunk = training.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, use_dropout=True, max_steps=8)
+    p, o = jax.tree.map(jnp.copy, params), tx.init(params)
+    p, o, m1 = chunk(p, o, tokens, key, jnp.int32(0), n_steps=3)
+    p, o, m2 = chunk(p, o, tokens, key, jnp.int32(3), n_steps=5)
+    q, _, m = chunk(jax.tree.map(jnp.copy, params), tx.init(params), tokens, key, jnp.int32(0), n_steps=8)
+    assert m1["loss"].shape == (3,) and m2["loss"].shape == (5,)
+    np.testing.assert_array_equal(np.concatenate([m1["loss"], m2["loss"]]), m["loss"])
+    for a, b in zip(_leaves(p), _leaves(q)):
+        np.testing.assert_array_equal(a, b)
+    assert chunk.lower(p, o, tokens, key, jnp.int32(0), n_steps=3).as_text() == \
+        chunk.lower(p, o, tokens, key, jnp.int32(0), n_steps=8).as_text()  # one program for both lengths
+    with pytest.raises(ValueError, match="more than this train_chunk's max_steps=8"):
+        chunk(p, o, tokens, key, jnp.int32(0), n_steps=9)
 
 
 def test_grad_accumulation_equals_one_big_batch():
