@@ -12,6 +12,7 @@ character the tokenizer does not know, a bad number) print one line and exit wit
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import sys
@@ -188,4 +189,6 @@ def main(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    gc.freeze()  # spares the exit its last garbage collections over every object JAX made (~0.5 s)
+    sys.exit(status)
