@@ -255,8 +255,12 @@ def _decode_window(graphdef, params, state: _State, sampler, n_steps, key, tempe
     return jax.lax.fori_loop(0, n_steps, step, state)
 
 
-def _stream_cached(model: GPT, idx_BT: np.ndarray, max_new_tokens, key, sampler, temperature, top_p, chunk):
-    """Yields the new tokens of the cached path in chunks of at most `chunk` (B, n) arrays."""
+def _stream_cached(model: GPT, idx_BT: np.ndarray, max_new_tokens, key, sampler, temperature, top_p, chunk,
+                   dry_run: bool = False):
+    """Yields the new tokens of the cached path in chunks of at most `chunk` (B, n) arrays.
+
+    `dry_run` calls every program with the same shapes but a loop count of 0: it compiles them and draws nothing.
+    """
     block_size = model.config.block_size
     B, T = idx_BT.shape
     prompt_BT = idx_BT[:, -block_size:]  # nanoGPT conditions on the last block_size tokens only
@@ -274,10 +278,13 @@ def _stream_cached(model: GPT, idx_BT: np.ndarray, max_new_tokens, key, sampler,
         n = min(chunk, max_new_tokens - done)
         length = T_c + done
         n_cached = min(n, max(0, block_size - length + 1))  # steps whose fed position is < block_size
+        n_window = n - n_cached
         if n_cached:
+            n_cached = 0 if dry_run else n_cached
             state = _decode_cached(graphdef, params, state, sampler, jnp.int32(n_cached), key, temperature, top_p)
-        if n - n_cached:
-            state = _decode_window(graphdef, params, state, sampler, jnp.int32(n - n_cached), key, temperature, top_p)
+        if n_window:
+            n_window = 0 if dry_run else n_window
+            state = _decode_window(graphdef, params, state, sampler, jnp.int32(n_window), key, temperature, top_p)
         yield np.asarray(state.tokens_BN[:, length : length + n])
         done += n
 
@@ -320,6 +327,36 @@ def generate_stream(
         new = _generate_reference(model, seq, n, key, sampler, temp, top_p_arr, offset=done)[:, seq.shape[1] :]
         seq = np.concatenate([seq, new], axis=1)
         yield new
+
+
+def prepare_generate(
+    model,
+    prompt_length: int,
+    max_new_tokens: int,
+    *,
+    key: jax.Array,
+    batch_size: int = 1,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> None:
+    """Compiles (or reads from the compile cache) the programs `generate` will run for these shapes and settings,
+    drawing no token, so that the later `generate` starts at once.
+
+    Compiling takes seconds and a sample a fraction of that: call this in a thread while something else runs
+    (train.py does during training). Any parameters of the same shapes and shardings will do, and any `key` of the
+    kind `generate` will get (a raw `PRNGKey` or a typed `jax.random.key`). Only the cached path of a GPT
+    compiles ahead; for other models it does nothing.
+    """
+    if not isinstance(model, GPT):
+        return
+    idx_BT = _check_args(model, np.zeros((batch_size, prompt_length), np.int32), max_new_tokens, temperature,
+                         top_k, top_p)
+    sampler = _sampler(model, temperature, top_k, top_p)
+    chunk = max(1, max_new_tokens)  # as `generate` streams
+    for _ in _stream_cached(model, idx_BT, max_new_tokens, key, sampler, temperature, top_p,
+                            chunk, dry_run=True):
+        pass
 
 
 def generate(

@@ -40,3 +40,26 @@ def shakespeare_path() -> pathlib.Path:
     from jaxgpt.data import default_text_path
 
     return default_text_path()
+
+
+@pytest.fixture
+def jax_compile_events():
+    """`with jax_compile_events() as events:` collects the names of the JAX tracing, lowering and compiling done
+    in its block (a program taken from a jit's in-memory cache records none)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def collect():
+        events: list[str] = []
+
+        def listener(event: str, duration: float, **kwargs) -> None:
+            if event.startswith("/jax/core/compile/"):
+                events.append(event)
+
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            yield events
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+
+    return collect

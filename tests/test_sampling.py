@@ -108,6 +108,24 @@ def test_stream_yields_the_same_tokens_as_generate():
     np.testing.assert_array_equal(np.concatenate([PROMPT, *chunks], axis=1), full)
 
 
+def test_prepare_generate_compiles_everything_generate_then_runs(jax_compile_events):
+    """Compiled ahead on other parameters of the same shapes (as train.py does during training), a sample
+    past the context (cached steps, then the sliding window) traces and compiles nothing, and is unchanged."""
+    model = sharp_model()
+    graphdef, params = nnx.split(model)
+    zeros = nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, params))
+    prompt = np.array([[3, 1, 4, 1, 5]] * 3, np.int32)  # 3 rows: shapes no other test compiles
+    expected = jaxgpt.generate(model, prompt, BLOCK + 6, key=jax.random.key(2), top_k=4, use_cache=False)
+    with jax_compile_events() as events:
+        sampling.prepare_generate(zeros, 5, BLOCK + 6, key=jax.random.key(0), batch_size=3, top_k=4)
+    assert events  # it did compile
+    with jax_compile_events() as events:
+        got = jaxgpt.generate(model, prompt, BLOCK + 6, key=jax.random.key(2), top_k=4)
+    assert events == []
+    np.testing.assert_array_equal(got, expected)
+    sampling.prepare_generate(jaxgpt.BigramLanguageModel(VOCAB, rngs=nnx.Rngs(0)), 5, 9, key=jax.random.key(0))
+
+
 def test_prompt_longer_than_block_size_and_batch_rows_are_independent():
     model = sharp_model(pos_encoding="sinusoidal")
     idx = np.asarray(jax.random.randint(jax.random.key(4), (3, BLOCK + 5), 0, VOCAB), np.int32)
