@@ -13,6 +13,8 @@ N steps in one run equal N/2 + resume + N/2 bit for bit.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable
 from functools import partial
 
@@ -59,7 +61,8 @@ def make_train_chunk(
     max_steps: int | None = None,
     lr_schedule: Callable | None = None,
 ) -> Callable:
-    """The jitted `train_chunk(params, opt_state, data, base_key, step0, *, n_steps)`.
+    """The jitted `train_chunk(params, opt_state, data, base_key, step0, *, n_steps)`, with `.lower` and `.prepare`
+    (compile ahead in a thread) taking the same arguments.
 
     With the data on the device and `max_steps`, one compiled program runs any n_steps <= max_steps (the
     step count is a loop bound, not a shape), so a run whose chunks differ in length compiles once.
@@ -139,19 +142,56 @@ def make_train_chunk(
         length = (max_steps or n_steps) if on_device else n_steps
         return (params, opt_state, data, base_key, step0, jnp.int32(n_steps)), {"length": length}
 
+    compiled: dict[int, jax.stages.Compiled] = {}  # chunk length -> program compiled ahead by `prepare`
+    preparing: dict[int, threading.Thread] = {}
+
     def call(params, opt_state, data, base_key, step0, *, n_steps: int):
         args, kwargs = arguments(params, opt_state, data, base_key, step0, n_steps)
-        params, opt_state, metrics = jitted(*args, **kwargs)
-        return params, opt_state, metrics if kwargs["length"] == n_steps else {k: v[:n_steps] for k, v in
-                                                                                metrics.items()}
+        length = kwargs["length"]
+        if length in preparing:
+            preparing.pop(length).join()
+        program = compiled.get(length)
+        params, opt_state, metrics = program(*args) if program else jitted(*args, **kwargs)
+        return params, opt_state, metrics if length == n_steps else {k: v[:n_steps] for k, v in metrics.items()}
 
     def lower(params, opt_state, data, base_key, step0, *, n_steps: int):
         """The compiler's view of one call (`jax.stages.Lowered`), e.g. for its memory analysis."""
         args, kwargs = arguments(params, opt_state, data, base_key, step0, n_steps)
         return jitted.lower(*args, **kwargs)
 
-    call.lower = lower
+    def prepare(params, opt_state, data, base_key, step0, *, n_steps: int) -> threading.Thread | None:
+        """Starts compiling, in a thread, the program a call with arguments like these runs; that call then waits
+        for it instead of compiling. Meanwhile the arguments may be used (only their shapes and shardings are
+        read), e.g. by the first evaluation, whose own compiling and computing overlap this one's. Returns the
+        thread, or None when the program is compiled or being compiled already."""
+        args, kwargs = arguments(params, opt_state, data, base_key, step0, n_steps)
+        length = kwargs["length"]
+        if length in compiled or length in preparing:
+            return None
+
+        def compile_ahead():
+            with contextlib.suppress(Exception):  # the call then compiles the program itself, and raises what is wrong
+                compiled[length] = jitted.lower(*args, **kwargs).compile()
+
+        preparing[length] = in_background(compile_ahead, name="jaxgpt-compile-train-step")
+        return preparing[length]
+
+    call.lower, call.prepare = lower, prepare
     return call
+
+
+def in_background(fn: Callable[[], None], *, name: str) -> threading.Thread:
+    """Runs `fn` in a started thread under the caller's matmul precision (JAX keeps that setting per thread, and a
+    program compiled under another precision would compute differently)."""
+    precision = jax.config.jax_default_matmul_precision
+
+    def run():
+        with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
+            fn()
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    return thread
 
 
 def _all_finite(tree) -> jax.Array:

@@ -40,6 +40,7 @@ from jaxgpt.train_step import (
     eval_key,
     host_batches,
     host_fed_batches,
+    in_background,
     make_estimate_loss,
     make_train_chunk,
     step_keys,
@@ -298,17 +299,17 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
                    dynamic_ncols=True, file=sys.stderr, desc="train")
         with Interrupt(log=log, call_seconds=run.call_seconds) as interrupt, contextlib.closing(bar):
             interrupted = run.loop(bar, interrupt)
+        # While loss.png is drawn and the checkpoints are written, in threads.
+        sample = run.final_sample() if interrupted is None else None
     finally:
-        run.wait_for_plot()
+        run.wait_for_background()
         ckptr.close()
     summary = {"step": s["step"], "best_val_loss": s["best_val"], "wall_time": time.time() - run.t0,
                "tokens_per_s": run.tokens_per_s(), "interrupted": interrupted is not None,
                "skipped_nonfinite": s["skipped"]}
-    if interrupted is None and config.sample_tokens > 0:
-        sample = _final_sample(graphdef, s["params"], dataset.tokenizer, config.sample_tokens, config.seed)
-        if sample is not None:
-            summary["sample"] = sample
-            log("-" * 40 + "\n" + sample + "\n" + "-" * 40)
+    if sample is not None:
+        summary["sample"] = sample
+        log("-" * 40 + "\n" + sample + "\n" + "-" * 40)
     log(f"done: step {s['step']}, best val loss {s['best_val']:.4f}, wall time {summary['wall_time']:.1f} s, "
         f"{summary['tokens_per_s']:,.0f} tokens/s (train steps)")
     return summary
@@ -341,7 +342,7 @@ class _Run:
     """The loop's state and its three actions: train a chunk, evaluate, save."""
 
     def __init__(self, config, out_dir, dataset, graphdef, tx, mesh, ckptr, metrics, state, log):
-        self.config, self.out_dir, self.dataset, self.mesh = config, out_dir, dataset, mesh
+        self.config, self.out_dir, self.dataset, self.mesh, self.graphdef = config, out_dir, dataset, mesh, graphdef
         self.ckptr, self.metrics, self.s, self.log = ckptr, metrics, state, log
         self.main = jax.process_index() == 0
         c, block_size = config, config.model.block_size
@@ -367,6 +368,7 @@ class _Run:
         self.call_started: float | None = None
         self.postfix: dict[str, str] = {}
         self.plotter: threading.Thread | None = None
+        self.preparer: threading.Thread | None = None
         self.prefetched: dict[tuple[int, int], tuple[jax.Array, jax.Array]] = {}
         self.eval_seconds = 0.0
 
@@ -380,19 +382,23 @@ class _Run:
     def loop(self, bar, interrupt: Interrupt) -> int | None:
         """Trains to max_iters, evaluating at every eval_interval; returns the signal that stopped it, if any."""
         c, s = self.config, self.s
-        if s["step"] % c.eval_interval == 0 and not self.metrics.evaluated(s["step"]):
-            self.evaluate()
         start = s["step"]
         # On the device every chunk length shares one compiled program: a short first call shows progress early.
         first_call = FIRST_CALL_STEPS if self.on_device else None
         chunks = chunk_boundaries(start, c.max_iters, c.eval_interval, c.steps_per_call, first_call)
+        if chunks:  # the training step compiles while the first evaluation compiles and runs
+            self.log(f"compiling the training step (up to {c.steps_per_call} steps per call) ...")
+            self.train_chunk.prepare(s["params"], s["opt_state"], self.batches(*chunks[0]), s["key"],
+                                     jnp.int32(start), n_steps=chunks[0][1] - start)
+        if s["step"] % c.eval_interval == 0 and not self.metrics.evaluated(s["step"]):
+            self.evaluate()
         for k, (a, b) in enumerate(chunks):
             if interrupt.signum is not None:
                 break
-            if a == start:
-                self.log(f"compiling the training step (up to {c.steps_per_call} steps per call) ...")
             upcoming = chunks[k + 1] if k + 1 < len(chunks) and b % c.eval_interval else None
             self.train(a, b, first=a == start, upcoming=upcoming)
+            if a == start:
+                self.prepare_ahead()  # what the run's end needs, while the next chunks train
             bar.update(b - a)
             bar.set_postfix(**self.postfix)
             if s["step"] % c.eval_interval == 0 or s["step"] == c.max_iters:
@@ -410,12 +416,20 @@ class _Run:
         keys = jax.vmap(lambda i: step_keys(self.s["key"], i, c.grad_accum_steps)[0])(jnp.arange(a, b))
         return host_fed_batches(self.train_data, keys, c.batch_size, c.model.block_size, self.mesh)
 
+    def batches(self, a: int, b: int):
+        """What the training call of steps [a, b) reads: the token array on the device, or the host-fed batches
+        (drawn once, kept until that call)."""
+        if self.on_device:
+            return self.train_data
+        if (a, b) not in self.prefetched:
+            self.prefetched[(a, b)] = self.host_batches(a, b)
+        return self.prefetched[(a, b)]
+
     def train(self, a: int, b: int, *, first: bool, upcoming: tuple[int, int] | None = None) -> None:
         c, s = self.config, self.s
         self.call_started = time.perf_counter()
-        data = self.train_data
-        if not self.on_device:
-            data = self.prefetched.pop((a, b), None) or self.host_batches(a, b)
+        data = self.batches(a, b)
+        self.prefetched.pop((a, b), None)
         s["params"], s["opt_state"], out = self.train_chunk(s["params"], s["opt_state"], data, s["key"],
                                                             jnp.int32(a), n_steps=b - a)
         if not self.on_device and upcoming is not None:
@@ -513,6 +527,51 @@ class _Run:
             self.plotter.join()
             self.plotter = None
 
+    def wait_for_background(self) -> None:
+        """Joins the plotting and preparing threads (neither touches the training state)."""
+        self.wait_for_plot()
+        if self.preparer is not None:
+            self.preparer.join()
+            self.preparer = None
+
+    def prepare_ahead(self) -> None:
+        """In a thread, while the next chunks train: loads the plotting library and compiles the end-of-run sample's
+        programs, so that neither keeps the run waiting at its end.
+
+        The sample's programs are compiled on zeros shaped and sharded like the parameters (the real ones are
+        donated to each training call); they land in the same compiled-program caches the sample then hits.
+        """
+        c = self.config
+        if self.preparer is not None or not self.main:
+            return
+        sample = c.sample_tokens > 0 and jax.process_count() == 1  # several processes gather the weights first
+        zeros = jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding),
+                             self.s["params"]) if sample else None
+        prompt = sample_prompt(self.dataset.tokenizer)
+
+        def prepare():
+            if c.plot:
+                import jaxgpt.plotting  # noqa: F401 - matplotlib takes ~0.5 s to import
+            if not sample:
+                return
+            from jaxgpt.sampling import prepare_generate
+
+            with contextlib.suppress(Exception):  # the sample itself will raise whatever is wrong
+                prepare_generate(nnx.merge(self.graphdef, zeros), len(prompt), c.sample_tokens,
+                                 key=jax.random.PRNGKey(c.seed))
+
+        self.preparer = in_background(prepare, name="jaxgpt-prepare")
+
+    def final_sample(self) -> str | None:
+        """The end-of-run sample (config.sample_tokens characters), or None when there is none to show."""
+        if self.config.sample_tokens <= 0:
+            return None
+        if self.preparer is not None:
+            self.preparer.join()
+            self.preparer = None
+        return _final_sample(self.graphdef, self.s["params"], self.dataset.tokenizer, self.config.sample_tokens,
+                             self.config.seed)
+
     def save(self, which: str) -> None:
         s = self.s
         meta = dict(self.meta, best_val_loss=None if math.isinf(s["best_val"]) else s["best_val"],
@@ -538,7 +597,13 @@ def sample_text(model: nnx.Module, tokenizer, n_tokens: int, seed: int) -> str:
     """A sample from the model, starting from a newline (nanoGPT's default prompt) or token 0."""
     from jaxgpt.sampling import generate
 
-    has_newline = tokenizer is not None and "\n" in getattr(tokenizer, "stoi", {})
-    start = tokenizer.encode("\n") if has_newline else np.zeros(1, np.int32)
+    start = sample_prompt(tokenizer)
     ids = generate(model, start[None, :], n_tokens, key=jax.random.PRNGKey(seed))[0]
     return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids.tolist()))
+
+
+def sample_prompt(tokenizer) -> np.ndarray:
+    """The end-of-run sample's prompt: a newline (nanoGPT's default start) when the tokenizer has one, else token 0."""
+    if tokenizer is not None and "\n" in getattr(tokenizer, "stoi", {}):
+        return np.asarray(tokenizer.encode("\n"), np.int32)
+    return np.zeros(1, np.int32)

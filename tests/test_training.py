@@ -114,6 +114,37 @@ def test_chunks_of_any_length_share_one_program_and_equal_one_long_chunk():
         chunk(p, o, tokens, key, jnp.int32(0), n_steps=9)
 
 
+def test_a_step_compiled_ahead_is_the_step_compiled_on_call(jax_compile_events):
+    """`prepare` compiles in a thread while the parameters stay in use; the call then runs that program (nothing
+    is traced or compiled on the call) and trains exactly as a chunk compiled on its call, host-fed batches too."""
+    graphdef, params, tx = _setup(dropout=0.1)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 11, 400), jnp.int32)
+    x, y = training.host_batches(np.asarray(tokens), jax.random.split(jax.random.PRNGKey(2), 3)[:, None], 3, 8)
+    key = jax.random.PRNGKey(6)
+    for batches in (tokens, (x, y)):
+        ahead = training.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, use_dropout=True, max_steps=3)
+        on_call = training.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, use_dropout=True, max_steps=3)
+        p, o = jax.tree.map(jnp.copy, params), tx.init(params)
+        ahead.prepare(p, o, batches, key, jnp.int32(0), n_steps=3).join()
+        with jax_compile_events() as events:
+            p, o, m = ahead(p, o, batches, key, jnp.int32(0), n_steps=3)
+        assert events == []
+        with jax_compile_events() as events:
+            q, _, n = on_call(jax.tree.map(jnp.copy, params), tx.init(params), batches, key, jnp.int32(0), n_steps=3)
+        assert events  # the listener does see a compile
+        np.testing.assert_array_equal(m["loss"], n["loss"])
+        for a, b in zip(_leaves(p), _leaves(q)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_background_work_keeps_the_callers_matmul_precision():
+    """JAX keeps the matmul precision per thread: work compiled ahead must compile what the caller would."""
+    seen = []
+    with jax.default_matmul_precision("bfloat16"):
+        training.in_background(lambda: seen.append(jax.config.jax_default_matmul_precision), name="t").join()
+    assert seen == ["bfloat16"]  # not the process-wide default the tests set ("highest")
+
+
 def test_grad_accumulation_equals_one_big_batch():
     """Two micro-batches of 3 give the update of one batch of 6 (the gradient is their mean)."""
     graphdef, params, tx = _setup()
@@ -170,6 +201,9 @@ def test_run_writes_metrics_plot_and_checkpoints(tmp_path, text_path):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["step"] == 8 and summary["best_val_loss"] == min(r["val_loss"] for r in records if "val_loss" in r)
     assert len(summary["sample"]) == 21  # the newline prompt + 20 characters
+    # Its programs were compiled ahead, during training, on other parameters: the text is the final model's.
+    model, tokenizer, _ = checkpoint.load_model(out, "latest")
+    assert summary["sample"] == training.sample_text(model, tokenizer, 20, seed=tiny_config(text_path, out).seed)
     _, _, latest = checkpoint.load_model(out, "latest")
     assert latest["step"] == 8
     # The host path (data kept off the device, batches gathered from a memmap) trains on the same windows.
