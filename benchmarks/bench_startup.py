@@ -36,7 +36,7 @@ DEFAULT_DATA = pathlib.Path(
 # Phase ends, by the first line that starts with each marker (jaxgpt's console, then nanoGPT's).
 MARKERS = {
     "built": ("gpt:", "bigram:", "found vocab_size"),
-    "eval0": ("step 0:",),
+    "eval0": ("step 0: train loss",),
     "trained": ("step {n}:", "iter {last}:"),
     "sampled": ("done:",),
 }
@@ -132,9 +132,10 @@ def table(results: dict[tuple[str, int], list[dict]], args) -> str:
     lines.append("")
     for n in args.iters:
         walls = {name: [run["exit"] for run in results[(name, n)]] for name in names}
-        ratios = [a / b for a, b in zip(walls["jaxgpt"], walls["nanoGPT loop"])]
-        lines.append(f"{n} steps: jaxgpt / nanoGPT loop wall time, pair by pair: median "
-                     f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
+        for other in [name for name in names if name != "jaxgpt"]:  # the runs alternate: pairs share the noise
+            ratios = [a / b for a, b in zip(walls["jaxgpt"], walls[other])]
+            lines.append(f"{n} steps: jaxgpt / {other} wall time, pair by pair: median "
+                         f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
     if len(args.iters) >= 2:
         n1, n2 = args.iters[:2]
         for name in names:
