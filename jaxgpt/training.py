@@ -104,6 +104,12 @@ def chunk_boundaries(start: int, max_iters: int, eval_interval: int, steps_per_c
 FIRST_CALL_STEPS = 8  # the first compiled call of a run trains this many steps at most
 
 
+def compile_beside_training() -> bool:
+    """Whether compiling in a thread while a training call runs costs the training nothing: on an accelerator the
+    host's cores are idle meanwhile; on a CPU the training step uses them all."""
+    return jax.default_backend() != "cpu"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Before the first step: what the model is, and where the run starts
 # ---------------------------------------------------------------------------------------------------
@@ -535,14 +541,16 @@ class _Run:
             self.preparer = None
 
     def prepare_ahead(self) -> None:
-        """In a thread, while the next chunks train: loads the plotting library and compiles the end-of-run sample's
-        programs, so that neither keeps the run waiting at its end.
+        """In a thread, while the next chunks train on an accelerator: loads the plotting library and compiles the
+        end-of-run sample's programs, so that neither keeps the run waiting at its end.
 
         The sample's programs are compiled on zeros shaped and sharded like the parameters (the real ones are
-        donated to each training call); they land in the same compiled-program caches the sample then hits.
+        donated to each training call); they land in the same compiled-program caches the sample then hits. Not
+        when the CPU is the device: there the compiler takes cores from the training step, which then loses more
+        time than the sample gains (5 s against 3 s on 2 cores, benchmarks/RESULTS.md).
         """
         c = self.config
-        if self.preparer is not None or not self.main:
+        if self.preparer is not None or not self.main or not compile_beside_training():
             return
         sample = c.sample_tokens > 0 and jax.process_count() == 1  # several processes gather the weights first
         zeros = jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding),

@@ -259,6 +259,33 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert all(np.isfinite(leaf).all() for leaf in _leaves(nnx.state(model)))
 
 
+def test_a_sample_compiled_during_training_is_the_final_models(tmp_path, text_path, monkeypatch, jax_compile_events):
+    """As on an accelerator: the end-of-run sample's programs compile in a thread during training, on zeros shaped
+    like the parameters; the sample at the end then compiles nothing and is the final model's."""
+    monkeypatch.setattr(training, "compile_beside_training", lambda: True)
+    recorder = _CompileRecorder(training._final_sample, jax_compile_events)
+    monkeypatch.setattr(training, "_final_sample", recorder)
+    out = tmp_path / "run"
+    config = tiny_config(text_path, out, sample_tokens=24, **{"model.n_embd": 24})  # shapes of its own
+    summary = training.train(config)
+    assert recorder.events == []
+    model, tokenizer, _ = checkpoint.load_model(out, "latest")
+    assert summary["sample"] == training.sample_text(model, tokenizer, 24, seed=config.seed)
+
+
+class _CompileRecorder:
+    """Wraps a function, recording the JAX compile events of its calls."""
+
+    def __init__(self, fn, jax_compile_events):
+        self.fn, self.collect, self.events = fn, jax_compile_events, []
+
+    def __call__(self, *args, **kwargs):
+        with self.collect() as events:
+            out = self.fn(*args, **kwargs)
+        self.events += events
+        return out
+
+
 def test_bigram_trains(tmp_path, text_path):
     out = tmp_path / "bigram"
     summary = training.train(tiny_config(text_path, out, **{"model.name": "bigram", "learning_rate": 1e-1,
