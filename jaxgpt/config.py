@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import importlib.util
 import os
+from functools import partial
 from typing import Any
 
 import ml_collections
@@ -202,10 +203,20 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rn
     The initial weights are drawn by one compiled program (which the compilation cache keeps): drawn
     eagerly, each parameter's shape would compile a small program of its own, seconds in all.
     """
+    return nnx.jit(partial(_construct, config, vocab_size))(rngs)
+
+
+def model_shape(config: ml_collections.ConfigDict, vocab_size: int) -> GPT | BigramLanguageModel:
+    """The model `build_model` makes, its arrays `jax.ShapeDtypeStruct`s: the shapes, with nothing drawn or
+    compiled (a program can compile from them while the weights are drawn)."""
+    return nnx.eval_shape(lambda: _construct(config, vocab_size, nnx.Rngs(config.seed)))
+
+
+def _construct(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs) -> GPT | BigramLanguageModel:
     cfg = gpt_config(config, vocab_size)
     if config.model.name == "bigram":
-        return nnx.jit(lambda r: BigramLanguageModel(cfg.vocab_size, cfg.block_size, rngs=r))(rngs)
-    return nnx.jit(lambda r: GPT(cfg, rngs=r))(rngs)
+        return BigramLanguageModel(cfg.vocab_size, cfg.block_size, rngs=rngs)
+    return GPT(cfg, rngs=rngs)
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -123,6 +123,14 @@ def shard_params(tree, mesh: Mesh, scan_layers: bool = False):
     return jax.device_put(tree, state_shardings(tree, mesh, scan_layers=scan_layers))
 
 
+def sharded_shapes(tree, mesh: Mesh, scan_layers: bool = False):
+    """`tree`'s leaves as `jax.ShapeDtypeStruct`s with the shardings `shard_params` gives them: what a program
+    compiled before the arrays exist is compiled for."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s,
+                                                          weak_type=getattr(x, "weak_type", False)),
+                        tree, state_shardings(tree, mesh, scan_layers=scan_layers))
+
+
 # --------------------------------------------------------------------------------------------------
 # Multi-host
 # --------------------------------------------------------------------------------------------------

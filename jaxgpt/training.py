@@ -274,19 +274,27 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
     main = jax.process_index() == 0
     block_size = config.model.block_size
     vocab_size = config.model.vocab_size or dataset.vocab_size
-    model = init_model or config_lib.build_model(config, vocab_size, nnx.Rngs(config.seed))
-    graphdef, params = nnx.split(model)
     tx = optim.make_optimizer(config)
     scan_layers = config.model.scan_layers
     replicated = NamedSharding(mesh, PartitionSpec())
-    # Replicated (fsdp=1) or FSDP-split; a restore reads the checkpoint straight into these shardings.
-    s = dict(params=sharding_lib.shard_params(params, mesh, scan_layers),
-             opt_state=sharding_lib.shard_params(tx.init(params), mesh, scan_layers),
+    # The shapes first: the training step compiles from them (in a thread) while the initial weights are drawn.
+    graphdef, shapes = nnx.split(init_model or config_lib.model_shape(config, vocab_size))
+    s = dict(params=sharding_lib.sharded_shapes(shapes, mesh, scan_layers),
+             opt_state=sharding_lib.sharded_shapes(jax.eval_shape(tx.init, shapes), mesh, scan_layers),
              key=jax.device_put(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), replicated),
              step=0, best_val=math.inf, skipped=0)
     ckptr = ckpt_lib.Checkpointer(out_dir)
     metrics = _Metrics(out_dir / "metrics.jsonl", write=main)
     run = _Run(config, out_dir, dataset, graphdef, tx, mesh, ckptr, metrics, s, log)
+    if run.on_device:  # one program for every chunk, whatever step the run starts at
+        run.train_chunk.prepare(s["params"], s["opt_state"], run.train_data, s["key"], jnp.int32(0),
+                                n_steps=config.steps_per_call)
+    model = init_model or config_lib.build_model(config, vocab_size, nnx.Rngs(config.seed))
+    built, params = nnx.split(model)
+    assert built == graphdef, "the model built differs from its shapes"  # noqa: S101 - the compiled step's premise
+    # Replicated (fsdp=1) or FSDP-split; a restore reads the checkpoint straight into these shardings.
+    s.update(params=sharding_lib.shard_params(params, mesh, scan_layers),
+             opt_state=sharding_lib.shard_params(tx.init(params), mesh, scan_layers))
     try:
         if config.resume:
             s.update(_restore(ckptr, config, s, main, log))

@@ -74,6 +74,20 @@ def test_build_model_follows_model_name():
     assert config_lib.gpt_config(c, 10).vocab_size == 10
 
 
+@pytest.mark.parametrize("name", ["gpt", "bigram"])
+def test_model_shape_is_the_built_model_with_nothing_drawn(name):
+    """What the training step compiles from while the weights are drawn: build_model's structure and shapes."""
+    from flax import nnx
+
+    c = config_lib.base_config()
+    c.model.update(name=name, n_layer=2, n_head=2, n_embd=8, block_size=4)
+    shape_def, shapes = nnx.split(config_lib.model_shape(c, 10))
+    built_def, built = nnx.split(config_lib.build_model(c, 10, nnx.Rngs(c.seed)))
+    assert shape_def == built_def
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(shapes)] == [(x.shape, x.dtype) for x in jax.tree.leaves(built)]
+
+
 @pytest.mark.parametrize(
     "key, value, match",
     [

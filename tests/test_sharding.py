@@ -22,6 +22,8 @@ from jaxgpt.sharding import (
     maybe_initialize_distributed,
     param_spec,
     process_rows,
+    shard_params,
+    sharded_shapes,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,6 +78,14 @@ class _ProcessView:
 
     def addressable_devices_indices_map(self, shape):
         return dict(enumerate(self.indices))
+
+
+def test_sharded_shapes_are_what_shard_params_makes():
+    mesh = make_mesh(1, 1)
+    tree = {"w": np.ones((4, 6), np.float32), "count": np.zeros((), np.int32), "half": np.ones(3, np.float16)}
+    shapes, placed = sharded_shapes(tree, mesh), shard_params(tree, mesh)
+    for s, a in zip(jax.tree.leaves(shapes), jax.tree.leaves(placed)):
+        assert (s.shape, s.dtype, s.sharding) == (a.shape, a.dtype, a.sharding)
 
 
 def test_batch_and_process_splits():
