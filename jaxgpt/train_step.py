@@ -62,7 +62,7 @@ def make_train_chunk(
     lr_schedule: Callable | None = None,
 ) -> Callable:
     """The jitted `train_chunk(params, opt_state, data, base_key, step0, *, n_steps)`, with `.lower` and `.prepare`
-    (compile ahead in a thread) taking the same arguments.
+    (compile ahead in a thread; `.compiling()` says whether that still runs) taking the same arguments.
 
     With the data on the device and `max_steps`, one compiled program runs any n_steps <= max_steps (the
     step count is a loop bound, not a shape), so a run whose chunks differ in length compiles once.
@@ -176,7 +176,11 @@ def make_train_chunk(
         preparing[length] = in_background(compile_ahead, name="jaxgpt-compile-train-step")
         return preparing[length]
 
-    call.lower, call.prepare = lower, prepare
+    def compiling() -> bool:
+        """Whether a program `prepare` started is still compiling."""
+        return any(thread.is_alive() for thread in list(preparing.values()))
+
+    call.lower, call.prepare, call.compiling = lower, prepare, compiling
     return call
 
 

@@ -406,13 +406,13 @@ class _Run:
                                      jnp.int32(start), n_steps=chunks[0][1] - start)
         if s["step"] % c.eval_interval == 0 and not self.metrics.evaluated(s["step"]):
             self.evaluate()
+        if chunks and (compile_beside_training() or self.train_chunk.compiling()):
+            self.prepare_ahead()  # what the run's end needs, while a core would idle
         for k, (a, b) in enumerate(chunks):
             if interrupt.signum is not None:
                 break
             upcoming = chunks[k + 1] if k + 1 < len(chunks) and b % c.eval_interval else None
             self.train(a, b, first=a == start, upcoming=upcoming)
-            if a == start:
-                self.prepare_ahead()  # what the run's end needs, while the next chunks train
             bar.update(b - a)
             bar.set_postfix(**self.postfix)
             if s["step"] % c.eval_interval == 0 or s["step"] == c.max_iters:
@@ -549,16 +549,17 @@ class _Run:
             self.preparer = None
 
     def prepare_ahead(self) -> None:
-        """In a thread, while the next chunks train on an accelerator: loads the plotting library and compiles the
-        end-of-run sample's programs, so that neither keeps the run waiting at its end.
+        """In a thread: loads the plotting library and compiles the end-of-run sample's programs, so that neither
+        keeps the run waiting at its end.
 
         The sample's programs are compiled on zeros shaped and sharded like the parameters (the real ones are
-        donated to each training call); they land in the same compiled-program caches the sample then hits. Not
-        when the CPU is the device: there the compiler takes cores from the training step, which then loses more
-        time than the sample gains (5 s against 3 s on 2 cores, benchmarks/RESULTS.md).
+        donated to each training call); they land in the same compiled-program caches the sample then hits.
+        The loop calls this when a core would otherwise idle: on an accelerator, or while the training step is
+        still compiling. Not during a CPU's training calls: there the compiler takes cores from the training
+        step, which then loses more time than the sample gains (5 s against 3 s on 2 cores, benchmarks/RESULTS.md).
         """
         c = self.config
-        if self.preparer is not None or not self.main or not compile_beside_training():
+        if self.preparer is not None or not self.main:
             return
         sample = c.sample_tokens > 0 and jax.process_count() == 1  # several processes gather the weights first
         zeros = jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding),

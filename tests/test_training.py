@@ -125,7 +125,10 @@ def test_a_step_compiled_ahead_is_the_step_compiled_on_call(jax_compile_events):
         ahead = training.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, use_dropout=True, max_steps=3)
         on_call = training.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, use_dropout=True, max_steps=3)
         p, o = jax.tree.map(jnp.copy, params), tx.init(params)
-        ahead.prepare(p, o, batches, key, jnp.int32(0), n_steps=3).join()
+        thread = ahead.prepare(p, o, batches, key, jnp.int32(0), n_steps=3)
+        assert ahead.compiling()  # tracing a model alone takes longer than getting here
+        thread.join()
+        assert not ahead.compiling()
         with jax_compile_events() as events:
             p, o, m = ahead(p, o, batches, key, jnp.int32(0), n_steps=3)
         assert events == []
