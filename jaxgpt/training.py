@@ -286,7 +286,7 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
     ckptr = ckpt_lib.Checkpointer(out_dir)
     metrics = _Metrics(out_dir / "metrics.jsonl", write=main)
     run = _Run(config, out_dir, dataset, graphdef, tx, mesh, ckptr, metrics, s, log)
-    if run.on_device:  # one program for every chunk, whatever step the run starts at
+    if run.on_device and config.max_iters > 0 and not config.eval_only:  # one program for any chunk and start
         run.train_chunk.prepare(s["params"], s["opt_state"], run.train_data, s["key"], jnp.int32(0),
                                 n_steps=config.steps_per_call)
     model = init_model or config_lib.build_model(config, vocab_size, nnx.Rngs(config.seed))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt import checkpoint, data, optim, training
+from jaxgpt import checkpoint, data, optim, train_step, training
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 
@@ -287,6 +287,19 @@ class _CompileRecorder:
             out = self.fn(*args, **kwargs)
         self.events += events
         return out
+
+
+def test_eval_only_evaluates_the_checkpoint_and_compiles_no_training_step(tmp_path, text_path, monkeypatch):
+    started = []
+    real = train_step.in_background
+    monkeypatch.setattr(train_step, "in_background", lambda fn, *, name: started.append(name) or real(fn, name=name))
+    out = tmp_path / "run"
+    trained = training.train(tiny_config(text_path, out))
+    assert "jaxgpt-compile-train-step" in started  # a training run compiles its step ahead
+    started.clear()
+    summary = training.train(tiny_config(text_path, out, resume=True, eval_only=True))
+    assert started == []
+    assert summary["step"] == 8 and summary["best_val_loss"] == trained["best_val_loss"]
 
 
 def test_bigram_trains(tmp_path, text_path):
