@@ -178,6 +178,7 @@ class Interrupt:
         self._old: dict[int, object] = {}
         self._old_fd: int | None = None
         self._pipe: tuple[int, int] | None = None
+        self._watcher: threading.Thread | None = None
         self._count = 0
 
     def _handler(self, signum, frame) -> None:  # the main thread's part: the watcher already spoke
@@ -220,7 +221,8 @@ class Interrupt:
         os.set_blocking(write_fd, False)
         self._pipe = (read_fd, write_fd)
         self._old_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        threading.Thread(target=self._watch, args=(read_fd,), daemon=True, name="jaxgpt-interrupt").start()
+        self._watcher = threading.Thread(target=self._watch, args=(read_fd,), daemon=True, name="jaxgpt-interrupt")
+        self._watcher.start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -231,3 +233,8 @@ class Interrupt:
             signal.signal(sig, old)
         os.close(self._pipe[1])  # the watcher reads end-of-file and returns
         self._pipe = None
+        # Wait for it: a watcher still alive could drop the last reference to the run (held through
+        # `call_seconds`) and free its arrays in that thread, even while the interpreter shuts down, which
+        # aborts the process.
+        self._watcher.join()
+        self._watcher = None

@@ -1,0 +1,36 @@
+"""`jaxgpt.run_dir.Interrupt` leaves nothing running behind it (its signal handling is tested with real signals
+in test_train_cli and test_faults)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+from jaxgpt.run_dir import Interrupt
+
+
+class _Owner:
+    """Stands for the training run whose method Interrupt holds: records the thread that frees it."""
+
+    freed_in: list[str] = []
+
+    def call_seconds(self) -> float | None:
+        return None
+
+    def __del__(self) -> None:
+        _Owner.freed_in.append(threading.current_thread().name)
+
+
+def test_interrupt_ends_its_watcher_thread_on_exit_and_the_run_is_freed_in_the_main_thread():
+    """The watcher thread holds the Interrupt, hence the run's arrays. Were it still alive after `with` and drop
+    the last reference, the arrays would be freed in that thread, possibly while the interpreter shuts down:
+    that aborted the process ("FATAL: exception not rethrown")."""
+    for _ in range(20):  # the watcher, left to itself, ends at a moment of the scheduler's choosing
+        _Owner.freed_in.clear()
+        owner = _Owner()
+        with Interrupt(log=lambda _: None, call_seconds=owner.call_seconds):
+            assert any(t.name == "jaxgpt-interrupt" for t in threading.enumerate())
+        assert not any(t.name == "jaxgpt-interrupt" for t in threading.enumerate())
+        del owner
+        gc.collect()
+        assert _Owner.freed_in == [threading.main_thread().name]
