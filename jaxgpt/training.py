@@ -293,8 +293,9 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
     built, params = nnx.split(model)
     assert built == graphdef, "the model built differs from its shapes"  # noqa: S101 - the compiled step's premise
     # Replicated (fsdp=1) or FSDP-split; a restore reads the checkpoint straight into these shardings.
-    s.update(params=sharding_lib.shard_params(params, mesh, scan_layers),
-             opt_state=sharding_lib.shard_params(tx.init(params), mesh, scan_layers))
+    s["params"] = sharding_lib.shard_params(params, mesh, scan_layers)
+    # One compiled program for the optimizer's zeros: eagerly, each parameter shape would compile one of its own.
+    s["opt_state"] = jax.jit(tx.init, out_shardings=jax.tree.map(lambda a: a.sharding, s["opt_state"]))(s["params"])
     try:
         if config.resume:
             s.update(_restore(ckptr, config, s, main, log))
