@@ -12,6 +12,7 @@ compiled call, and a second Ctrl-C into an immediate exit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -159,6 +160,9 @@ def read_metrics(path: pathlib.Path) -> list[dict]:
     return [r for r in map(_record_or_none, path.read_text().splitlines()) if r is not None]
 
 
+_STOP = b"\0"  # not a signal number: Interrupt.__exit__ writes it to end the watcher thread
+
+
 class Interrupt:
     """Ctrl-C / SIGTERM while training: the first asks the loop to stop after the current compiled call and
     save; a second Ctrl-C exits at once (status 130), without a traceback and without touching checkpoints.
@@ -205,12 +209,12 @@ class Interrupt:
                 data = os.read(read_fd, 64)
             except OSError:
                 data = b""
-            if not data:
-                os.close(read_fd)
-                return
-            for signum in data:
+            for signum in data.split(_STOP)[0]:
                 if signum in (signal.SIGINT, signal.SIGTERM):
                     self._on_signal(signum)
+            if not data or _STOP in data:
+                os.close(read_fd)
+                return
 
     def __enter__(self) -> Interrupt:
         if threading.current_thread() is not threading.main_thread():
@@ -231,7 +235,11 @@ class Interrupt:
         signal.set_wakeup_fd(self._old_fd if self._old_fd is not None else -1)
         for sig, old in self._old.items():
             signal.signal(sig, old)
-        os.close(self._pipe[1])  # the watcher reads end-of-file and returns
+        # The watcher stops at this byte (or at end-of-file, which a child forked meanwhile, holding a copy of
+        # the write end, would keep from coming).
+        with contextlib.suppress(OSError):
+            os.write(self._pipe[1], _STOP)
+        os.close(self._pipe[1])
         self._pipe = None
         # Wait for it: a watcher still alive could drop the last reference to the run (held through
         # `call_seconds`) and free its arrays in that thread, even while the interpreter shuts down, which

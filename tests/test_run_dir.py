@@ -3,6 +3,8 @@ in test_train_cli and test_faults)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 
 from jaxgpt.run_dir import Interrupt
@@ -32,3 +34,24 @@ def test_interrupt_ends_its_watcher_thread_on_exit_and_the_run_is_freed_in_the_m
         assert not any(t.name == "jaxgpt-interrupt" for t in threading.enumerate())
         del owner  # no cycle holds it: it goes now, in this thread
         assert _Owner.freed_in == [threading.main_thread().name]
+
+
+def test_interrupt_ends_its_watcher_even_while_a_copy_of_its_pipe_lives_on():
+    """A child forked during training inherits the pipe's write end, so the watcher would never read end-of-file;
+    leaving the `with` block must end it all the same (SIGALRM fails the test instead of hanging it)."""
+
+    def too_long(*_):
+        raise TimeoutError("Interrupt.__exit__ kept waiting for its watcher thread")
+
+    old = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(20)
+    copy = None
+    try:
+        with Interrupt(log=lambda _: None) as interrupt:
+            copy = os.dup(interrupt._pipe[1])  # what a forked child holds
+        assert not any(t.name == "jaxgpt-interrupt" for t in threading.enumerate())
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        if copy is not None:
+            os.close(copy)
