@@ -312,9 +312,7 @@ def load_model(out_dir: str | os.PathLike, which: str = "best") -> tuple[nnx.Mod
         _, step = ckptr.find_usable(warn=warn, kinds=(which,))
         meta = ckptr.restore_meta(which, step)
         config = config_lib.from_dict(meta["config"])
-        model = nnx.eval_shape(
-            lambda: config_lib.build_model(config, meta["vocab_size"], nnx.Rngs(0))
-        )
+        model = config_lib.model_shape(config, meta["vocab_size"])
         graphdef, abstract_params = nnx.split(model)
         # Onto one device, whatever mesh the run was trained on (Orbax would otherwise use the saved shardings).
         one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -30,6 +30,7 @@ from flax import nnx
 from jaxgpt import kv_cache
 from jaxgpt.attention import ATTENTION_IMPLS, attention, dot_product_attention, dropout
 from jaxgpt.cpu_matmul import dense_dot_general
+from jaxgpt.initializers import normal
 from jaxgpt.layout import stack_blocks
 
 ACTIVATIONS = {
@@ -49,7 +50,7 @@ class BigramLanguageModel(nnx.Module):
     def __init__(self, vocab_size: int, block_size: int = 8, *, rngs: nnx.Rngs):
         # torch's nn.Embedding default init, N(0, 1), as in the lecture.
         self.token_embedding_table = nnx.Embed(
-            vocab_size, vocab_size, embedding_init=nnx.initializers.normal(1.0), rngs=rngs
+            vocab_size, vocab_size, embedding_init=normal(1.0), rngs=rngs
         )
         self.block_size = block_size  # only bounds the context that `generate` keeps
 
@@ -77,7 +78,7 @@ def _linear(config: GPTConfig, n_in: int, n_out: int, rngs: nnx.Rngs, std: float
         use_bias=config.bias,
         dtype=jnp.dtype(config.dtype),
         param_dtype=jnp.dtype(config.param_dtype),
-        kernel_init=nnx.initializers.normal(std),
+        kernel_init=normal(std),
         bias_init=nnx.initializers.zeros,
         dot_general=dense_dot_general,
         rngs=rngs,
@@ -319,7 +320,7 @@ class GPT(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         self.config = config
         dtypes = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
-        init = nnx.initializers.normal(0.02)
+        init = normal(0.02)
         # The lecture's token_embedding_table and position_embedding_table.
         self.wte = nnx.Embed(config.vocab_size, config.n_embd, embedding_init=init, rngs=rngs, **dtypes)
         if config.pos_encoding == "learned":

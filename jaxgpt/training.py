@@ -289,7 +289,7 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
     if run.on_device and config.max_iters > 0 and not config.eval_only:  # one program for any chunk and start
         run.train_chunk.prepare(s["params"], s["opt_state"], run.train_data, s["key"], jnp.int32(0),
                                 n_steps=config.steps_per_call)
-    model = init_model or config_lib.build_model(config, vocab_size, nnx.Rngs(config.seed))
+    model = init_model or config_lib.build_model(config, vocab_size, config.seed)
     built, params = nnx.split(model)
     assert built == graphdef, "the model built differs from its shapes"  # noqa: S101 - the compiled step's premise
     # Replicated (fsdp=1) or FSDP-split; a restore reads the checkpoint straight into these shardings.

@@ -65,11 +65,9 @@ def test_shipped_configs_hold_the_recipes_they_are_named_after(name):
 def test_build_model_follows_model_name():
     c = config_lib.base_config()
     c.model.update(n_layer=1, n_head=2, n_embd=8, block_size=4)
-    from flax import nnx
-
-    assert isinstance(config_lib.build_model(c, 10, nnx.Rngs(0)), GPT)
+    assert isinstance(config_lib.build_model(c, 10, 0), GPT)
     c.model.name = "bigram"
-    bigram = config_lib.build_model(c, 10, nnx.Rngs(0))
+    bigram = config_lib.build_model(c, 10, 0)
     assert isinstance(bigram, BigramLanguageModel) and bigram.block_size == 4
     assert config_lib.gpt_config(c, 10).vocab_size == 10
 
@@ -82,7 +80,7 @@ def test_model_shape_is_the_built_model_with_nothing_drawn(name):
     c = config_lib.base_config()
     c.model.update(name=name, n_layer=2, n_head=2, n_embd=8, block_size=4)
     shape_def, shapes = nnx.split(config_lib.model_shape(c, 10))
-    built_def, built = nnx.split(config_lib.build_model(c, 10, nnx.Rngs(c.seed)))
+    built_def, built = nnx.split(config_lib.build_model(c, 10, c.seed))
     assert shape_def == built_def
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(shapes)] == [(x.shape, x.dtype) for x in jax.tree.leaves(built)]
@@ -161,7 +159,7 @@ def test_gpt2_124m_config_is_valid_and_has_124m_parameters():
     c = config_lib.load_config_file(CONFIGS / "gpt2_124m.py")
     config_lib.validate(c)
     assert (c.mesh.data, c.mesh.fsdp) == (-1, 1)
-    model = nnx.eval_shape(lambda: config_lib.build_model(c, c.model.vocab_size, nnx.Rngs(0)))
+    model = config_lib.model_shape(c, c.model.vocab_size)
     state = nnx.state(model, nnx.Param)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
     n = sum(x.size for x in jax.tree.leaves(state))

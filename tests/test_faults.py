@@ -66,7 +66,7 @@ def _config(text, out, **overrides):
 def _state(out: pathlib.Path, text, which: str = "latest", step: int | None = None, **overrides) -> dict:
     """The restored params, opt_state and train items of one checkpoint of a tiny run."""
     cfg = _config(text, out, **overrides)
-    graphdef, params = nnx.split(config_lib.build_model(cfg, data.load_dataset(text).vocab_size, nnx.Rngs(0)))
+    graphdef, params = nnx.split(config_lib.build_model(cfg, data.load_dataset(text).vocab_size, 0))
     opt_state = training.make_optimizer(cfg).init(params)
     c = ckpt_lib.Checkpointer(out, read_only=True)
     try:

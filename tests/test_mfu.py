@@ -81,7 +81,7 @@ def test_step_mfu_helper_uses_the_models_flops_and_all_devices():
 
     c = config_lib.base_config()
     c.model.update(n_layer=2, n_head=4, n_embd=32, block_size=16)
-    model = nnx.eval_shape(lambda: config_lib.build_model(c, 50, nnx.Rngs(0)))
+    model = config_lib.model_shape(c, 50)
     per_token = flops_per_token(model.num_params(), 2, 4, 8, 16)
     assert step_mfu(c, model, 8, device_kind="TPU v4")(1e5) == pytest.approx(1e5 * per_token / (275e12 * 8))
     assert step_mfu(c, model, 8, device_kind="cpu")(1e5) is None
@@ -102,7 +102,7 @@ def test_mfu_is_logged_per_step_and_shown_on_the_bar(tmp_path, shakespeare_path,
     c = tiny_config(text, out, max_iters=4, plot=False, progress=True, compile_cache=False)
     training.train(c)
     vocab_size = data.load_dataset(text).vocab_size
-    n = nnx.eval_shape(lambda: config_lib.build_model(c, vocab_size, nnx.Rngs(0))).num_params()
+    n = config_lib.model_shape(c, vocab_size).num_params()
     m = c.model
     per_token = flops_per_token(n, m.n_layer, m.n_head, m.n_embd // m.n_head, m.block_size)
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

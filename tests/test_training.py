@@ -230,7 +230,7 @@ def test_resume_is_bit_exact(tmp_path, text_path):
         c = checkpoint.Checkpointer(out)
         cfg = tiny_config(text_path, out)
         vocab_size = data.load_dataset(text_path).vocab_size
-        graphdef, params = nnx.split(config_lib.build_model(cfg, vocab_size, nnx.Rngs(0)))
+        graphdef, params = nnx.split(config_lib.build_model(cfg, vocab_size, 0))
         opt_state = training.make_optimizer(cfg).init(params)
         restored = c.restore("latest", params=params, opt_state=opt_state, key=jax.random.PRNGKey(0))
         c.close()
