@@ -269,7 +269,7 @@ def _stream_cached(model: GPT, idx_BT: np.ndarray, max_new_tokens, key, sampler,
     padded = np.zeros((B, T_pad), np.int32)
     padded[:, :T_c] = prompt_BT
     graphdef, params = nnx.split(with_layout(model, scan_layers=False))  # the cache is kept per layer
-    buffer = jnp.zeros((B, _bucket(T_pad + max_new_tokens, minimum=64)), jnp.int32)
+    buffer = np.zeros((B, _bucket(T_pad + max_new_tokens, minimum=64)), np.int32)  # host zeros: nothing to compile
     state = _start(graphdef, params, padded, jnp.int32(T_c), buffer)
     temperature = jnp.float32(temperature if temperature else 1.0)
     top_p = jnp.float32(1.0 if top_p is None else top_p)
