@@ -281,14 +281,16 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
     graphdef, shapes = nnx.split(init_model or config_lib.model_shape(config, vocab_size))
     s = dict(params=sharding_lib.sharded_shapes(shapes, mesh, scan_layers),
              opt_state=sharding_lib.sharded_shapes(jax.eval_shape(tx.init, shapes), mesh, scan_layers),
-             key=jax.device_put(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), replicated),
+             key=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),  # drawn once the step compiles
              step=0, best_val=math.inf, skipped=0)
     ckptr = ckpt_lib.Checkpointer(out_dir)
     metrics = _Metrics(out_dir / "metrics.jsonl", write=main)
     run = _Run(config, out_dir, dataset, graphdef, tx, mesh, ckptr, metrics, s, log)
     if run.on_device and config.max_iters > 0 and not config.eval_only:  # one program for any chunk and start
-        run.train_chunk.prepare(s["params"], s["opt_state"], run.train_data, s["key"], jnp.int32(0),
+        run.train_chunk.prepare(s["params"], s["opt_state"], run.train_data, s["key"], np.int32(0),
                                 n_steps=config.steps_per_call)
+    # After the step's compile has started: deriving the key compiles small programs of its own (~0.15 s cold).
+    s["key"] = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), replicated)
     model = init_model or config_lib.build_model(config, vocab_size, config.seed)
     built, params = nnx.split(model)
     assert built == graphdef, "the model built differs from its shapes"  # noqa: S101 - the compiled step's premise
