@@ -279,9 +279,11 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
     replicated = NamedSharding(mesh, PartitionSpec())
     # The shapes first: the training step compiles from them (in a thread) while the initial weights are drawn.
     graphdef, shapes = nnx.split(init_model or config_lib.model_shape(config, vocab_size))
+    run_key = lambda: jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)  # noqa: E731 - every step's keys' root
+    key_shape = jax.eval_shape(run_key)
     s = dict(params=sharding_lib.sharded_shapes(shapes, mesh, scan_layers),
              opt_state=sharding_lib.sharded_shapes(jax.eval_shape(tx.init, shapes), mesh, scan_layers),
-             key=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),  # drawn once the step compiles
+             key=jax.ShapeDtypeStruct(key_shape.shape, key_shape.dtype, sharding=replicated),  # drawn below
              step=0, best_val=math.inf, skipped=0)
     ckptr = ckpt_lib.Checkpointer(out_dir)
     metrics = _Metrics(out_dir / "metrics.jsonl", write=main)
@@ -290,7 +292,7 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
         run.train_chunk.prepare(s["params"], s["opt_state"], run.train_data, s["key"], np.int32(0),
                                 n_steps=config.steps_per_call)
     # After the step's compile has started: deriving the key compiles small programs of its own (~0.15 s cold).
-    s["key"] = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), replicated)
+    s["key"] = jax.device_put(run_key(), replicated)
     model = init_model or config_lib.build_model(config, vocab_size, config.seed)
     built, params = nnx.split(model)
     assert built == graphdef, "the model built differs from its shapes"  # noqa: S101 - the compiled step's premise
