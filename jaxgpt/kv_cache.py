@@ -17,6 +17,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @jax.tree_util.register_dataclass
@@ -29,10 +30,11 @@ class LayerCache:
 
 
 def init_cache(n_layer: int, batch_size: int, n_head: int, block_size: int, head_size: int,
-               dtype: jnp.dtype) -> tuple[LayerCache, ...]:
-    """An empty cache for each of `n_layer` layers."""
+               dtype: jnp.dtype, *, host: bool = False) -> tuple[LayerCache, ...]:
+    """An empty cache for each of `n_layer` layers; `host`: NumPy zeros, which compile no program to make."""
     shape = (batch_size * n_head, block_size, head_size)
-    return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(n_layer))
+    zeros = np.zeros if host else jnp.zeros
+    return tuple(LayerCache(zeros(shape, dtype), zeros(shape, dtype)) for _ in range(n_layer))
 
 
 def _merge_heads(x_BHTD: jax.Array, dtype: jnp.dtype) -> jax.Array:

@@ -415,10 +415,12 @@ class GPT(nnx.Module):
         logits_BTV = self.wte.attend(x_BTC) if self.lm_head is None else self.lm_head(x_BTC)
         return logits_BTV.astype(jnp.float32)
 
-    def init_cache(self, batch_size: int) -> tuple[kv_cache.LayerCache, ...]:
-        """An empty key/value cache for decoding `batch_size` sequences of up to block_size tokens."""
+    def init_cache(self, batch_size: int, *, host: bool = False) -> tuple[kv_cache.LayerCache, ...]:
+        """An empty key/value cache for decoding `batch_size` sequences of up to block_size tokens (`host`: in
+        NumPy arrays)."""
         c = self.config
-        return kv_cache.init_cache(c.n_layer, batch_size, c.n_head, c.block_size, c.head_size, jnp.dtype(c.dtype))
+        return kv_cache.init_cache(c.n_layer, batch_size, c.n_head, c.block_size, c.head_size, jnp.dtype(c.dtype),
+                                   host=host)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; as nanoGPT, position embeddings are not counted when `non_embedding`."""

@@ -270,7 +270,11 @@ def _stream_cached(model: GPT, idx_BT: np.ndarray, max_new_tokens, key, sampler,
     padded[:, :T_c] = prompt_BT
     graphdef, params = nnx.split(with_layout(model, scan_layers=False))  # the cache is kept per layer
     buffer = np.zeros((B, _bucket(T_pad + max_new_tokens, minimum=64)), np.int32)  # host zeros: nothing to compile
-    state = _start(graphdef, params, padded, jnp.int32(T_c), buffer)
+    if T_c == 1:  # no prefill to compile: the first decode step feeds the prompt's one token into an empty cache
+        buffer[:, :1] = prompt_BT
+        state = _State(buffer, np.int32(1), np.int32(0), model.init_cache(B, host=True))
+    else:
+        state = _start(graphdef, params, padded, jnp.int32(T_c), buffer)
     temperature = jnp.float32(temperature if temperature else 1.0)
     top_p = jnp.float32(1.0 if top_p is None else top_p)
     done = 0

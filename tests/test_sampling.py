@@ -126,6 +126,20 @@ def test_prepare_generate_compiles_everything_generate_then_runs(jax_compile_eve
     sampling.prepare_generate(jaxgpt.BigramLanguageModel(VOCAB, rngs=nnx.Rngs(0)), 5, 9, key=jax.random.key(0))
 
 
+def test_one_token_prompt_compiles_no_prefill_and_samples_as_the_lecture_loop():
+    """The end-of-run sample starts from one token: the first decode step feeds it into an empty cache, so no
+    prefill program is compiled, and the text is the reference loop's."""
+    model = sharp_model()
+    prompt = np.array([[3], [1], [4], [1], [5]], np.int32)  # 5 rows: shapes no other test compiles
+    prefills = sampling._start._cache_size()
+    got = jaxgpt.generate(model, prompt, BLOCK + 5, key=jax.random.key(4), top_k=6)
+    assert sampling._start._cache_size() == prefills
+    expected = jaxgpt.generate(model, prompt, BLOCK + 5, key=jax.random.key(4), top_k=6, use_cache=False)
+    np.testing.assert_array_equal(got, expected)
+    jaxgpt.generate(model, np.concatenate([prompt, prompt], axis=1), 3, key=jax.random.key(4))
+    assert sampling._start._cache_size() == prefills + 1  # a longer prompt is prefilled
+
+
 def test_prompt_longer_than_block_size_and_batch_rows_are_independent():
     model = sharp_model(pos_encoding="sinusoidal")
     idx = np.asarray(jax.random.randint(jax.random.key(4), (3, BLOCK + 5), 0, VOCAB), np.int32)
