@@ -71,7 +71,8 @@ def make_train_chunk(
     `jaxgpt.data`'s gather) or a pair of pre-drawn host batches `(x, y)` of shape
     (n_steps, grad_accum_steps, batch_size, block_size). Returns (params, opt_state, metrics) with
     metrics['loss'] (n_steps,): the mean micro-batch loss of each step, computed with the parameters before
-    that step's update, and metrics['finite'] (n_steps,): whether the loss and the gradients were finite.
+    that step's update, and metrics['finite'] (n_steps,): whether the loss and the gradients were finite
+    (host arrays when n_steps < max_steps: the call has then waited for the chunk).
     With `skip_nonfinite`, a step whose loss, gradients or updates are not finite changes neither the
     parameters nor the optimizer state.
 
@@ -152,7 +153,10 @@ def make_train_chunk(
             preparing.pop(length).join()
         program = compiled.get(length)
         params, opt_state, metrics = program(*args) if program else jitted(*args, **kwargs)
-        return params, opt_state, metrics if length == n_steps else {k: v[:n_steps] for k, v in metrics.items()}
+        if length == n_steps:
+            return params, opt_state, metrics
+        # Cut on the host: slicing on the device compiles a small program per dtype and length (~0.05 s each).
+        return params, opt_state, {k: np.asarray(v)[:n_steps] for k, v in metrics.items()}
 
     def lower(params, opt_state, data, base_key, step0, *, n_steps: int):
         """The compiler's view of one call (`jax.stages.Lowered`), e.g. for its memory analysis."""
