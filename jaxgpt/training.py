@@ -104,12 +104,6 @@ def chunk_boundaries(start: int, max_iters: int, eval_interval: int, steps_per_c
 FIRST_CALL_STEPS = 8  # the first compiled call of a run trains this many steps at most
 
 
-def compile_beside_training() -> bool:
-    """Whether compiling in a thread while a training call runs costs the training nothing: on an accelerator the
-    host's cores are idle meanwhile; on a CPU the training step uses them all."""
-    return jax.default_backend() != "cpu"
-
-
 # ---------------------------------------------------------------------------------------------------
 # Before the first step: what the model is, and where the run starts
 # ---------------------------------------------------------------------------------------------------
@@ -409,10 +403,10 @@ class _Run:
             self.log(f"compiling the training step (up to {c.steps_per_call} steps per call) ...")
             self.train_chunk.prepare(s["params"], s["opt_state"], self.batches(*chunks[0]), s["key"],
                                      jnp.int32(start), n_steps=chunks[0][1] - start)
+        if chunks:
+            self.prepare_ahead()  # the run's end compiles beside the step and the first evaluation
         if s["step"] % c.eval_interval == 0 and not self.metrics.evaluated(s["step"]):
             self.evaluate()
-        if chunks and (compile_beside_training() or self.train_chunk.compiling()):
-            self.prepare_ahead()  # what the run's end needs, while a core would idle
         for k, (a, b) in enumerate(chunks):
             if interrupt.signum is not None:
                 break
@@ -559,9 +553,9 @@ class _Run:
 
         The sample's programs are compiled on zeros shaped and sharded like the parameters (the real ones are
         donated to each training call); they land in the same compiled-program caches the sample then hits.
-        The loop calls this when a core would otherwise idle: on an accelerator, or while the training step is
-        still compiling. Not during a CPU's training calls: there the compiler takes cores from the training
-        step, which then loses more time than the sample gains (5 s against 3 s on 2 cores, benchmarks/RESULTS.md).
+        The loop calls this before the step-0 evaluation, while the training step compiles: compiling is then
+        what the cores do anyway. Later, on a CPU, it would take cores from the training calls (5 s lost for 3 s
+        saved on 2 cores), and at the end it would keep the run waiting (benchmarks/RESULTS.md, fifth round).
         """
         c = self.config
         if self.preparer is not None or not self.main:

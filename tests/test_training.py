@@ -262,10 +262,9 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert all(np.isfinite(leaf).all() for leaf in _leaves(nnx.state(model)))
 
 
-def test_a_sample_compiled_during_training_is_the_final_models(tmp_path, text_path, monkeypatch, jax_compile_events):
-    """As on an accelerator: the end-of-run sample's programs compile in a thread during training, on zeros shaped
-    like the parameters; the sample at the end then compiles nothing and is the final model's."""
-    monkeypatch.setattr(training, "compile_beside_training", lambda: True)
+def test_a_sample_compiled_ahead_is_the_final_models(tmp_path, text_path, monkeypatch, jax_compile_events):
+    """The end-of-run sample's programs compile in a thread beside the training step's, on zeros shaped like the
+    parameters; the sample at the end then compiles nothing and is the final model's."""
     recorder = _CompileRecorder(training._final_sample, jax_compile_events)
     monkeypatch.setattr(training, "_final_sample", recorder)
     out = tmp_path / "run"
