@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,7 @@ from jaxgpt.tokenizer import Tokenizer, tokenizer_from_dict
 WHICH = ("latest", "best")
 KEEP = {"latest": 2, "best": 1}  # steps kept per manager: 'latest' keeps one to fall back to
 MANIFEST = "jaxgpt_manifest.json"
+_LINKING = ".jaxgpt-linking"  # a step being linked from the other manager: ".<step>.jaxgpt-linking"
 
 
 # What Orbax says each time a manager opens read-only (as load_model's do, on purpose): nothing to act on, and
@@ -72,6 +74,14 @@ def _fsync_dir(path: pathlib.Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link to a saved file, or a copy where the file system has none."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def write_manifest(step_dir: str | os.PathLike) -> None:
@@ -139,6 +149,10 @@ class Checkpointer:
             for which in WHICH
             if not read_only or checkpoint_dir(out_dir, which).is_dir()
         }
+        if not read_only and jax.process_index() == 0:  # the temp dirs of links killed midway, as Orbax's
+            for which in WHICH:
+                for tmp in checkpoint_dir(out_dir, which).glob(f".*{_LINKING}"):
+                    shutil.rmtree(tmp, ignore_errors=True)
 
     def steps(self, which: str) -> list[int]:
         """Every step on disk in the `which` manager, newest first (usable or not)."""
@@ -167,12 +181,8 @@ class Checkpointer:
         `CheckpointError` (one line) when the write fails, e.g. on a full disk; the older steps stay.
         """
         manager = self.managers[which]
-        if step in manager.all_steps():
-            try:
-                self.verify(which, step)
-                return
-            except CheckpointError:
-                manager.delete(step)
+        if self._holds_whole(which, step):
+            return
         try:
             manager.save(
                 step,
@@ -196,11 +206,59 @@ class Checkpointer:
             raise CheckpointError(f"could not save the {which} checkpoint at step {step} in "
                                   f"{checkpoint_dir(self.out_dir, which)} ({reason}); {kept}") from e
         self._verified.add((which, step))
+        self._prune(which, step)
+
+    def link(self, which: str, step: int, *, source: str) -> None:
+        """Makes the whole step `step` of `source` a step of `which` too: the same files, hard-linked (copied
+        where the file system has no links), not written a second time.
+
+        A step that improves the validation loss is both the best and the latest one; Orbax writing it twice
+        took ~0.4 s a save on a 2-core CPU, linking takes milliseconds. The step appears whole or not at all
+        (built in a temporary directory, then renamed), and older steps are pruned as after `save`. Saved files
+        are never changed in place, so the two names cannot drift apart; deleting one leaves the other whole.
+        """
+        if self._holds_whole(which, step):
+            return
+        self.verify(source, step)
+        src, dst = self.step_dir(source, step), self.step_dir(which, step)
+        tmp = dst.with_name(f".{step}{_LINKING}")
+        try:
+            if jax.process_index() == 0:  # one writer on a shared file system
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(src, tmp, copy_function=_link_or_copy)
+                _fsync_dir(tmp)
+                os.replace(tmp, dst)
+                _fsync_dir(dst.parent)
+            sharding_lib.sync_processes(f"jaxgpt: link {which} {step}")
+            self.managers[which].reload()
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            older = [s for s in self.steps(which) if s < step]
+            kept = f"the previous checkpoint (step {older[0]}) is kept" if older else "there is no previous checkpoint"
+            raise CheckpointError(f"could not save the {which} checkpoint at step {step} in "
+                                  f"{checkpoint_dir(self.out_dir, which)} ({e}); {kept}") from e
+        self._verified.add((which, step))
+        self._prune(which, step)
+
+    def _holds_whole(self, which: str, step: int) -> bool:
+        """Whether `which` already holds `step` whole; an unusable step there is deleted (to be written anew)."""
+        manager = self.managers[which]
+        if step not in manager.all_steps():
+            return False
+        try:
+            self.verify(which, step)
+            return True
+        except CheckpointError:
+            manager.delete(step)
+            return False
+
+    def _prune(self, which: str, step: int) -> None:
+        """Deletes the steps `which` no longer keeps once `step` is whole."""
         others = [s for s in self.steps(which) if s != step]
         # Steps above `step` belong to an abandoned run (resumed from an older step); below, keep KEEP - 1.
         doomed = [s for s in others if s > step] + [s for s in others if s < step][KEEP[which] - 1:]
         for s in doomed:
-            manager.delete(s)
+            self.managers[which].delete(s)
 
     def _remove_partial(self, which: str, step: int) -> None:
         """Best effort after a failed save: a committed step without its manifest goes. (Orbax's temp dir may

@@ -517,7 +517,7 @@ class _Run:
             if improved:
                 self.save("best")
             if improved or c.always_save_checkpoint:
-                self.save("latest")
+                self.save("latest", same_as="best" if improved else None)
         if c.plot and self.main and (step > 0 or c.eval_only):  # a curve needs a second point
             self.plot()
 
@@ -589,11 +589,15 @@ class _Run:
         return _final_sample(self.graphdef, self.s["params"], self.dataset.tokenizer, self.config.sample_tokens,
                              self.config.seed)
 
-    def save(self, which: str) -> None:
+    def save(self, which: str, *, same_as: str | None = None) -> None:
+        """Checkpoints the state as `which`; `same_as` names a checkpoint of this very state to link instead."""
         s = self.s
         meta = dict(self.meta, best_val_loss=None if math.isinf(s["best_val"]) else s["best_val"],
                     skipped_nonfinite=s["skipped"])
         try:
+            if same_as is not None:
+                self.ckptr.link(which, s["step"], source=same_as)
+                return
             self.ckptr.save(which, s["step"], params=s["params"], opt_state=s["opt_state"], key=s["key"], meta=meta)
         except ckpt_lib.CheckpointError as e:  # e.g. a full disk: the previous checkpoint is intact
             raise TrainingError(str(e)) from None

@@ -60,3 +60,37 @@ def test_missing_checkpoint_names_the_path(tmp_path):
         checkpoint.load_model(tmp_path / "nothing")
     with pytest.raises(ValueError, match="which"):
         checkpoint.load_model(tmp_path, "middle")
+
+
+def test_a_step_both_best_and_latest_is_written_once_and_linked(run, tmp_path):
+    """`link` gives 'latest' the very files of 'best' (hard links, whole or not at all); pruning 'best' later
+    leaves 'latest' whole, and a link killed midway leaves a temp dir that is no step and is cleared."""
+    out, text, _ = run
+    model, _, info = checkpoint.load_model(out, "latest")
+    _, params = nnx.split(model)
+    opt_state = training.make_optimizer(tiny_config(text, out)).init(params)
+    ckptr = checkpoint.Checkpointer(tmp_path)
+    state = dict(params=params, opt_state=opt_state, key=jax.random.PRNGKey(7), meta={"config": info["config"]})
+    for step in (3, 5):
+        ckptr.save("best", step, **state)
+        ckptr.link("latest", step, source="best")
+    assert ckptr.steps("best") == [5] and ckptr.steps("latest") == [5, 3]  # each manager prunes as after a save
+    best, latest = ckptr.step_dir("best", 5), ckptr.step_dir("latest", 5)
+    files = sorted(p.relative_to(best) for p in best.rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(latest) for p in latest.rglob("*") if p.is_file())
+    assert all((best / f).stat().st_ino == (latest / f).stat().st_ino for f in files)  # linked, not rewritten
+    checkpoint.verify(ckptr.step_dir("latest", 3))  # its 'best' twin is gone: the links keep it whole
+    restored = ckptr.restore("latest", step=3, params=params, opt_state=opt_state, key=state["key"])
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ckptr.link("latest", 5, source="best")  # already whole there: nothing changes
+    assert ckptr.steps("latest") == [5, 3]
+    ckptr.close()
+
+    leftover = checkpoint.checkpoint_dir(tmp_path, "latest") / ".7.jaxgpt-linking"
+    leftover.mkdir()
+    reader = checkpoint.Checkpointer(tmp_path, read_only=True)
+    assert reader.steps("latest") == [5, 3] and leftover.is_dir()
+    reader.close()
+    checkpoint.Checkpointer(tmp_path).close()
+    assert not leftover.exists()
