@@ -200,11 +200,7 @@ class Checkpointer:
             sharding_lib.sync_processes(f"jaxgpt: manifest {which} {step}")
         except Exception as e:  # noqa: BLE001 - any failed write (OSError, tensorstore's errors) is the same fault
             self._remove_partial(which, step)
-            older = [s for s in self.steps(which) if s < step]
-            kept = f"the previous checkpoint (step {older[0]}) is kept" if older else "there is no previous checkpoint"
-            reason = " ".join(str(e).split()) or type(e).__name__
-            raise CheckpointError(f"could not save the {which} checkpoint at step {step} in "
-                                  f"{checkpoint_dir(self.out_dir, which)} ({reason}); {kept}") from e
+            raise self._save_failed(which, step, e) from e
         self._verified.add((which, step))
         self._prune(which, step)
 
@@ -233,12 +229,17 @@ class Checkpointer:
             self.managers[which].reload()
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            older = [s for s in self.steps(which) if s < step]
-            kept = f"the previous checkpoint (step {older[0]}) is kept" if older else "there is no previous checkpoint"
-            raise CheckpointError(f"could not save the {which} checkpoint at step {step} in "
-                                  f"{checkpoint_dir(self.out_dir, which)} ({e}); {kept}") from e
+            raise self._save_failed(which, step, e) from e
         self._verified.add((which, step))
         self._prune(which, step)
+
+    def _save_failed(self, which: str, step: int, error: Exception) -> CheckpointError:
+        """The one-line error of a failed save or link: what failed, why, and which older step is kept."""
+        older = [s for s in self.steps(which) if s < step]
+        kept = f"the previous checkpoint (step {older[0]}) is kept" if older else "there is no previous checkpoint"
+        reason = " ".join(str(error).split()) or type(error).__name__
+        return CheckpointError(f"could not save the {which} checkpoint at step {step} in "
+                               f"{checkpoint_dir(self.out_dir, which)} ({reason}); {kept}")
 
     def _holds_whole(self, which: str, step: int) -> bool:
         """Whether `which` already holds `step` whole; an unusable step there is deleted (to be written anew)."""

@@ -94,3 +94,26 @@ def test_a_step_both_best_and_latest_is_written_once_and_linked(run, tmp_path):
     reader.close()
     checkpoint.Checkpointer(tmp_path).close()
     assert not leftover.exists()
+
+
+def test_a_link_that_fails_is_one_line_and_keeps_the_older_step(run, tmp_path, monkeypatch):
+    out, text, _ = run
+    model, _, info = checkpoint.load_model(out, "latest")
+    _, params = nnx.split(model)
+    opt_state = training.make_optimizer(tiny_config(text, out)).init(params)
+    ckptr = checkpoint.Checkpointer(tmp_path)
+    state = dict(params=params, opt_state=opt_state, key=jax.random.PRNGKey(7), meta={"config": info["config"]})
+    ckptr.save("best", 3, **state)
+    ckptr.link("latest", 3, source="best")
+    ckptr.save("best", 5, **state)
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_link_or_copy", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match=r"could not save the latest checkpoint at step 5 .*No space "
+                                                         r"left on device.*previous checkpoint \(step 3\) is kept"):
+        ckptr.link("latest", 5, source="best")
+    assert ckptr.steps("latest") == [3]
+    assert [p.name for p in checkpoint.checkpoint_dir(tmp_path, "latest").iterdir()] == ["3"]
+    ckptr.close()
