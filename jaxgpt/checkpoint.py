@@ -10,7 +10,8 @@ sha256 of every file of the step) is written beside its items, atomically. A ste
 process killed mid-save, a full disk) or whose files no longer match it (flipped bytes, truncated or missing
 files) is unusable: restoring it raises `CheckpointError`, and `Checkpointer.find_usable` falls back to an
 older step. 'latest' keeps two steps so that there is one to fall back to; old steps are removed only after
-the new one's manifest is on disk.
+the new one's manifest is on disk. A step that is both the best and the latest is written once, as 'best';
+'latest' gets hard links to its files (`Checkpointer.link`).
 """
 
 from __future__ import annotations
