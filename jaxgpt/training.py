@@ -597,8 +597,9 @@ class _Run:
         try:
             if same_as is not None:
                 self.ckptr.link(which, s["step"], source=same_as)
-                return
-            self.ckptr.save(which, s["step"], params=s["params"], opt_state=s["opt_state"], key=s["key"], meta=meta)
+            else:
+                self.ckptr.save(which, s["step"], params=s["params"], opt_state=s["opt_state"], key=s["key"],
+                                meta=meta)
         except ckpt_lib.CheckpointError as e:  # e.g. a full disk: the previous checkpoint is intact
             raise TrainingError(str(e)) from None
 

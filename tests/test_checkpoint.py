@@ -62,15 +62,21 @@ def test_missing_checkpoint_names_the_path(tmp_path):
         checkpoint.load_model(tmp_path, "middle")
 
 
-def test_a_step_both_best_and_latest_is_written_once_and_linked(run, tmp_path):
-    """`link` gives 'latest' the very files of 'best' (hard links, whole or not at all); pruning 'best' later
-    leaves 'latest' whole, and a link killed midway leaves a temp dir that is no step and is cleared."""
+def _saveable_state(run) -> dict:
+    """What `Checkpointer.save` takes, from the fixture run's latest checkpoint."""
     out, text, _ = run
     model, _, info = checkpoint.load_model(out, "latest")
     _, params = nnx.split(model)
     opt_state = training.make_optimizer(tiny_config(text, out)).init(params)
+    return dict(params=params, opt_state=opt_state, key=jax.random.PRNGKey(7), meta={"config": info["config"]})
+
+
+def test_a_step_both_best_and_latest_is_written_once_and_linked(run, tmp_path):
+    """`link` gives 'latest' the very files of 'best' (hard links, whole or not at all); pruning 'best' later
+    leaves 'latest' whole, and a link killed midway leaves a temp dir that is no step and is cleared."""
+    state = _saveable_state(run)
+    params, opt_state = state["params"], state["opt_state"]
     ckptr = checkpoint.Checkpointer(tmp_path)
-    state = dict(params=params, opt_state=opt_state, key=jax.random.PRNGKey(7), meta={"config": info["config"]})
     for step in (3, 5):
         ckptr.save("best", step, **state)
         ckptr.link("latest", step, source="best")
@@ -97,12 +103,8 @@ def test_a_step_both_best_and_latest_is_written_once_and_linked(run, tmp_path):
 
 
 def test_a_link_that_fails_is_one_line_and_keeps_the_older_step(run, tmp_path, monkeypatch):
-    out, text, _ = run
-    model, _, info = checkpoint.load_model(out, "latest")
-    _, params = nnx.split(model)
-    opt_state = training.make_optimizer(tiny_config(text, out)).init(params)
+    state = _saveable_state(run)
     ckptr = checkpoint.Checkpointer(tmp_path)
-    state = dict(params=params, opt_state=opt_state, key=jax.random.PRNGKey(7), meta={"config": info["config"]})
     ckptr.save("best", 3, **state)
     ckptr.link("latest", 3, source="best")
     ckptr.save("best", 5, **state)
