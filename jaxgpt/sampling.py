@@ -274,9 +274,10 @@ def _stream_cached(model: GPT, idx_BT: np.ndarray, max_new_tokens, key, sampler,
         buffer[:, :1] = prompt_BT
         state = _State(buffer, np.int32(1), np.int32(0), model.init_cache(B, host=True))
     else:
-        state = _start(graphdef, params, padded, jnp.int32(T_c), buffer)
-    temperature = jnp.float32(temperature if temperature else 1.0)
-    top_p = jnp.float32(1.0 if top_p is None else top_p)
+        state = _start(graphdef, params, padded, np.int32(T_c), buffer)
+    # Host scalars and host slices below: on the device each would compile a small program of its own.
+    temperature = np.float32(temperature if temperature else 1.0)
+    top_p = np.float32(1.0 if top_p is None else top_p)
     done = 0
     while done < max_new_tokens:
         n = min(chunk, max_new_tokens - done)
@@ -285,11 +286,11 @@ def _stream_cached(model: GPT, idx_BT: np.ndarray, max_new_tokens, key, sampler,
         n_window = n - n_cached
         if n_cached:
             n_cached = 0 if dry_run else n_cached
-            state = _decode_cached(graphdef, params, state, sampler, jnp.int32(n_cached), key, temperature, top_p)
+            state = _decode_cached(graphdef, params, state, sampler, np.int32(n_cached), key, temperature, top_p)
         if n_window:
             n_window = 0 if dry_run else n_window
-            state = _decode_window(graphdef, params, state, sampler, jnp.int32(n_window), key, temperature, top_p)
-        yield np.asarray(state.tokens_BN[:, length : length + n])
+            state = _decode_window(graphdef, params, state, sampler, np.int32(n_window), key, temperature, top_p)
+        yield np.asarray(state.tokens_BN)[:, length : length + n]
         done += n
 
 
@@ -323,8 +324,8 @@ def generate_stream(
         yield from _stream_cached(model, idx_BT, max_new_tokens, key, sampler, temperature, top_p, chunk_size)
         return
     # The reference path (and models without a cache, like the bigram model) one token at a time.
-    temp = jnp.float32(temperature if temperature else 1.0)
-    top_p_arr = jnp.float32(1.0 if top_p is None else top_p)
+    temp = np.float32(temperature if temperature else 1.0)
+    top_p_arr = np.float32(1.0 if top_p is None else top_p)
     seq = idx_BT
     for done in range(0, max_new_tokens, chunk_size):
         n = min(chunk_size, max_new_tokens - done)
