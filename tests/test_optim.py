@@ -76,6 +76,26 @@ def test_grad_clip_scales_a_large_gradient_to_the_clip_norm():
     chex.assert_trees_all_close(_second_update(2.0 * norm, grads), unclipped, rtol=1e-5)  # a clip above the norm
 
 
+@pytest.mark.parametrize("scale", [0.01, 0.1, 0.3, 7.0, 1e4])  # global norms ~0.05 to ~5e4
+def test_clip_is_pytorchs_clip_grad_norm(scale):
+    """nanoGPT clips with torch.nn.utils.clip_grad_norm_: g * min(1, max_norm / (norm + 1e-6)), in place."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    grads = {name: rng.normal(size=shape).astype(np.float32) * scale for name, shape in (("w", (4, 5)), ("b", (5,)))}
+    norm = np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads.values()))
+    tensors = [torch.nn.Parameter(torch.zeros(g.shape)) for g in grads.values()]
+    for t, g in zip(tensors, grads.values()):
+        t.grad = torch.from_numpy(g.copy())
+    torch.nn.utils.clip_grad_norm_(tensors, 1.0)
+    clipped, _ = optim.clip_by_global_norm(1.0).update(jax.tree.map(jnp.asarray, grads), optax.EmptyState())
+    for t, name in zip(tensors, grads):
+        np.testing.assert_allclose(np.asarray(clipped[name]), t.grad.numpy(), rtol=1e-6, atol=0)
+    if norm < 1.0 - 1e-5:  # below the clip norm the gradients pass unchanged, bit for bit
+        for name in grads:
+            np.testing.assert_array_equal(np.asarray(clipped[name]), grads[name])
+
+
 def test_decay_mask_is_the_same_for_scanned_layers():
     from jaxgpt.layout import stack_layers
     from jaxgpt.model import GPT, GPTConfig
