@@ -199,13 +199,16 @@ def gpt_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:
     return GPTConfig(**kwargs)
 
 
-def build_model(config: ml_collections.ConfigDict, vocab_size: int, seed: int) -> GPT | BigramLanguageModel:
-    """A freshly initialised model of `config.model.name` for a vocabulary of `vocab_size`, drawn from `seed`.
+def build_model(config: ml_collections.ConfigDict, vocab_size: int,
+                seed: int | jax.Array) -> GPT | BigramLanguageModel:
+    """A freshly initialised model of `config.model.name` for a vocabulary of `vocab_size`, drawn from `seed` (an
+    int, or its key `jax.random.PRNGKey(seed)`).
 
     All the initial weights come from one random draw in one compiled program (which the compilation cache
     keeps): `initializers.build_drawing_once`, seconds sooner on a CPU than a draw per parameter.
     """
-    return build_drawing_once(partial(_construct, config, vocab_size), jax.random.PRNGKey(seed))
+    key = seed if isinstance(seed, jax.Array) else jax.random.PRNGKey(seed)
+    return build_drawing_once(partial(_construct, config, vocab_size), key)
 
 
 def model_shape(config: ml_collections.ConfigDict, vocab_size: int) -> GPT | BigramLanguageModel:

@@ -32,13 +32,33 @@ from jaxgpt.model import loss_fn
 EVAL_SALT = 0x5EED  # eval batches come from a key stream apart from the training batches'
 
 
+@jax.jit
+def _keys_of_seed(seed: jax.Array) -> tuple[jax.Array, jax.Array]:
+    key = jax.random.PRNGKey(seed)
+    return key, jax.random.fold_in(key, 1)
+
+
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(`PRNGKey(seed)`, the run's base key `fold_in(PRNGKey(seed), 1)`): the initial weights and the end-of-run
+    sample draw from the first, every step's and evaluation's keys come from the second.
+
+    One compiled program (which the compilation cache keeps); computed eagerly, the two compile five small
+    programs, ~0.5 s on a CPU before the model is built. A seed outside int32 is computed eagerly, as before.
+    """
+    if -(2**31) <= seed < 2**31:
+        return _keys_of_seed(np.int32(seed))
+    key = jax.random.PRNGKey(seed)
+    return key, jax.random.fold_in(key, 1)
+
+
 def step_keys(base_key: jax.Array, step: jax.Array | int, grad_accum_steps: int) -> tuple[jax.Array, jax.Array]:
     """(batch keys, dropout keys) of a step's micro-batches, each of shape (grad_accum_steps, ...)."""
     keys = jax.random.split(jax.random.fold_in(base_key, step), 2 * grad_accum_steps)
     return keys[:grad_accum_steps], keys[grad_accum_steps:]
 
 
-def eval_key(base_key: jax.Array, step: int, split_index: int) -> jax.Array:
+def eval_key(base_key: jax.Array, step: int | jax.Array, split_index: int) -> jax.Array:
+    """The key of split `split_index`'s evaluation batches at `step` (0: train, 1: val)."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base_key, EVAL_SALT), step), split_index)
 
 
@@ -143,17 +163,12 @@ def make_train_chunk(
         length = (max_steps or n_steps) if on_device else n_steps
         return (params, opt_state, data, base_key, step0, jnp.int32(n_steps)), {"length": length}
 
-    compiled: dict[int, jax.stages.Compiled] = {}  # chunk length -> program compiled ahead by `prepare`
-    preparing: dict[int, threading.Thread] = {}
+    ahead = CompiledAhead(jitted, name="jaxgpt-compile-train-step")  # programs by chunk length
 
     def call(params, opt_state, data, base_key, step0, *, n_steps: int):
         args, kwargs = arguments(params, opt_state, data, base_key, step0, n_steps)
-        length = kwargs["length"]
-        if length in preparing:
-            preparing.pop(length).join()
-        program = compiled.get(length)
-        params, opt_state, metrics = program(*args) if program else jitted(*args, **kwargs)
-        if length == n_steps:
+        params, opt_state, metrics = ahead(kwargs["length"], args, kwargs)
+        if kwargs["length"] == n_steps:
             return params, opt_state, metrics
         # Cut on the host: slicing on the device compiles a small program per dtype and length (~0.05 s each).
         return params, opt_state, {k: np.asarray(v)[:n_steps] for k, v in metrics.items()}
@@ -169,23 +184,47 @@ def make_train_chunk(
         read), e.g. by the first evaluation, whose own compiling and computing overlap this one's. Returns the
         thread, or None when the program is compiled or being compiled already."""
         args, kwargs = arguments(params, opt_state, data, base_key, step0, n_steps)
-        length = kwargs["length"]
-        if length in compiled or length in preparing:
+        return ahead.prepare(kwargs["length"], args, kwargs)
+
+    call.lower, call.prepare, call.compiling = lower, prepare, ahead.compiling
+    return call
+
+
+class CompiledAhead:
+    """The programs of one jitted function, compiled ahead in threads from its arguments' shapes.
+
+    Compiling takes seconds on a CPU; started early (from `jax.ShapeDtypeStruct`s, while the weights are drawn
+    and other programs compile), it overlaps other work. Programs are kept by a tag the caller chooses (a chunk
+    length, say): a call with a tag whose program is compiled, or compiling, runs it (waiting if need be);
+    any other call compiles on the call, as `jax.jit` does.
+    """
+
+    def __init__(self, jitted: Callable, *, name: str):
+        self.jitted, self.name = jitted, name
+        self.compiled: dict = {}
+        self.preparing: dict[object, threading.Thread] = {}
+
+    def prepare(self, tag, args: tuple, kwargs: dict) -> threading.Thread | None:
+        """Starts compiling the program of `jitted(*args, **kwargs)` in a thread (None if `tag` has started)."""
+        if tag in self.compiled or tag in self.preparing:
             return None
 
         def compile_ahead():
             with contextlib.suppress(Exception):  # the call then compiles the program itself, and raises what is wrong
-                compiled[length] = jitted.lower(*args, **kwargs).compile()
+                self.compiled[tag] = self.jitted.lower(*args, **kwargs).compile()
 
-        preparing[length] = in_background(compile_ahead, name="jaxgpt-compile-train-step")
-        return preparing[length]
+        self.preparing[tag] = in_background(compile_ahead, name=self.name)
+        return self.preparing[tag]
 
-    def compiling() -> bool:
+    def __call__(self, tag, args: tuple, kwargs: dict):
+        if tag in self.preparing:
+            self.preparing.pop(tag).join()
+        program = self.compiled.get(tag)
+        return program(*args) if program else self.jitted(*args, **kwargs)
+
+    def compiling(self) -> bool:
         """Whether a program `prepare` started is still compiling."""
-        return any(thread.is_alive() for thread in list(preparing.values()))
-
-    call.lower, call.prepare, call.compiling = lower, prepare, compiling
-    return call
+        return any(thread.is_alive() for thread in list(self.preparing.values()))
 
 
 def in_background(fn: Callable[[], None], *, name: str) -> threading.Thread:
@@ -211,12 +250,14 @@ def _all_finite(tree) -> jax.Array:
 
 def make_estimate_loss(graphdef: nnx.GraphDef, *, batch_size: int, block_size: int, eval_iters: int,
                        mesh: Mesh | None = None) -> Callable:
-    """The jitted `estimate_loss(params, splits, keys) -> mean loss of each split` (no dropout).
+    """The jitted `estimate_loss(params, splits, base_key, step) -> mean loss of each split` (no dropout), with
+    `.prepare` (compile ahead in a thread) taking the same arguments.
 
     `splits` is a tuple of datasets, each the token array on the device or pre-drawn batches `(x, y)` of
-    shape (eval_iters, B, T); `keys` one key per split. Each split's loss is the mean over `eval_iters`
-    random batches (nanoGPT's `estimate_loss`); train and val share one compiled call. With a `mesh`,
-    each batch is split over its ('data', 'fsdp') axes.
+    shape (eval_iters, B, T). Split i's loss is the mean over `eval_iters` random batches (nanoGPT's
+    `estimate_loss`) drawn with `eval_key(base_key, step, i)`, inside the program (eagerly, the keys would compile
+    programs of their own); train and val share one compiled call. With a `mesh`, each batch is split over its
+    ('data', 'fsdp') axes.
     """
 
     def one_split(params, data, key):
@@ -232,10 +273,28 @@ def make_estimate_loss(graphdef: nnx.GraphDef, *, batch_size: int, block_size: i
         xy = data if isinstance(data, tuple) else None
         return jax.lax.map(batch_loss, (jax.random.split(key, eval_iters), xy)).mean()
 
-    def estimate(params, splits, keys):
-        return tuple(one_split(params, data, key) for data, key in zip(splits, keys))
+    def estimate(params, splits, base_key, step):
+        return tuple(one_split(params, data, eval_key(base_key, step, i)) for i, data in enumerate(splits))
 
-    return jax.jit(estimate)
+    ahead = CompiledAhead(jax.jit(estimate), name="jaxgpt-compile-estimate")  # programs by argument shapes
+
+    def call(params, splits, base_key, step):
+        args = (params, splits, base_key, step)
+        return ahead(_shapes(args), args, {})
+
+    def prepare(params, splits, base_key, step) -> threading.Thread | None:
+        """Starts compiling, in a thread, the program a call with arguments like these (or their shapes) runs."""
+        args = (params, splits, base_key, step)
+        return ahead.prepare(_shapes(args), args, {})
+
+    call.prepare = prepare
+    return call
+
+
+def _shapes(tree) -> tuple:
+    """A hashable summary of a tree of arrays (or their `jax.ShapeDtypeStruct`s): its structure, shapes and dtypes."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((np.shape(x), np.dtype(x.dtype)) for x in leaves)
 
 
 def _constrain_batch(x_BT: jax.Array, mesh: Mesh | None) -> jax.Array:

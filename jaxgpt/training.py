@@ -43,6 +43,7 @@ from jaxgpt.train_step import (
     in_background,
     make_estimate_loss,
     make_train_chunk,
+    seed_keys,
     step_keys,
 )
 
@@ -273,8 +274,7 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
     replicated = NamedSharding(mesh, PartitionSpec())
     # The shapes first: the training step compiles from them (in a thread) while the initial weights are drawn.
     graphdef, shapes = nnx.split(init_model or config_lib.model_shape(config, vocab_size))
-    run_key = lambda: jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)  # noqa: E731 - every step's keys' root
-    key_shape = jax.eval_shape(run_key)
+    key_shape = jax.eval_shape(lambda: seed_keys(config.seed))[1]
     s = dict(params=sharding_lib.sharded_shapes(shapes, mesh, scan_layers),
              opt_state=sharding_lib.sharded_shapes(jax.eval_shape(tx.init, shapes), mesh, scan_layers),
              key=jax.ShapeDtypeStruct(key_shape.shape, key_shape.dtype, sharding=replicated),  # drawn below
@@ -285,9 +285,11 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
     if run.on_device and config.max_iters > 0 and not config.eval_only:  # one program for any chunk and start
         run.train_chunk.prepare(s["params"], s["opt_state"], run.train_data, s["key"], np.int32(0),
                                 n_steps=config.steps_per_call)
-    # After the step's compile has started: deriving the key compiles small programs of its own (~0.15 s cold).
-    s["key"] = jax.device_put(run_key(), replicated)
-    model = init_model or config_lib.build_model(config, vocab_size, config.seed)
+        run.estimate.prepare(s["params"], (run.train_data, run.val_data), s["key"], np.int32(0))
+    seed_key, run_key = seed_keys(config.seed)
+    s["key"] = jax.device_put(run_key, replicated)  # every step's keys' root
+    run.seed_key = seed_key
+    model = init_model or config_lib.build_model(config, vocab_size, seed_key)
     built, params = nnx.split(model)
     assert built == graphdef, "the model built differs from its shapes"  # noqa: S101 - the compiled step's premise
     # Replicated (fsdp=1) or FSDP-split; a restore reads the checkpoint straight into these shardings.
@@ -382,6 +384,7 @@ class _Run:
         self.postfix: dict[str, str] = {}
         self.plotter: threading.Thread | None = None
         self.preparer: threading.Thread | None = None
+        self.seed_key: jax.Array | None = None  # PRNGKey(seed), set once drawn: the end-of-run sample's key
         self.prefetched: dict[tuple[int, int], tuple[jax.Array, jax.Array]] = {}
         self.eval_seconds = 0.0
 
@@ -492,16 +495,15 @@ class _Run:
         """nanoGPT's estimate_loss on both splits (one compiled call); saves 'best' / 'latest' as the config says."""
         c, s = self.config, self.s
         step = s["step"]
-        keys = (eval_key(s["key"], step, 0), eval_key(s["key"], step, 1))
         splits = (self.train_data, self.val_data)
-        if not self.on_device:
-            splits = tuple(host_fed_batches(d, jax.random.split(k, c.eval_iters), c.batch_size, c.model.block_size,
-                                            self.mesh) for d, k in zip(splits, keys))
+        if not self.on_device:  # the batches drawn on the host, with the keys the program would draw them with
+            splits = tuple(host_fed_batches(d, jax.random.split(eval_key(s["key"], step, i), c.eval_iters),
+                                            c.batch_size, c.model.block_size, self.mesh) for i, d in enumerate(splits))
         if not self.metrics.history or self.eval_seconds > 5:  # say why the console is quiet
             took = f"; the last one took {self.eval_seconds:.0f} s" if self.eval_seconds else " (compiles first)"
             self.log(f"step {step}: evaluating on 2 x {c.eval_iters} batches{took} ...")
         self.call_started = time.perf_counter()
-        losses = dict(zip(("train", "val"), map(float, self.estimate(s["params"], splits, keys))))
+        losses = dict(zip(("train", "val"), map(float, self.estimate(s["params"], splits, s["key"], np.int32(step)))))
         self.eval_seconds = time.perf_counter() - self.call_started
         self.call_started = None
         if not all(math.isfinite(v) for v in losses.values()):
@@ -575,7 +577,7 @@ class _Run:
 
             with contextlib.suppress(Exception):  # the sample itself will raise whatever is wrong
                 prepare_generate(nnx.merge(self.graphdef, zeros), len(prompt), c.sample_tokens,
-                                 key=jax.random.PRNGKey(c.seed))
+                                 key=self.seed_key)
 
         self.preparer = in_background(prepare, name="jaxgpt-prepare")
 
@@ -587,7 +589,7 @@ class _Run:
             self.preparer.join()
             self.preparer = None
         return _final_sample(self.graphdef, self.s["params"], self.dataset.tokenizer, self.config.sample_tokens,
-                             self.config.seed)
+                             self.seed_key)
 
     def save(self, which: str, *, same_as: str | None = None) -> None:
         """Checkpoints the state as `which`; `same_as` names a checkpoint of this very state to link instead."""
@@ -604,7 +606,7 @@ class _Run:
             raise TrainingError(str(e)) from None
 
 
-def _final_sample(graphdef, params, tokenizer, n_tokens: int, seed: int) -> str | None:
+def _final_sample(graphdef, params, tokenizer, n_tokens: int, seed: int | jax.Array) -> str | None:
     """The end-of-run sample on process 0 (every process takes part in gathering the weights), else None."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -615,12 +617,14 @@ def _final_sample(graphdef, params, tokenizer, n_tokens: int, seed: int) -> str 
     return sample_text(nnx.merge(graphdef, params), tokenizer, n_tokens, seed)
 
 
-def sample_text(model: nnx.Module, tokenizer, n_tokens: int, seed: int) -> str:
-    """A sample from the model, starting from a newline (nanoGPT's default prompt) or token 0."""
+def sample_text(model: nnx.Module, tokenizer, n_tokens: int, seed: int | jax.Array) -> str:
+    """A sample from the model, starting from a newline (nanoGPT's default prompt) or token 0, drawn from `seed` (an
+    int, or its key `jax.random.PRNGKey(seed)`)."""
     from jaxgpt.sampling import generate
 
     start = sample_prompt(tokenizer)
-    ids = generate(model, start[None, :], n_tokens, key=jax.random.PRNGKey(seed))[0]
+    key = seed if isinstance(seed, jax.Array) else jax.random.PRNGKey(seed)
+    ids = generate(model, start[None, :], n_tokens, key=key)[0]
     return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids.tolist()))
 
 

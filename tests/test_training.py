@@ -182,13 +182,42 @@ def test_estimate_loss_is_the_mean_eval_loss_without_dropout():
     graphdef, params, _ = _setup(dropout=0.5)
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 11, 400), jnp.int32)
     est = training.make_estimate_loss(graphdef, batch_size=2, block_size=8, eval_iters=3)
-    key = jax.random.PRNGKey(9)
+    base_key, step = jax.random.PRNGKey(9), 250
     model = nnx.merge(graphdef, params)
-    expected = np.mean([float(model_lib.loss_fn(model(x), y))
+
+    def mean_loss(key):  # nanoGPT's estimate_loss: the mean loss of eval_iters batches
+        return np.mean([float(model_lib.loss_fn(model(x), y))
                         for x, y in (data.get_batch(k, tokens, 2, 8) for k in jax.random.split(key, 3))])
-    got, again = est(params, (tokens, tokens), (key, key))
-    assert float(got) == pytest.approx(expected, rel=1e-5)
-    assert float(again) == float(got)  # no dropout: deterministic
+
+    train, val = est(params, (tokens, tokens), base_key, np.int32(step))
+    # Each split draws with its own key of this step (here both splits read the same tokens).
+    assert float(train) == pytest.approx(mean_loss(training.eval_key(base_key, step, 0)), rel=1e-5)
+    assert float(val) == pytest.approx(mean_loss(training.eval_key(base_key, step, 1)), rel=1e-5)
+    assert float(train) != float(val)
+    again = est(params, (tokens, tokens), base_key, np.int32(step))
+    assert (float(again[0]), float(again[1])) == (float(train), float(val))  # no dropout: deterministic
+
+
+def test_an_evaluation_compiled_ahead_runs_without_compiling(jax_compile_events):
+    graphdef, params, _ = _setup(dropout=0.0)
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 11, 300), jnp.int32)
+    est = training.make_estimate_loss(graphdef, batch_size=2, block_size=8, eval_iters=3)
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    est.prepare(shapes, (tokens, tokens), jax.random.PRNGKey(0), np.int32(0)).join()
+    with jax_compile_events() as events:
+        got = est(params, (tokens, tokens), jax.random.PRNGKey(1), np.int32(7))
+    assert events == []
+    on_call = training.make_estimate_loss(graphdef, batch_size=2, block_size=8, eval_iters=3)
+    assert got == on_call(params, (tokens, tokens), jax.random.PRNGKey(1), np.int32(7))
+
+
+@pytest.mark.parametrize("seed", [0, 1337, -5, 2**31 - 1, 2**31])
+def test_seed_keys_are_the_eager_keys(seed):
+    """One compiled program gives what `PRNGKey(seed)` and `fold_in(PRNGKey(seed), 1)` give eagerly."""
+    key, run_key = train_step.seed_keys(seed)
+    expected = jax.random.PRNGKey(seed)
+    np.testing.assert_array_equal(key, expected)
+    np.testing.assert_array_equal(run_key, jax.random.fold_in(expected, 1))
 
 
 # ------------------------------------------------------------------------------------------ the loop
