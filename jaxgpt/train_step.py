@@ -294,7 +294,7 @@ def make_estimate_loss(graphdef: nnx.GraphDef, *, batch_size: int, block_size: i
 def _shapes(tree) -> tuple:
     """A hashable summary of a tree of arrays (or their `jax.ShapeDtypeStruct`s): its structure, shapes and dtypes."""
     leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((np.shape(x), np.dtype(x.dtype)) for x in leaves)
+    return treedef, tuple((np.shape(x), getattr(x, "dtype", type(x))) for x in leaves)  # a Python int: its type
 
 
 def _constrain_batch(x_BT: jax.Array, mesh: Mesh | None) -> jax.Array:

@@ -272,7 +272,8 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
     tx = optim.make_optimizer(config)
     scan_layers = config.model.scan_layers
     replicated = NamedSharding(mesh, PartitionSpec())
-    # The shapes first: the training step compiles from them (in a thread) while the initial weights are drawn.
+    # The shapes first: the training step and the evaluation compile from them (in threads) while the initial weights
+    # are drawn.
     graphdef, shapes = nnx.split(init_model or config_lib.model_shape(config, vocab_size))
     key_shape = jax.eval_shape(lambda: seed_keys(config.seed))[1]
     s = dict(params=sharding_lib.sharded_shapes(shapes, mesh, scan_layers),

@@ -194,7 +194,7 @@ def test_estimate_loss_is_the_mean_eval_loss_without_dropout():
     assert float(train) == pytest.approx(mean_loss(training.eval_key(base_key, step, 0)), rel=1e-5)
     assert float(val) == pytest.approx(mean_loss(training.eval_key(base_key, step, 1)), rel=1e-5)
     assert float(train) != float(val)
-    again = est(params, (tokens, tokens), base_key, np.int32(step))
+    again = est(params, (tokens, tokens), base_key, step)  # a Python int step draws the same batches
     assert (float(again[0]), float(again[1])) == (float(train), float(val))  # no dropout: deterministic
 
 
