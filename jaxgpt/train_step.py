@@ -32,10 +32,12 @@ from jaxgpt.model import loss_fn
 EVAL_SALT = 0x5EED  # eval batches come from a key stream apart from the training batches'
 
 
-@jax.jit
-def _keys_of_seed(seed: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _keys_of_seed(seed: int | jax.Array) -> tuple[jax.Array, jax.Array]:
     key = jax.random.PRNGKey(seed)
     return key, jax.random.fold_in(key, 1)
+
+
+_keys_of_seed_compiled = jax.jit(_keys_of_seed)
 
 
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -46,9 +48,8 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     programs, ~0.5 s on a CPU before the model is built. A seed outside int32 is computed eagerly, as before.
     """
     if -(2**31) <= seed < 2**31:
-        return _keys_of_seed(np.int32(seed))
-    key = jax.random.PRNGKey(seed)
-    return key, jax.random.fold_in(key, 1)
+        return _keys_of_seed_compiled(np.int32(seed))
+    return _keys_of_seed(seed)
 
 
 def step_keys(base_key: jax.Array, step: jax.Array | int, grad_accum_steps: int) -> tuple[jax.Array, jax.Array]:
