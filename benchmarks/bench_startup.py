@@ -6,7 +6,8 @@ both on one prepared copy of the corpus (nanoGPT's train.bin / val.bin). Every l
 timestamped from its start, which splits the wall time into phases: until the first line, until the model
 is built, the step-0 evaluation, training (compile included) with the last evaluation, the end-of-run
 sample, exit. With two step counts the marginal cost per step and the fixed cost (the rest) follow:
-fixed = wall(N1) - N1 * (wall(N2) - wall(N1)) / (N2 - N1).
+fixed = wall(N1) - N1 * (wall(N2) - wall(N1)) / (N2 - N1). Each process's CPU time (user + system, all its threads)
+is paired too: on a host whose cores are all busy, it says what a change saves more steadily than the wall time.
 
 `--cache cold` gives every jaxgpt run an empty compilation cache; `warm` fills one first and reuses it.
 `--also NAME=DIR` adds another jaxgpt checkout (an older commit, say) as a third command.
@@ -42,21 +43,23 @@ MARKERS = {
 }
 
 
-def timed_run(cmd: list[str], env: dict[str, str], cwd: pathlib.Path) -> tuple[float, list[tuple[float, str]]]:
-    """Runs `cmd`; returns its wall time and each output line with the seconds since start."""
+def timed_run(cmd: list[str], env: dict[str, str], cwd: pathlib.Path) -> tuple[float, float, list[tuple[float, str]]]:
+    """Runs `cmd`; returns its wall time, its CPU time (user + system, its threads and children included) and each
+    output line with the seconds since start."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     lines = [(time.perf_counter() - t0, line.rstrip("\n")) for line in proc.stdout]
-    proc.wait()
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         tail = "\n".join(text for _, text in lines[-15:])
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
-    return wall, lines
+    return wall, usage.ru_utime + usage.ru_stime, lines
 
 
-def phases(lines: list[tuple[float, str]], wall: float, n: int) -> dict[str, float]:
-    """Seconds at which each phase ended (absent markers repeat the previous time)."""
+def phases(lines: list[tuple[float, str]], wall: float, n: int, cpu: float | None = None) -> dict[str, float]:
+    """Seconds at which each phase ended (absent markers repeat the previous time), and the CPU seconds if given."""
     out = {"first_line": lines[0][0] if lines else wall}
     previous = out["first_line"]
     for name, markers in MARKERS.items():
@@ -64,6 +67,8 @@ def phases(lines: list[tuple[float, str]], wall: float, n: int) -> dict[str, flo
         found = next((t for t, text in lines if text.lstrip().startswith(wanted)), None)
         previous = out[name] = previous if found is None else found
     out["exit"] = wall
+    if cpu is not None:
+        out["cpu"] = cpu
     return out
 
 
@@ -105,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                 for name, (cmd, cwd) in cmds.items():
                     cache = tmp / "xla" / name if args.cache == "warm" else tmp / f"xla-{name}-{n}-{r}"
                     env = dict(os.environ, PYTHONPATH=str(cwd), JAXGPT_CACHE=str(cache))
-                    wall, lines = timed_run(cmd, env, cwd)
+                    wall, cpu, lines = timed_run(cmd, env, cwd)
                     if r:
-                        results.setdefault((name, n), []).append(phases(lines, wall, n))
+                        results.setdefault((name, n), []).append(phases(lines, wall, n, cpu))
                     shutil.rmtree(tmp / "out", ignore_errors=True)
         print(table(results, args))
     finally:
@@ -118,24 +123,27 @@ def main(argv: list[str] | None = None) -> int:
 def table(results: dict[tuple[str, int], list[dict]], args) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    med = {key: {k: statistics.median(run[k] for run in runs) for k in runs[0]} for key, runs in results.items()}
+    with_cpu = all("cpu" in m for m in med.values())
     lines = [f"{cpu}, {os.cpu_count()} cores; compile cache {args.cache}; median of {args.repeats} runs, "
-             "seconds since the process started",
+             "seconds since the process started" + ("; CPU: user + system seconds" if with_cpu else ""),
              "",
              "| command | steps | first line | model built | step-0 eval done | trained + last eval | sample done | "
-             "exit (wall) |",
-             "|---|---|---|---|---|---|---|---|"]
-    med = {key: {k: statistics.median(run[k] for run in runs) for k in runs[0]} for key, runs in results.items()}
+             "exit (wall) |" + (" CPU |" if with_cpu else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if with_cpu else "")]
     for (name, n), m in med.items():
         lines.append(f"| {name} | {n} | {m['first_line']:.2f} | {m['built']:.2f} | {m['eval0']:.2f} | "
-                     f"{m['trained']:.2f} | {m['sampled']:.2f} | {m['exit']:.2f} |")
+                     f"{m['trained']:.2f} | {m['sampled']:.2f} | {m['exit']:.2f} |" +
+                     (f" {m['cpu']:.1f} |" if with_cpu else ""))
     names = sorted({name for name, _ in med}, key=list(dict.fromkeys(name for name, _ in med)).index)
     lines.append("")
     for n in args.iters:
-        walls = {name: [run["exit"] for run in results[(name, n)]] for name in names}
-        for other in [name for name in names if name != "jaxgpt"]:  # the runs alternate: pairs share the noise
-            ratios = [a / b for a, b in zip(walls["jaxgpt"], walls[other])]
-            lines.append(f"{n} steps: jaxgpt / {other} wall time, pair by pair: median "
-                         f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
+        for measure, what in (("exit", "wall"), ("cpu", "CPU")) if with_cpu else (("exit", "wall"),):
+            values = {name: [run[measure] for run in results[(name, n)]] for name in names}
+            for other in [name for name in names if name != "jaxgpt"]:  # the runs alternate: pairs share the noise
+                ratios = [a / b for a, b in zip(values["jaxgpt"], values[other])]
+                lines.append(f"{n} steps: jaxgpt / {other} {what} time, pair by pair: median "
+                             f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
     if len(args.iters) >= 2:
         n1, n2 = args.iters[:2]
         for name in names:

@@ -49,9 +49,15 @@ def check_length(data: ArrayLike, block_size: int, what: str = "data") -> None:
 
 
 @partial(jax.jit, static_argnames=("batch_size", "block_size"))
-def gather_batch(key: jax.Array, data: jax.Array, batch_size: int, block_size: int) -> tuple[jax.Array, jax.Array]:
-    """`get_batch` without its host-side checks, for use inside a jitted step (the caller checked `data`)."""
-    ix_B = jax.random.randint(key, (batch_size,), 0, data.shape[0] - block_size)
+def gather_batch(key: jax.Array, data: jax.Array, batch_size: int, block_size: int, *,
+                 start: int | jax.Array = 0, length: int | jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """`get_batch` without its host-side checks, for use inside a jitted step (the caller checked `data`).
+
+    With `start` and `length` (traced or not) the windows come from `data[start:start + length]`, drawn as
+    `get_batch` would draw them from that slice alone: the evaluation keeps its splits in one array.
+    """
+    length = data.shape[0] if length is None else length
+    ix_B = start + jax.random.randint(key, (batch_size,), 0, length - block_size)
     window_BT1 = ix_B[:, None] + jnp.arange(block_size + 1)[None, :]
     tokens = data[window_BT1].astype(jnp.int32)
     return tokens[:, :-1], tokens[:, 1:]

@@ -257,25 +257,35 @@ def make_estimate_loss(graphdef: nnx.GraphDef, *, batch_size: int, block_size: i
     `splits` is a tuple of datasets, each the token array on the device or pre-drawn batches `(x, y)` of
     shape (eval_iters, B, T). Split i's loss is the mean over `eval_iters` random batches (nanoGPT's
     `estimate_loss`) drawn with `eval_key(base_key, step, i)`, inside the program (eagerly, the keys would compile
-    programs of their own); train and val share one compiled call. With a `mesh`, each batch is split over its
-    ('data', 'fsdp') axes.
+    programs of their own). Every split's batches run through one loop over one forward pass, their token arrays
+    joined: a loop per split would compile the forward pass once per split. With a `mesh`, each batch is split over
+    its ('data', 'fsdp') axes.
     """
 
-    def one_split(params, data, key):
+    def estimate(params, splits, base_key, step):
+        keys = jnp.concatenate([jax.random.split(eval_key(base_key, step, i), eval_iters)
+                                for i in range(len(splits))])
+        if isinstance(splits[0], tuple):  # pre-drawn batches
+            xs, ys = (jnp.concatenate(parts) for parts in zip(*splits))
+            windows = (xs, ys)
+        else:  # where each batch's windows lie in the joined array
+            lengths = [d.shape[0] for d in splits]
+            starts = np.repeat(np.cumsum([0, *lengths[:-1]]), eval_iters).astype(np.int32)
+            windows = (starts, np.repeat(lengths, eval_iters).astype(np.int32))
+            tokens = jnp.concatenate(splits)
+
         def batch_loss(inputs):
-            k, xy = inputs
-            if xy is None:
-                x_BT, y_BT = data_lib.gather_batch(k, data, batch_size, block_size)
+            key, window = inputs
+            if isinstance(splits[0], tuple):
+                x_BT, y_BT = window
             else:
-                x_BT, y_BT = xy
+                x_BT, y_BT = data_lib.gather_batch(key, tokens, batch_size, block_size, start=window[0],
+                                                   length=window[1])
             x_BT, y_BT = _constrain_batch(x_BT, mesh), _constrain_batch(y_BT, mesh)
             return _loss(graphdef, params, x_BT, y_BT, None, False)
 
-        xy = data if isinstance(data, tuple) else None
-        return jax.lax.map(batch_loss, (jax.random.split(key, eval_iters), xy)).mean()
-
-    def estimate(params, splits, base_key, step):
-        return tuple(one_split(params, data, eval_key(base_key, step, i)) for i, data in enumerate(splits))
+        losses = jax.lax.map(batch_loss, (keys, windows))
+        return tuple(losses.reshape(len(splits), eval_iters).mean(axis=1))
 
     ahead = CompiledAhead(jax.jit(estimate), name="jaxgpt-compile-estimate")  # programs by argument shapes
 

@@ -51,6 +51,15 @@ def test_table_pairs_runs_and_derives_the_fixed_cost():
     assert "| jaxgpt | 200 | 1.00 | 2.00 | 3.00 | 9.00 | 9.50 | 11.00 |" in text
 
 
+def test_table_pairs_cpu_seconds_when_measured():
+    results = {("jaxgpt", 200): [bench_startup.phases(_jaxgpt_lines(200), wall=10.0, n=200, cpu=c) for c in (16, 18)],
+               ("nanoGPT loop", 200): [bench_startup.phases(_jaxgpt_lines(200), wall=10.0, n=200, cpu=c)
+                                       for c in (20, 18)]}
+    text = bench_startup.table(results, argparse.Namespace(iters=[200], repeats=2, cache="cold"))
+    assert "200 steps: jaxgpt / nanoGPT loop CPU time, pair by pair: median 0.90 (min 0.80, max 1.00)" in text
+    assert "| jaxgpt | 200 | 1.00 | 2.00 | 3.00 | 9.00 | 9.50 | 10.00 | 17.0 |" in text
+
+
 @pytest.mark.parametrize("bad", [["--data", "/nonexistent/input.txt"]])
 def test_a_missing_corpus_is_one_line(bad, capsys):
     assert bench_startup.main(bad) == 2
