@@ -12,7 +12,9 @@ Two paths with one contract (`idx` (B, T) int32 in, (B, T + max_new_tokens) out)
 Past `block_size` both follow nanoGPT exactly: each token is conditioned on the last `block_size`
 tokens at positions 0 .. block_size-1. Positions are added at the input (learned or sinusoidal), so
 once the window slides every cached key and value changes; the cached path then switches to a
-compiled loop of full-window forwards, projecting only the last position to the vocabulary.
+compiled loop of full-window forwards, projecting only the last position to the vocabulary. A sample
+mostly past the context (more than twice `block_size` in all) runs that loop from its first token, the window
+right-padded until it fills: one program to compile instead of two (three with a prefill).
 
 Randomness is explicit: the i-th new token is drawn with `jax.random.fold_in(key, i)`, so the same
 key gives the same text whether it is generated at once, in streamed chunks, with or without cache.
@@ -197,10 +199,10 @@ def decode_step(model: GPT, tok_B: jax.Array, pos: jax.Array, cache: tuple[Layer
     return logits_B1V[:, 0, :], cache
 
 
-def last_logits(model: GPT, idx_BT: jax.Array) -> jax.Array:
-    """logits (B, V) of the last position of a full forward (the head projects only that row)."""
+def last_logits(model: GPT, idx_BT: jax.Array, last: int | jax.Array = -1) -> jax.Array:
+    """logits (B, V) of position `last` (the last by default) of a full forward (the head projects only that row)."""
     x_BTC = model.blocks(model.embed(idx_BT), [None] * model.config.n_layer)
-    return model.head(x_BTC[:, -1:])[:, 0, :]
+    return model.head(x_BTC[:, last][:, None])[:, 0, :]
 
 
 @jax.tree_util.register_dataclass
@@ -241,13 +243,15 @@ def _decode_cached(graphdef, params, state: _State, sampler, n_steps, key, tempe
 
 @functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=(2,))
 def _decode_window(graphdef, params, state: _State, sampler, n_steps, key, temperature, top_p):
-    """n_steps steps past the context: a full forward over the last block_size tokens each."""
+    """n_steps steps of a full forward over the last block_size tokens each; while the sequence is shorter, over its
+    first block_size slots, read at its last token (causal attention: the slots after it change nothing)."""
     model = nnx.merge(graphdef, params)
     block_size = model.config.block_size
 
     def step(_, s: _State):
-        window_BT = jax.lax.dynamic_slice_in_dim(s.tokens_BN, s.length - block_size, block_size, axis=1)
-        logits_BV = last_logits(model, window_BT)
+        start = jnp.maximum(s.length - block_size, 0)
+        window_BT = jax.lax.dynamic_slice_in_dim(s.tokens_BN, start, block_size, axis=1)
+        logits_BV = last_logits(model, window_BT, s.length - start - 1)
         nxt_B = sampler(logits_BV, jax.random.fold_in(key, s.drawn), temperature, top_p)
         tokens_BN = jax.lax.dynamic_update_slice_in_dim(s.tokens_BN, nxt_B[:, None], s.length, axis=1)
         return _State(tokens_BN, s.length + 1, s.drawn + 1, s.cache)
@@ -270,7 +274,13 @@ def _stream_cached(model: GPT, idx_BT: np.ndarray, max_new_tokens, key, sampler,
     padded[:, :T_c] = prompt_BT
     graphdef, params = nnx.split(with_layout(model, scan_layers=False))  # the cache is kept per layer
     buffer = np.zeros((B, _bucket(T_pad + max_new_tokens, minimum=64)), np.int32)  # host zeros: nothing to compile
-    if T_c == 1:  # no prefill to compile: the first decode step feeds the prompt's one token into an empty cache
+    # Mostly past the context (train.py's end-of-run sample, say), every step runs the window loop from the start:
+    # one program to compile instead of a prefill, the cached loop and the window loop, for a slower start.
+    window_only = T_c + max_new_tokens > 2 * block_size
+    if window_only:
+        buffer[:, :T_c] = prompt_BT
+        state = _State(buffer, np.int32(T_c), np.int32(0), ())
+    elif T_c == 1:  # no prefill to compile: the first decode step feeds the prompt's one token into an empty cache
         buffer[:, :1] = prompt_BT
         state = _State(buffer, np.int32(1), np.int32(0), model.init_cache(B, host=True))
     else:
@@ -282,7 +292,7 @@ def _stream_cached(model: GPT, idx_BT: np.ndarray, max_new_tokens, key, sampler,
     while done < max_new_tokens:
         n = min(chunk, max_new_tokens - done)
         length = T_c + done
-        n_cached = min(n, max(0, block_size - length + 1))  # steps whose fed position is < block_size
+        n_cached = 0 if window_only else min(n, max(0, block_size - length + 1))  # fed positions < block_size
         n_window = n - n_cached
         if n_cached:
             n_cached = 0 if dry_run else n_cached

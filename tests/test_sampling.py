@@ -48,14 +48,28 @@ LONG_PROMPT = np.array([[1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5, 4, 3, 2, 1]
         dict(attention="heads", pos_encoding="sinusoidal"),
     ],
 )
-def test_greedy_cache_equals_reference_300_tokens_past_context(overrides):
+@pytest.mark.parametrize("n", [BLOCK + 7, BLOCK + 300])  # cached steps then the window; the window loop throughout
+def test_greedy_cache_equals_reference_past_context(overrides, n):
     model = sharp_model(**overrides)
-    n = BLOCK + 300
     cached = jaxgpt.generate(model, LONG_PROMPT, n, key=jax.random.key(0), temperature=0)
     reference = jaxgpt.generate(model, LONG_PROMPT, n, key=jax.random.key(0), temperature=0, use_cache=False)
     assert cached.shape == (2, 9 + n)
     np.testing.assert_array_equal(cached[:, :9], LONG_PROMPT)
     np.testing.assert_array_equal(cached, reference)
+
+
+def test_a_sample_mostly_past_the_context_runs_the_window_loop_only():
+    """Past twice the context (train.py's end-of-run sample), no prefill and no cached loop is compiled: the window
+    loop runs from the first token, right-padded until the context fills, and the text is the lecture loop's."""
+    model = sharp_model()
+    prompt = np.array([[3], [1], [4], [1]], np.int32)  # 4 rows: shapes no other test compiles
+    before = sampling._start._cache_size(), sampling._decode_cached._cache_size()
+    got = jaxgpt.generate(model, prompt, 2 * BLOCK, key=jax.random.key(4), top_k=6)
+    assert (sampling._start._cache_size(), sampling._decode_cached._cache_size()) == before
+    expected = jaxgpt.generate(model, prompt, 2 * BLOCK, key=jax.random.key(4), top_k=6, use_cache=False)
+    np.testing.assert_array_equal(got, expected)
+    jaxgpt.generate(model, prompt, 2 * BLOCK - 1, key=jax.random.key(4), top_k=6)
+    assert sampling._decode_cached._cache_size() == before[1] + 1  # at twice the context, the cache serves again
 
 
 @pytest.mark.parametrize("attention", ["fused", "heads"])
