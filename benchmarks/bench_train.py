@@ -13,6 +13,9 @@ clip 1.0). Implementations:
   mixed precision, not in the default set (bf16 matmuls change the numerics; worth it on CPUs with bf16 units):
     jax_scan_bf16  jax_scan with `model.dtype="bfloat16"` (float32 parameters and optimiser)
     torch_bf16     torch eager under `torch.autocast("cpu", dtype=torch.bfloat16)`
+  another attention, not in the default set:
+    jax_scan_xla_attention  jax_scan with `model.attention_impl="xla"` (`jax.nn.dot_product_attention`), for a
+                   shape whose recipe runs the lecture's attention (shakespeare_char_cpu, as its config does)
 
 Reported per shape: median ms/step, tokens/s, ratios against torch eager and compiled, first-step time
 (compile included), peak memory (RSS growth of a fresh subprocess over its first steps; for jax also
@@ -67,6 +70,7 @@ class Shape:
     rounds: int = 5
     steps: int = 10
     scan_k: int = 10
+    attention_impl: str = "xla"  # the jax rows' model.attention_impl: what the shape's config in configs/ sets
 
     def model_args(self) -> dict:
         """The GPTConfig / TorchGPTConfig arguments of this shape (no biases, as nanoGPT's CPU recipe)."""
@@ -75,11 +79,12 @@ class Shape:
 
 
 SHAPES = {
-    "shakespeare_char_cpu": Shape(12, 64, 4, 4, 128, 0.0, lr_decay_iters=2000, rounds=5, steps=20, scan_k=20),
+    "shakespeare_char_cpu": Shape(12, 64, 4, 4, 128, 0.0, lr_decay_iters=2000, rounds=5, steps=20, scan_k=20,
+                                  attention_impl="reference"),
     "shakespeare_char": Shape(64, 256, 6, 6, 384, 0.2, rounds=3, steps=2, scan_k=2),
 }
 DEFAULT_IMPLS = ("jax", "jax_scan", "jax_remat", "torch", "torch_compile")
-IMPLS = (*DEFAULT_IMPLS, "jax_scan_bf16", "torch_bf16")
+IMPLS = (*DEFAULT_IMPLS, "jax_scan_bf16", "torch_bf16", "jax_scan_xla_attention")
 WEIGHT_DECAY, BETAS, GRAD_CLIP, VOCAB = 0.1, (0.9, 0.99), 1.0, 65
 
 
@@ -115,7 +120,8 @@ def flops_per_token(shape: Shape) -> int:
 # ----------------------------------------------------------------------------------------------- jax
 
 
-def build_jax_steps(shape: Shape, tokens, *, remat: bool = False, dtype: str = "float32"):
+def build_jax_steps(shape: Shape, tokens, *, remat: bool = False, dtype: str = "float32",
+                    attention_impl: str | None = None):
     """jaxgpt's own training step, `jaxgpt.training.make_train_chunk`, on this shape.
 
     Returns (params, opt_state, train_chunk, data): `train_chunk(params, opt_state, data, key, step0,
@@ -123,6 +129,7 @@ def build_jax_steps(shape: Shape, tokens, *, remat: bool = False, dtype: str = "
     the token array on the device (batches drawn inside) or host batches of shape (K, 1, B, T).
     `remat`: the model's `scan_layers` + `remat` switches (one scanned block, recomputed in the backward).
     `dtype`: the model's computation dtype ("bfloat16": mixed precision, float32 parameters).
+    `attention_impl`: the model's, by default the shape's.
     """
     import jax.numpy as jnp
     from flax import nnx
@@ -130,7 +137,8 @@ def build_jax_steps(shape: Shape, tokens, *, remat: bool = False, dtype: str = "
     import jaxgpt
     from jaxgpt import optim, training
 
-    config = jaxgpt.GPTConfig(**shape.model_args(), scan_layers=remat, remat=remat, dtype=dtype)
+    config = jaxgpt.GPTConfig(**shape.model_args(), scan_layers=remat, remat=remat, dtype=dtype,
+                              attention_impl=attention_impl or shape.attention_impl)
     model = jaxgpt.GPT(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     schedule = optim.lr_schedule(
@@ -149,7 +157,8 @@ def build_jax_steps(shape: Shape, tokens, *, remat: bool = False, dtype: str = "
 class JaxRunner:
     """jax: one step per call on host batches (as `data.on_device=False`); jax_scan: K steps per call,
     batches drawn on the device (train.py's default); jax_remat: as jax, with scan_layers + remat;
-    jax_scan_bf16: as jax_scan, with model.dtype="bfloat16" (bf16 matmuls, float32 parameters)."""
+    jax_scan_bf16: as jax_scan, with model.dtype="bfloat16" (bf16 matmuls, float32 parameters);
+    jax_scan_xla_attention: as jax_scan, with model.attention_impl="xla"."""
 
     def __init__(self, shape: Shape, tokens, batches, impl: str):
         import jax
@@ -158,7 +167,8 @@ class JaxRunner:
         self.jax, self.scan, self.shape = jax, impl.startswith("jax_scan"), shape
         self.k = shape.scan_k if self.scan else 1
         self.params, self.opt_state, self.chunk, self.data = build_jax_steps(
-            shape, tokens, remat=impl == "jax_remat", dtype="bfloat16" if impl.endswith("_bf16") else "float32"
+            shape, tokens, remat=impl == "jax_remat", dtype="bfloat16" if impl.endswith("_bf16") else "float32",
+            attention_impl="xla" if impl == "jax_scan_xla_attention" else None,
         )
         self.batches = [(jnp.asarray(x, jnp.int32)[None, None], jnp.asarray(y, jnp.int32)[None, None])
                         for x, y in batches]
@@ -330,7 +340,8 @@ def fmt_table(name: str, rows: list[dict]) -> str:
     shape = SHAPES[name]
     lines = [
         f"**{name}** (batch {shape.batch_size}, block {shape.block_size}, {shape.n_layer} layers, "
-        f"{shape.n_head} heads, {shape.n_embd} wide, dropout {shape.dropout}; K={shape.scan_k} for jax_scan)",
+        f"{shape.n_head} heads, {shape.n_embd} wide, dropout {shape.dropout}; K={shape.scan_k} for jax_scan; "
+        f"attention_impl {shape.attention_impl!r})",
         "",
         "| impl | median ms/step | tokens/s | vs torch eager | vs torch.compile | setup s | first step s | "
         "peak RSS growth MiB | XLA buffers MiB | GFLOP/s | steps timed |",

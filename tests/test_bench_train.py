@@ -26,6 +26,15 @@ def test_flops_per_token_is_the_models_matmul_count(name):
     assert bench_train.flops_per_token(shape) == counted + 6 * vector_params(model)
 
 
+@pytest.mark.parametrize("name", sorted(bench_train.SHAPES))
+def test_each_shape_times_the_attention_its_config_runs(name):
+    """The jax rows time what train.py would run for this shape's config in configs/."""
+    from jaxgpt import config as config_lib
+
+    config = config_lib.load_config_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.py")
+    assert bench_train.SHAPES[name].attention_impl == config.model.attention_impl
+
+
 def test_write_results_replaces_only_its_block(tmp_path):
     path = tmp_path / "RESULTS.md"
     path.write_text("# Benchmarks\n\nintro\n")
