@@ -295,8 +295,8 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
     assert built == graphdef, "the model built differs from its shapes"  # noqa: S101 - the compiled step's premise
     # Replicated (fsdp=1) or FSDP-split; a restore reads the checkpoint straight into these shardings.
     s["params"] = sharding_lib.shard_params(params, mesh, scan_layers)
-    # One compiled program for the optimizer's zeros: eagerly, each parameter shape would compile one of its own.
-    s["opt_state"] = jax.jit(tx.init, out_shardings=jax.tree.map(lambda a: a.sharding, s["opt_state"]))(s["params"])
+    # AdamW's state starts as zeros (moments and step counts): made on the host from its shapes, nothing to compile.
+    s["opt_state"] = sharding_lib.zeros(s["opt_state"])
     try:
         if config.resume:
             s.update(_restore(ckptr, config, s, main, log))

@@ -24,6 +24,7 @@ from jaxgpt.sharding import (
     process_rows,
     shard_params,
     sharded_shapes,
+    zeros,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,6 +87,27 @@ def test_sharded_shapes_are_what_shard_params_makes():
     shapes, placed = sharded_shapes(tree, mesh), shard_params(tree, mesh)
     for s, a in zip(jax.tree.leaves(shapes), jax.tree.leaves(placed)):
         assert (s.shape, s.dtype, s.sharding) == (a.shape, a.dtype, a.sharding)
+
+
+
+@pytest.mark.parametrize("name", ["shakespeare_char_cpu", "lecture"])
+def test_optimizer_state_from_zeros_is_what_its_init_makes(name):
+    """train() places the optimizer's state as host zeros of its shapes (nothing compiled): the premise is that the
+    config's optimizer starts from zeros, in the same tree, dtypes and shardings as `tx.init`."""
+    from jaxgpt import config as config_lib
+    from jaxgpt import optim
+
+    config = config_lib.load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
+    tx = optim.make_optimizer(config)
+    mesh = make_mesh(1, 1)
+    params = shard_params(nnx.state(config_lib.build_model(config, 65, 0), nnx.Param), mesh)
+    shapes = sharded_shapes(jax.eval_shape(tx.init, params), mesh)
+    expected = jax.jit(tx.init, out_shardings=jax.tree.map(lambda s: s.sharding, shapes))(params)
+    got = zeros(shapes)
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        assert (g.shape, g.dtype, g.sharding, g.weak_type) == (e.shape, e.dtype, e.sharding, e.weak_type)
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
 
 
 def test_batch_and_process_splits():
