@@ -570,8 +570,6 @@ class _Run:
         prompt = sample_prompt(self.dataset.tokenizer)
 
         def prepare():
-            if sys.platform == "linux":  # EXPERIMENT
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
             if c.plot:
                 import jaxgpt.plotting  # noqa: F401 - matplotlib takes ~0.5 s to import
             if not sample:
