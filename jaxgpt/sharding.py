@@ -133,12 +133,13 @@ def sharded_shapes(tree, mesh: Mesh, scan_layers: bool = False):
 
 def zeros(shapes):
     """Arrays of zeros with the shapes, dtypes and shardings of `shapes` (`jax.ShapeDtypeStruct` leaves, as
-    `sharded_shapes` gives them), made on the host and placed: no program compiles for them, where `jnp.zeros` or
-    a jitted initialiser compiles one (AdamW's zeros: 0.2-0.5 s on a CPU before the first step, cold). Each
-    process supplies its own shards."""
+    `sharded_shapes` gives them, or arrays), made on the host and placed: no program compiles for them, where
+    `jnp.zeros` or a jitted initialiser compiles one (AdamW's zeros: 0.2-0.5 s on a CPU before the first step,
+    cold). Each process makes only its own shards."""
 
     def place(s: jax.ShapeDtypeStruct) -> jax.Array:
-        return jax.make_array_from_callback(s.shape, s.sharding, lambda index: np.zeros(s.shape, s.dtype)[index])
+        return jax.make_array_from_callback(s.shape, s.sharding,
+                                            lambda _: np.zeros(s.sharding.shard_shape(s.shape), s.dtype))
 
     return jax.tree.map(place, shapes)
 

@@ -564,9 +564,7 @@ class _Run:
         if self.preparer is not None or not self.main:
             return
         sample = c.sample_tokens > 0 and jax.process_count() == 1  # several processes gather the weights first
-        # Host zeros, put on the devices: jnp.zeros would compile a small program per parameter shape.
-        zeros = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding),
-                             self.s["params"]) if sample else None
+        zeros = sharding_lib.zeros(self.s["params"]) if sample else None  # host zeros: nothing compiles for them
         prompt = sample_prompt(self.dataset.tokenizer)
 
         def prepare():

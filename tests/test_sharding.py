@@ -89,7 +89,6 @@ def test_sharded_shapes_are_what_shard_params_makes():
         assert (s.shape, s.dtype, s.sharding) == (a.shape, a.dtype, a.sharding)
 
 
-
 @pytest.mark.parametrize("name", ["shakespeare_char_cpu", "lecture"])
 def test_optimizer_state_from_zeros_is_what_its_init_makes(name):
     """train() places the optimizer's state as host zeros of its shapes (nothing compiled): the premise is that the
