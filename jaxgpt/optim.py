@@ -3,11 +3,16 @@
 AdamW whose weight decay touches only parameters with >= 2 dimensions (matmul weights and
 embeddings; not biases or LayerNorm gains), a global-norm gradient clip, and nanoGPT's learning rate
 schedule: linear warmup, cosine decay to `min_lr`, then constant.
+
+The recipe's numbers (`NUMBERS`: the learning rates, warmup and decay lengths, weight decay, betas, clip) may be
+traced values: a training step that takes them as arguments (`recipe_numbers`) is one compiled program for every
+learning rate, so a rerun that changes only a number finds that program in the compilation cache.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -20,27 +25,27 @@ from jaxgpt.layout import is_stacked_layer
 def get_lr(
     it: int | jax.Array,
     *,
-    learning_rate: float,
-    warmup_iters: int,
-    lr_decay_iters: int,
-    min_lr: float,
+    learning_rate: float | jax.Array,
+    warmup_iters: int | jax.Array,
+    lr_decay_iters: int | jax.Array,
+    min_lr: float | jax.Array,
 ) -> jax.Array:
-    """nanoGPT's `get_lr`: the learning rate for iteration `it` (0-based). Works on traced `it`."""
+    """nanoGPT's `get_lr`: the learning rate for iteration `it` (0-based). Works on traced `it` and numbers."""
     it = jnp.asarray(it, jnp.float32)
     warmup = learning_rate * (it + 1) / (warmup_iters + 1)
-    span = max(lr_decay_iters - warmup_iters, 1)
+    span = jnp.maximum(lr_decay_iters - warmup_iters, 1)
     decay_ratio = jnp.clip((it - warmup_iters) / span, 0.0, 1.0)
     cosine = min_lr + 0.5 * (1.0 + jnp.cos(math.pi * decay_ratio)) * (learning_rate - min_lr)
     return jnp.where(it < warmup_iters, warmup, jnp.where(it > lr_decay_iters, min_lr, cosine))
 
 
 def lr_schedule(
-    learning_rate: float,
+    learning_rate: float | jax.Array,
     *,
     decay_lr: bool = True,
-    warmup_iters: int = 0,
-    lr_decay_iters: int = 1,
-    min_lr: float = 0.0,
+    warmup_iters: int | jax.Array = 0,
+    lr_decay_iters: int | jax.Array = 1,
+    min_lr: float | jax.Array = 0.0,
 ) -> optax.Schedule:
     """An Optax schedule (a function of the update count) for nanoGPT's settings."""
     if not decay_lr:
@@ -67,7 +72,7 @@ def decay_mask(params) -> object:
     return jax.tree_util.tree_map_with_path(rule, params)
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float | jax.Array) -> optax.GradientTransformation:
     """PyTorch's `clip_grad_norm_` as nanoGPT calls it: every gradient times min(1, max_norm / (norm + 1e-6)).
 
     One scalar factor for every leaf, where optax's clip divides each leaf by the norm: besides being nanoGPT's
@@ -86,26 +91,44 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 def adamw(
     learning_rate: float | optax.Schedule,
     *,
-    weight_decay: float = 0.1,
-    beta1: float = 0.9,
-    beta2: float = 0.95,
+    weight_decay: float | jax.Array = 0.1,
+    beta1: float | jax.Array = 0.9,
+    beta2: float | jax.Array = 0.95,
     eps: float = 1e-8,
-    grad_clip: float = 1.0,
+    grad_clip: float | jax.Array = 1.0,
 ) -> optax.GradientTransformation:
-    """Clip the global gradient norm to `grad_clip` (0 disables), then AdamW with nanoGPT's decay mask."""
+    """Clip the global gradient norm to `grad_clip` (a number <= 0 disables it; a traced one always clips), then
+    AdamW with nanoGPT's decay mask."""
     tx = optax.adamw(learning_rate, b1=beta1, b2=beta2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
-    if grad_clip and grad_clip > 0:
+    if isinstance(grad_clip, jax.Array) or grad_clip > 0:
         tx = optax.chain(clip_by_global_norm(grad_clip), tx)
     return tx
 
 
-def schedule_from_config(config) -> optax.Schedule:
-    """The learning-rate schedule of a training config (`jaxgpt.config`: learning_rate, decay_lr, warmup_iters, ...)."""
-    return lr_schedule(config.learning_rate, decay_lr=config.decay_lr, warmup_iters=config.warmup_iters,
-                       lr_decay_iters=config.lr_decay_iters, min_lr=config.min_lr)
+# The config's numbers that the compiled training step takes as arguments (`recipe_numbers`).
+NUMBERS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip")
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-    """nanoGPT's AdamW recipe with a training config's schedule, decay, betas and clip."""
-    return adamw(schedule_from_config(config), weight_decay=config.weight_decay, beta1=config.beta1,
-                 beta2=config.beta2, grad_clip=config.grad_clip)
+def recipe_numbers(config) -> dict[str, np.float32]:
+    """A training config's `NUMBERS` as float32 scalars, for `make_optimizer(config, numbers)` inside a compiled step.
+
+    Passed to the step as arguments, not closed over as constants: runs that differ only in these numbers (another
+    learning rate, say) share one program, which the compilation cache then keeps for the next run.
+    """
+    return {name: np.float32(config[name]) for name in NUMBERS}
+
+
+def schedule_from_config(config, numbers: Mapping | None = None) -> optax.Schedule:
+    """The learning-rate schedule of a training config (`jaxgpt.config`: learning_rate, decay_lr, warmup_iters, ...),
+    with `numbers` (`recipe_numbers`, traced or not) in place of the config's own values."""
+    n = config if numbers is None else numbers
+    return lr_schedule(n["learning_rate"], decay_lr=config.decay_lr, warmup_iters=n["warmup_iters"],
+                       lr_decay_iters=n["lr_decay_iters"], min_lr=n["min_lr"])
+
+
+def make_optimizer(config, numbers: Mapping | None = None) -> optax.GradientTransformation:
+    """nanoGPT's AdamW recipe with a training config's schedule, decay, betas and clip; with `numbers`
+    (`recipe_numbers`, traced or not) in place of the config's values. Whether it clips is the config's choice."""
+    n = config if numbers is None else numbers
+    return adamw(schedule_from_config(config, numbers), weight_decay=n["weight_decay"], beta1=n["beta1"],
+                 beta2=n["beta2"], grad_clip=n["grad_clip"] if config.grad_clip > 0 else 0.0)

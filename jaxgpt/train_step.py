@@ -70,7 +70,7 @@ def _loss(graphdef: nnx.GraphDef, params: nnx.State, x_BT: jax.Array, y_BT: jax.
 
 def make_train_chunk(
     graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
+    tx: optax.GradientTransformation | Callable[[dict], optax.GradientTransformation],
     *,
     batch_size: int,
     block_size: int,
@@ -81,6 +81,7 @@ def make_train_chunk(
     skip_nonfinite: bool = False,
     max_steps: int | None = None,
     lr_schedule: Callable | None = None,
+    numbers: dict | None = None,
 ) -> Callable:
     """The jitted `train_chunk(params, opt_state, data, base_key, step0, *, n_steps)`, with `.lower` and `.prepare`
     (compile ahead in a thread; `.compiling()` says whether that still runs) taking the same arguments.
@@ -100,10 +101,19 @@ def make_train_chunk(
     With a `mesh`, every batch is split over its ('data', 'fsdp') axes and params / opt_state keep the
     shardings of `jaxgpt.sharding.state_shardings` (`scan_layers`: the model stacks its blocks), in and out.
     With an `lr_schedule`, metrics['lr'] holds each step's learning rate (computed with the step, not after).
+
+    With `numbers` (a dict of scalars: `jaxgpt.optim.recipe_numbers`), `tx` and `lr_schedule` are functions of them
+    (`numbers -> GradientTransformation`, `numbers -> schedule`) and the program takes them as arguments, not as
+    constants: runs that differ only in those numbers (a learning rate, a weight decay) share one compiled program.
     """
     grad_fn = jax.value_and_grad(partial(_loss, graphdef, use_dropout=use_dropout))
 
-    def one_step(params, opt_state, data, base_key, step, xy_ABT):
+    def optimizer(numbers) -> tuple[optax.GradientTransformation, Callable | None]:  # numbers: traced, or None
+        if numbers is None:
+            return tx, lr_schedule
+        return tx(numbers), lr_schedule and lr_schedule(numbers)
+
+    def one_step(params, opt_state, data, base_key, step, xy_ABT, opt):
         batch_keys, drop_keys = step_keys(base_key, step, grad_accum_steps)
 
         def micro(grads, inputs):
@@ -124,7 +134,7 @@ def make_train_chunk(
             grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
             loss = losses.mean()
         finite = jnp.isfinite(loss) & _all_finite(grads)
-        updates, new_opt_state = tx.update(grads, opt_state, params)
+        updates, new_opt_state = opt.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         if not skip_nonfinite:
             return new_params, new_opt_state, loss, finite
@@ -133,21 +143,22 @@ def make_train_chunk(
                                          (new_params, new_opt_state), (params, opt_state))
         return params, opt_state, loss, keep_new
 
-    def train_chunk(params, opt_state, data, base_key, step0, n_steps, *, length: int):
+    def train_chunk(params, opt_state, data, base_key, step0, n_steps, numbers, *, length: int):
         on_device = not isinstance(data, tuple)
+        opt, schedule = optimizer(numbers)
 
         def body(i, carry):
             params, opt_state, metrics = carry
             xy = None if on_device else jax.tree.map(lambda a: a[i], data)
-            params, opt_state, loss, ok = one_step(params, opt_state, data, base_key, step0 + i, xy)
+            params, opt_state, loss, ok = one_step(params, opt_state, data, base_key, step0 + i, xy, opt)
             new = {"loss": loss, "finite": ok}
-            if lr_schedule is not None:
-                new["lr"] = jnp.asarray(lr_schedule(step0 + i), jnp.float32)
+            if schedule is not None:
+                new["lr"] = jnp.asarray(schedule(step0 + i), jnp.float32)
             return params, opt_state, {k: metrics[k].at[i].set(v) for k, v in new.items()}
 
         params, opt_state = _constrain_state((params, opt_state), mesh, scan_layers)
         metrics = {"loss": jnp.zeros(length, jnp.float32), "finite": jnp.zeros(length, bool)}
-        if lr_schedule is not None:
+        if schedule is not None:
             metrics["lr"] = jnp.zeros(length, jnp.float32)
         params, opt_state, metrics = jax.lax.fori_loop(0, n_steps, body, (params, opt_state, metrics))
         # Outputs sharded as the inputs were, so the donated buffers are reused.
@@ -162,7 +173,7 @@ def make_train_chunk(
             raise ValueError(f"n_steps={n_steps} is more than this train_chunk's max_steps={max_steps}")
         # The step count is a traced loop bound: every n_steps <= length shares one compiled program.
         length = (max_steps or n_steps) if on_device else n_steps
-        return (params, opt_state, data, base_key, step0, jnp.int32(n_steps)), {"length": length}
+        return (params, opt_state, data, base_key, step0, jnp.int32(n_steps), numbers), {"length": length}
 
     ahead = CompiledAhead(jitted, name="jaxgpt-compile-train-step")  # programs by chunk length
 

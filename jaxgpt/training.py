@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
@@ -282,7 +283,7 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
              step=0, best_val=math.inf, skipped=0)
     ckptr = ckpt_lib.Checkpointer(out_dir)
     metrics = _Metrics(out_dir / "metrics.jsonl", write=main)
-    run = _Run(config, out_dir, dataset, graphdef, tx, mesh, ckptr, metrics, s, log)
+    run = _Run(config, out_dir, dataset, graphdef, mesh, ckptr, metrics, s, log)
     if run.on_device and config.max_iters > 0 and not config.eval_only:  # one program for any chunk and start
         run.train_chunk.prepare(s["params"], s["opt_state"], run.train_data, s["key"], np.int32(0),
                                 n_steps=config.steps_per_call)
@@ -357,7 +358,7 @@ class _Metrics:
 class _Run:
     """The loop's state and its three actions: train a chunk, evaluate, save."""
 
-    def __init__(self, config, out_dir, dataset, graphdef, tx, mesh, ckptr, metrics, state, log):
+    def __init__(self, config, out_dir, dataset, graphdef, mesh, ckptr, metrics, state, log):
         self.config, self.out_dir, self.dataset, self.mesh, self.graphdef = config, out_dir, dataset, mesh, graphdef
         self.ckptr, self.metrics, self.s, self.log = ckptr, metrics, state, log
         self.main = jax.process_index() == 0
@@ -367,11 +368,13 @@ class _Run:
         # Replicated: the batches are drawn inside the step, on every device.
         put = lambda a: jax.device_put(np.asarray(a, np.int32), replicated) if self.on_device else a  # noqa: E731
         self.train_data, self.val_data = put(dataset.train), put(dataset.val)
+        # The optimizer's numbers are the program's arguments: a rerun with another learning rate compiles nothing.
         self.train_chunk = make_train_chunk(
-            graphdef, tx, batch_size=c.batch_size, block_size=block_size, grad_accum_steps=c.grad_accum_steps,
-            use_dropout=c.model.dropout > 0 and c.model.name == "gpt", mesh=mesh,
+            graphdef, partial(optim.make_optimizer, c), batch_size=c.batch_size, block_size=block_size,
+            grad_accum_steps=c.grad_accum_steps, use_dropout=c.model.dropout > 0 and c.model.name == "gpt", mesh=mesh,
             scan_layers=c.model.scan_layers, skip_nonfinite=c.skip_nonfinite,
-            max_steps=c.steps_per_call if self.on_device else None, lr_schedule=optim.schedule_from_config(c))
+            max_steps=c.steps_per_call if self.on_device else None,
+            lr_schedule=partial(optim.schedule_from_config, c), numbers=optim.recipe_numbers(c))
         self.estimate = make_estimate_loss(graphdef, batch_size=c.batch_size, block_size=block_size,
                                            eval_iters=c.eval_iters, mesh=mesh)
         self.mfu_of = step_mfu(c, nnx.merge(graphdef, state["params"]), mesh.size)

@@ -7,6 +7,7 @@ import json
 import math
 import pathlib
 import pickle
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -112,6 +113,43 @@ def test_chunks_of_any_length_share_one_program_and_equal_one_long_chunk():
         chunk.lower(p, o, tokens, key, jnp.int32(0), n_steps=8).as_text()  # one program for both lengths
     with pytest.raises(ValueError, match="more than this train_chunk's max_steps=8"):
         chunk(p, o, tokens, key, jnp.int32(0), n_steps=9)
+
+
+def test_recipes_that_differ_only_in_their_numbers_share_one_program():
+    """With `numbers`, the optimizer's learning rates, schedule lengths, decay, betas and clip are the program's
+    arguments: two such recipes lower to one program (one compilation-cache entry, so a rerun with another learning
+    rate compiles nothing), and each trains as its numbers compiled in as constants do, to float32 rounding. (No
+    biases: the key bias's gradient is zero but for rounding, which Adam's normalisation makes lr-sized.)"""
+    cfg = model_lib.GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=16, bias=False)
+    graphdef, params = nnx.split(model_lib.GPT(cfg, rngs=nnx.Rngs(0)))
+    tokens = jnp.asarray(np.random.default_rng(7).integers(0, 11, 400), jnp.int32)
+    key = jax.random.PRNGKey(8)
+    a = config_lib.base_config()
+    a.warmup_iters, a.lr_decay_iters, a.learning_rate, a.min_lr = 2, 6, 1e-2, 1e-3
+    b = config_lib.base_config()
+    b.warmup_iters, b.lr_decay_iters, b.learning_rate, b.min_lr = 3, 5, 3e-2, 2e-3
+    b.weight_decay, b.beta1, b.beta2, b.grad_clip = 0.05, 0.8, 0.9, 0.5
+    lowered, trained = [], []
+    for c in (a, b):
+        kw = dict(batch_size=3, block_size=8, max_steps=8)
+        tx = optim.make_optimizer(c)
+        as_numbers = training.make_train_chunk(graphdef, partial(optim.make_optimizer, c), **kw,
+                                               lr_schedule=partial(optim.schedule_from_config, c),
+                                               numbers=optim.recipe_numbers(c))
+        as_constants = training.make_train_chunk(graphdef, tx, **kw, lr_schedule=optim.schedule_from_config(c))
+        runs = [f(jax.tree.map(jnp.copy, params), tx.init(params), tokens, key, jnp.int32(0), n_steps=8)
+                for f in (as_numbers, as_constants)]
+        (p, _, m), (q, _, n) = runs
+        np.testing.assert_allclose(m["lr"], n["lr"], rtol=1e-6)
+        np.testing.assert_allclose(m["loss"], n["loss"], rtol=1e-5)
+        for x, y in zip(_leaves(p), _leaves(q)):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+        lowered.append([f.lower(params, tx.init(params), tokens, key, jnp.int32(0), n_steps=8).as_text()
+                        for f in (as_numbers, as_constants)])
+        trained.append(_leaves(p))
+    assert lowered[0][0] == lowered[1][0]  # the numbers' program is one
+    assert lowered[0][1] != lowered[1][1]  # constants make two
+    assert not all(np.allclose(x, y) for x, y in zip(*trained))  # and the numbers do take effect
 
 
 def test_a_step_compiled_ahead_is_the_step_compiled_on_call(jax_compile_events):
