@@ -9,7 +9,8 @@ sample, exit. With two step counts the marginal cost per step and the fixed cost
 fixed = wall(N1) - N1 * (wall(N2) - wall(N1)) / (N2 - N1). Each process's CPU time (user + system, all its threads)
 is paired too: on a host whose cores are all busy, it says what a change saves more steadily than the wall time.
 
-`--cache cold` gives every jaxgpt run an empty compilation cache; `warm` fills one first and reuses it.
+`--cache cold` gives every jaxgpt run an empty compilation cache; `warm` fills one first and reuses it; `new-lr` is
+`warm` with a learning rate no earlier run used, the researcher's "change a line, rerun" (nanoGPT's loop too).
 `--also NAME=DIR` adds another jaxgpt checkout (an older commit, say) as a third command.
 
     PYTHONPATH=$PWD python benchmarks/bench_startup.py --data ../shared/data/tinyshakespeare/input.txt \\
@@ -19,6 +20,7 @@ is paired too: on a host whose cores are all busy, it says what a change saves m
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import pathlib
 import platform
@@ -72,6 +74,12 @@ def phases(lines: list[tuple[float, str]], wall: float, n: int, cpu: float | Non
     return out
 
 
+def new_learning_rate(run: int) -> str:
+    """The learning rate of the `run`-th run (from 1) under `--cache new-lr`: the recipe's 1e-3 raised by run / 1000,
+    so that no two runs share one and each is near the recipe's."""
+    return f"{1e-3 * (1 + run / 1000):.7g}"
+
+
 def commands(args, data_dir: pathlib.Path, n: int, out_dir: pathlib.Path) -> dict[str, tuple[list[str], pathlib.Path]]:
     jax_cmd = lambda root: ([sys.executable, "train.py", "--config", "configs/shakespeare_char_cpu.py",  # noqa: E731
                              f"--config.max_iters={n}", f"--config.data.path={data_dir}",
@@ -91,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(DEFAULT_DATA), help="tiny Shakespeare input.txt")
     p.add_argument("--iters", type=int, nargs="+", default=[200], help="step counts; two give the fixed cost")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--cache", choices=("cold", "warm"), default="warm")
+    p.add_argument("--cache", choices=("cold", "warm", "new-lr"), default="warm")
     p.add_argument("--also", nargs="*", default=[], metavar="NAME=DIR", help="other jaxgpt checkouts to time")
     args = p.parse_args(argv)
     if not pathlib.Path(args.data).is_file():
@@ -104,12 +112,16 @@ def main(argv: list[str] | None = None) -> int:
                         "--no_progress"], check=True, cwd=ROOT, capture_output=True,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
         results: dict[tuple[str, int], list[dict]] = {}
+        run_number = itertools.count(1)
         for n in args.iters:
             cmds = commands(args, data_dir, n, tmp / "out")
             for r in range(args.repeats + 1):  # the first round warms the page cache (and the compile cache)
                 for name, (cmd, cwd) in cmds.items():
-                    cache = tmp / "xla" / name if args.cache == "warm" else tmp / f"xla-{name}-{n}-{r}"
+                    cache = tmp / f"xla-{name}-{n}-{r}" if args.cache == "cold" else tmp / "xla" / name
                     env = dict(os.environ, PYTHONPATH=str(cwd), JAXGPT_CACHE=str(cache))
+                    if args.cache == "new-lr":
+                        lr = new_learning_rate(next(run_number))
+                        cmd = cmd + ([f"--config.learning_rate={lr}"] if "train.py" in cmd else ["--learning_rate", lr])
                     wall, cpu, lines = timed_run(cmd, env, cwd)
                     if r:
                         results.setdefault((name, n), []).append(phases(lines, wall, n, cpu))

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="a prepared dataset folder: train.bin, val.bin, meta.pkl")
     p.add_argument("--max_iters", type=int, default=CPU_RECIPE["max_iters"])
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--learning_rate", type=float, default=CPU_RECIPE["learning_rate"])
     args = p.parse_args(argv)
     data = pathlib.Path(args.data)
     train_ids = np.memmap(data / "train.bin", dtype=np.uint16, mode="r")
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab_size = int(max(train_ids.max(), val_ids.max())) + 1
     print(f"found vocab_size = {vocab_size} (inside {data})", flush=True)
     _, out = train(train_ids, val_ids, vocab_size, seed=args.seed, max_iters=args.max_iters,
-                   log=lambda line: print(line, flush=True))
+                   learning_rate=args.learning_rate, log=lambda line: print(line, flush=True))
     print(f"done: best val loss {out['best_val']:.4f}, {out['wall_s']:.1f} s", flush=True)
     return 0
 

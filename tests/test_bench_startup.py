@@ -64,3 +64,9 @@ def test_table_pairs_cpu_seconds_when_measured():
 def test_a_missing_corpus_is_one_line(bad, capsys):
     assert bench_startup.main(bad) == 2
     assert capsys.readouterr().err.strip().startswith("error: no corpus at /nonexistent/input.txt")
+
+
+def test_new_lr_runs_each_get_their_own_learning_rate_near_the_recipes():
+    rates = [bench_startup.new_learning_rate(r) for r in range(1, 50)]
+    assert len(set(rates)) == len(rates)
+    assert all(1e-3 < float(lr) < 1.05e-3 for lr in rates)
