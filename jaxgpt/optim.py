@@ -115,13 +115,18 @@ def recipe_numbers(config) -> dict[str, np.float32]:
     Passed to the step as arguments, not closed over as constants: runs that differ only in these numbers (another
     learning rate, say) share one program, which the compilation cache then keeps for the next run.
     """
-    return {name: np.float32(config[name]) for name in NUMBERS}
+    return {name: np.float32(getattr(config, name)) for name in NUMBERS}
+
+
+def _numbers(config, numbers: Mapping | None) -> Mapping:
+    """`numbers`, or the config's own (any object with the `NUMBERS` as attributes: a ConfigDict, a namespace)."""
+    return numbers if numbers is not None else {name: getattr(config, name) for name in NUMBERS}
 
 
 def schedule_from_config(config, numbers: Mapping | None = None) -> optax.Schedule:
     """The learning-rate schedule of a training config (`jaxgpt.config`: learning_rate, decay_lr, warmup_iters, ...),
     with `numbers` (`recipe_numbers`, traced or not) in place of the config's own values."""
-    n = config if numbers is None else numbers
+    n = _numbers(config, numbers)
     return lr_schedule(n["learning_rate"], decay_lr=config.decay_lr, warmup_iters=n["warmup_iters"],
                        lr_decay_iters=n["lr_decay_iters"], min_lr=n["min_lr"])
 
@@ -129,6 +134,6 @@ def schedule_from_config(config, numbers: Mapping | None = None) -> optax.Schedu
 def make_optimizer(config, numbers: Mapping | None = None) -> optax.GradientTransformation:
     """nanoGPT's AdamW recipe with a training config's schedule, decay, betas and clip; with `numbers`
     (`recipe_numbers`, traced or not) in place of the config's values. Whether it clips is the config's choice."""
-    n = config if numbers is None else numbers
+    n = _numbers(config, numbers)
     return adamw(schedule_from_config(config, numbers), weight_decay=n["weight_decay"], beta1=n["beta1"],
                  beta2=n["beta2"], grad_clip=n["grad_clip"] if config.grad_clip > 0 else 0.0)
