@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     mh = ml_collections.ConfigDict()
     mh.data = -1  # data-parallel size; -1: all devices left after fsdp
     mh.fsdp = 1  # >1 also splits parameters and optimizer state over this many devices (FSDP)
+    mh.cpu_devices = 0  # >0: JAX's CPU backend as this many devices (data parallel over cores); 0: JAX's default
     c.mesh = mh
     return c
 
@@ -167,6 +168,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config key 'model.name' must be one of {MODEL_NAMES}, got {config.model.name!r}")
     if config.mesh.fsdp < 1:
         raise ConfigError(f"config key 'mesh.fsdp' must be >= 1, got {config.mesh.fsdp}")
+    if config.mesh.cpu_devices < 0:
+        raise ConfigError(f"config key 'mesh.cpu_devices' must be >= 0 (0: JAX's default), "
+                          f"got {config.mesh.cpu_devices}")
     if config.mesh.data < 1 and config.mesh.data != -1:
         raise ConfigError(f"config key 'mesh.data' must be >= 1 or -1 (all remaining devices), got {config.mesh.data}")
     if config.model.vocab_size is not None and config.model.vocab_size < 1:

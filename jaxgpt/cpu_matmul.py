@@ -1,11 +1,12 @@
 """The dense layers' matmul, with a backward pass laid out for XLA's CPU GEMMs.
 
 `nnx.Linear` takes a `dot_general`; jaxgpt's layers pass `dense_dot_general`, which is `lax.dot_general`
-everywhere except on a single CPU device, where the weight gradient is computed as (g^T x)^T instead of
+everywhere except on CPU devices, where the weight gradient is computed as (g^T x)^T instead of
 x^T g. Both are the same products and sums; the second leaves the activations in their natural layout,
 which XLA's CPU backend otherwise transposes with strided reads inside the fusions that produce them.
-GPUs and TPUs take transposed GEMM operands natively, so they keep the plain dot, and so do several
-(simulated) CPU devices, where the sharded plain dot is what accelerators run.
+GPUs and TPUs take transposed GEMM operands natively, so they keep the plain dot. Several CPU devices (a CPU's
+cores as a data-parallel mesh, `mesh.cpu_devices`) take the CPU form too: with the plain dot their step is
+twice as slow.
 """
 
 from __future__ import annotations
@@ -49,10 +50,9 @@ matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
-    """`nnx.Linear`'s dot: `matmul_cpu` for a plain x @ W on a single CPU device, else `lax.dot_general`."""
+    """`nnx.Linear`'s dot: `matmul_cpu` for a plain x @ W on CPU devices, else `lax.dot_general`."""
     plain = (
         jax.default_backend() != "cpu"
-        or jax.device_count() > 1
         or rhs.ndim != 2
         or dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ()))
         or preferred_element_type is not None

@@ -49,6 +49,27 @@ def mesh_sizes(data: int, fsdp: int, n_devices: int) -> tuple[int, int]:
     return data, fsdp
 
 
+def use_cpu_devices(n: int) -> str | None:
+    """Makes JAX's CPU backend `n` devices, so that a CPU's cores train data-parallel, each device a part of the batch.
+
+    Why: XLA runs one device's program with its many small kernels (a 12 x 64-token batch's attention, LayerNorms,
+    AdamW) mostly on one core at a time; two devices on two cores each run half the batch, and the step of the CPU
+    recipe takes 0.87x the time (benchmarks/RESULTS.md). Only before JAX's first computation: returns None when done
+    or not asked (n <= 0), else one line saying why not. On a GPU or TPU it changes nothing (the CPU is not used).
+    """
+    if not isinstance(n, int) or n <= 0:
+        return None
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # JAX is running already
+        have = len(jax.devices("cpu"))
+        if have == n:
+            return None
+        return (f"config key 'mesh.cpu_devices'={n} not applied: JAX already runs with {have} CPU device(s); "
+                "it takes effect when set before JAX's first computation (as train.py does)")
+    return None
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 2-D mesh with axes ('data', 'fsdp'); one of the sizes may be -1 (all remaining devices).
 

@@ -225,6 +225,7 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
     """
     from tqdm.auto import tqdm
 
+    cpu_note = sharding_lib.use_cpu_devices(config.mesh.get("cpu_devices", 0))  # before JAX's first computation
     main = jax.process_index() == 0
     log = log or (lambda s: tqdm.write(s, file=sys.stdout))
     if not main:  # one of several processes (multi-host): process 0 speaks and writes for the run
@@ -254,6 +255,8 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
         if failed is not None:
             raise TrainingError(f"process {failed} of this run stopped before training: see its error")
         sharding_lib.sync_processes("jaxgpt: out_dir ready")
+        if cpu_note:
+            log(f"note: {cpu_note}")
         log(f"data: {len(dataset.train):,} train / {len(dataset.val):,} val tokens from {dataset.source}")
         if config.matmul_precision:
             stack.enter_context(jax.default_matmul_precision(config.matmul_precision))

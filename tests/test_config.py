@@ -104,6 +104,7 @@ def test_model_shape_is_the_built_model_with_nothing_drawn(name):
         ("mesh.fsdp", 0, "'mesh.fsdp' must be >= 1"),
         ("mesh.data", 0, r"'mesh.data' must be >= 1 or -1"),
         ("mesh.data", -2, r"'mesh.data' must be >= 1 or -1"),
+        ("mesh.cpu_devices", -1, r"'mesh.cpu_devices' must be >= 0"),
     ],
 )
 def test_invalid_values_name_the_key(key, value, match):

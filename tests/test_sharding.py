@@ -359,3 +359,37 @@ def test_mesh_that_does_not_fit_the_devices_is_a_config_error(tmp_path, shakespe
     with pytest.raises(ConfigError, match=r"'mesh.fsdp'=3 does not divide the 1 devices"):
         training.train(tiny_config(text_path, out, **{"mesh.fsdp": 3}))
     assert not (out / "metrics.jsonl").exists()
+
+
+CPU_DEVICES = """
+import json, sys
+import jax
+jax.config.update("jax_default_matmul_precision", "highest")
+from jaxgpt import sharding, training
+from tests.test_training import tiny_config
+
+text, tmp = sys.argv[1], sys.argv[2]
+lines = []
+summary = training.train(tiny_config(text, tmp + "/two", **{"mesh.cpu_devices": 2}), log=lines.append)
+later = sharding.use_cpu_devices(3)  # JAX runs now: refused, with the reason
+print(json.dumps({"n_devices": len(jax.devices()), "lines": lines, "later": later,
+                  "same": sharding.use_cpu_devices(2), "loss": summary["best_val_loss"]}))
+"""
+
+
+@pytest.mark.slow  # a Python subprocess
+def test_cpu_devices_make_a_data_parallel_mesh_before_jax_starts(tmp_path, shakespeare_path):
+    """`mesh.cpu_devices=2` (the CPU recipe's) makes two CPU devices, whatever XLA_FLAGS said, when train() is JAX's
+    first computation; the run is data-parallel over them and trains as one device does, to float32 rounding.
+    Asked once JAX runs, it is refused with a note, not an error."""
+    from jaxgpt import training
+    from tests.test_training import tiny_config, tiny_text
+
+    text_path = tiny_text(tmp_path, shakespeare_path)
+    out = run_with_devices(CPU_DEVICES, n=1, extra_args=(str(text_path), str(tmp_path)))
+    assert out["n_devices"] == 2
+    assert any(line.startswith("mesh: data 2 x fsdp 1 over 2 cpu devices") for line in out["lines"])
+    assert out["same"] is None  # what runs already: nothing to say
+    assert "'mesh.cpu_devices'=3 not applied: JAX already runs with 2 CPU device(s)" in out["later"]
+    one = training.train(tiny_config(text_path, tmp_path / "one"), log=lambda s: None)  # this process: one device
+    assert out["loss"] == pytest.approx(one["best_val_loss"], rel=1e-4)
