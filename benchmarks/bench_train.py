@@ -13,6 +13,9 @@ clip 1.0). Implementations:
   mixed precision, not in the default set (bf16 matmuls change the numerics; worth it on CPUs with bf16 units):
     jax_scan_bf16  jax_scan with `model.dtype="bfloat16"` (float32 parameters and optimiser)
     torch_bf16     torch eager under `torch.autocast("cpu", dtype=torch.bfloat16)`
+  a CPU's cores as two devices, not in the default set:
+    jax_scan_2cpu  jax_scan data-parallel over 2 CPU devices, half the batch each (`mesh.cpu_devices=2`, as the
+                   shakespeare_char_cpu config does); the process then has 2 CPU devices, the other rows use one
   another attention, not in the default set:
     jax_scan_xla_attention  jax_scan with `model.attention_impl="xla"` (`jax.nn.dot_product_attention`), for a
                    shape whose recipe runs the lecture's attention (shakespeare_char_cpu, as its config does)
@@ -84,7 +87,7 @@ SHAPES = {
     "shakespeare_char": Shape(64, 256, 6, 6, 384, 0.2, rounds=3, steps=2, scan_k=2),
 }
 DEFAULT_IMPLS = ("jax", "jax_scan", "jax_remat", "torch", "torch_compile")
-IMPLS = (*DEFAULT_IMPLS, "jax_scan_bf16", "torch_bf16", "jax_scan_xla_attention")
+IMPLS = (*DEFAULT_IMPLS, "jax_scan_bf16", "torch_bf16", "jax_scan_xla_attention", "jax_scan_2cpu")
 WEIGHT_DECAY, BETAS, GRAD_CLIP, VOCAB = 0.1, (0.9, 0.99), 1.0, 65
 
 
@@ -121,7 +124,7 @@ def flops_per_token(shape: Shape) -> int:
 
 
 def build_jax_steps(shape: Shape, tokens, *, remat: bool = False, dtype: str = "float32",
-                    attention_impl: str | None = None):
+                    attention_impl: str | None = None, cpu_devices: int = 1):
     """jaxgpt's own training step, `jaxgpt.training.make_train_chunk`, on this shape.
 
     Returns (params, opt_state, train_chunk, data): `train_chunk(params, opt_state, data, key, step0,
@@ -130,12 +133,14 @@ def build_jax_steps(shape: Shape, tokens, *, remat: bool = False, dtype: str = "
     `remat`: the model's `scan_layers` + `remat` switches (one scanned block, recomputed in the backward).
     `dtype`: the model's computation dtype ("bfloat16": mixed precision, float32 parameters).
     `attention_impl`: the model's, by default the shape's.
+    `cpu_devices` > 1: data-parallel over that many CPU devices (the process must have them: `use_cpu_devices`).
     """
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
     import jaxgpt
-    from jaxgpt import optim, training
+    from jaxgpt import optim, sharding, training
 
     config = jaxgpt.GPTConfig(**shape.model_args(), scan_layers=remat, remat=remat, dtype=dtype,
                               attention_impl=attention_impl or shape.attention_impl)
@@ -149,16 +154,23 @@ def build_jax_steps(shape: Shape, tokens, *, remat: bool = False, dtype: str = "
     )
     tx = optim.adamw(schedule, weight_decay=WEIGHT_DECAY, beta1=BETAS[0], beta2=BETAS[1], grad_clip=GRAD_CLIP)
     opt_state = tx.init(params)
+    data = jnp.asarray(tokens, jnp.int32)
+    mesh = None
+    if cpu_devices > 1:
+        mesh = sharding.make_mesh(data=cpu_devices, devices=jax.devices("cpu")[:cpu_devices])
+        params, opt_state = sharding.shard_params((params, opt_state), mesh, remat)
+        data = jax.device_put(data, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     train_chunk = training.make_train_chunk(graphdef, tx, batch_size=shape.batch_size, block_size=shape.block_size,
-                                            use_dropout=shape.dropout > 0, scan_layers=remat)
-    return params, opt_state, train_chunk, jnp.asarray(tokens, jnp.int32)
+                                            use_dropout=shape.dropout > 0, scan_layers=remat, mesh=mesh)
+    return params, opt_state, train_chunk, data
 
 
 class JaxRunner:
     """jax: one step per call on host batches (as `data.on_device=False`); jax_scan: K steps per call,
     batches drawn on the device (train.py's default); jax_remat: as jax, with scan_layers + remat;
     jax_scan_bf16: as jax_scan, with model.dtype="bfloat16" (bf16 matmuls, float32 parameters);
-    jax_scan_xla_attention: as jax_scan, with model.attention_impl="xla"."""
+    jax_scan_xla_attention: as jax_scan, with model.attention_impl="xla"; jax_scan_2cpu: as jax_scan, data-parallel
+    over 2 CPU devices."""
 
     def __init__(self, shape: Shape, tokens, batches, impl: str):
         import jax
@@ -169,6 +181,7 @@ class JaxRunner:
         self.params, self.opt_state, self.chunk, self.data = build_jax_steps(
             shape, tokens, remat=impl == "jax_remat", dtype="bfloat16" if impl.endswith("_bf16") else "float32",
             attention_impl="xla" if impl == "jax_scan_xla_attention" else None,
+            cpu_devices=2 if impl == "jax_scan_2cpu" else 1,
         )
         self.batches = [(jnp.asarray(x, jnp.int32)[None, None], jnp.asarray(y, jnp.int32)[None, None])
                         for x, y in batches]
@@ -468,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
             SHAPES[s] = dataclasses.replace(SHAPES[s], scan_k=args.scan_k)
     if args.xla_flags is not None:
         os.environ["XLA_FLAGS"] = args.xla_flags
+    if "jax_scan_2cpu" in impls or args.probe == "jax_scan_2cpu":  # before jax starts
+        from jaxgpt.sharding import use_cpu_devices
+
+        use_cpu_devices(2)
 
     if args.probe:
         print(json.dumps(memory_probe(args.probe, shapes[0])))
