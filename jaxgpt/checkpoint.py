@@ -184,6 +184,7 @@ class Checkpointer:
         manager = self.managers[which]
         if self._holds_whole(which, step):
             return
+        params, opt_state, key = sharding_lib.first_replica((params, opt_state, key))  # one copy of what is replicated
         try:
             manager.save(
                 step,

@@ -570,7 +570,8 @@ class _Run:
         if self.preparer is not None or not self.main:
             return
         sample = c.sample_tokens > 0 and jax.process_count() == 1  # several processes gather the weights first
-        zeros = sharding_lib.zeros(self.s["params"]) if sample else None  # host zeros: nothing compiles for them
+        # Host zeros (nothing compiles for them), on the device the sample will run on.
+        zeros = sharding_lib.zeros(sharding_lib.first_replica(self.s["params"])) if sample else None
         prompt = sample_prompt(self.dataset.tokenizer)
 
         def prepare():
@@ -619,7 +620,8 @@ def _final_sample(graphdef, params, tokenizer, n_tokens: int, seed: int | jax.Ar
         params = jax.device_put(multihost_utils.process_allgather(params, tiled=True), jax.local_devices()[0])
     if jax.process_index() != 0:
         return None
-    return sample_text(nnx.merge(graphdef, params), tokenizer, n_tokens, seed)
+    return sample_text(nnx.merge(graphdef, sharding_lib.first_replica(params)), tokenizer, n_tokens, seed)
+
 
 
 def sample_text(model: nnx.Module, tokenizer, n_tokens: int, seed: int | jax.Array) -> str:

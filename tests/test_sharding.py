@@ -372,8 +372,14 @@ text, tmp = sys.argv[1], sys.argv[2]
 lines = []
 summary = training.train(tiny_config(text, tmp + "/two", **{"mesh.cpu_devices": 2}), log=lines.append)
 later = sharding.use_cpu_devices(3)  # JAX runs now: refused, with the reason
+mesh = sharding.make_mesh(data=2)
+x = jax.device_put(jax.numpy.arange(8.0), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+split = jax.device_put(x, sharding.batch_sharding(mesh, ndim=1))
+one, shape, kept = sharding.first_replica((x, jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), split))
 print(json.dumps({"n_devices": len(jax.devices()), "lines": lines, "later": later,
-                  "same": sharding.use_cpu_devices(2), "loss": summary["best_val_loss"]}))
+                  "same": sharding.use_cpu_devices(2), "loss": summary["best_val_loss"],
+                  "first_replica": [len(one.sharding.device_set), one.tolist() == x.tolist(),
+                                    len(shape.sharding.device_set), kept is split]}))
 """
 
 
@@ -381,7 +387,8 @@ print(json.dumps({"n_devices": len(jax.devices()), "lines": lines, "later": late
 def test_cpu_devices_make_a_data_parallel_mesh_before_jax_starts(tmp_path, shakespeare_path):
     """`mesh.cpu_devices=2` (the CPU recipe's) makes two CPU devices, whatever XLA_FLAGS said, when train() is JAX's
     first computation; the run is data-parallel over them and trains as one device does, to float32 rounding.
-    Asked once JAX runs, it is refused with a note, not an error."""
+    Asked once JAX runs, it is refused with a note, not an error. (And `first_replica`, which its sample and
+    checkpoints use, on those two devices.)"""
     from jaxgpt import training
     from tests.test_training import tiny_config, tiny_text
 
@@ -391,5 +398,7 @@ def test_cpu_devices_make_a_data_parallel_mesh_before_jax_starts(tmp_path, shake
     assert any(line.startswith("mesh: data 2 x fsdp 1 over 2 cpu devices") for line in out["lines"])
     assert out["same"] is None  # what runs already: nothing to say
     assert "'mesh.cpu_devices'=3 not applied: JAX already runs with 2 CPU device(s)" in out["later"]
+    # first_replica: a replicated array as one device's copy, its shape too; a split array stays split.
+    assert out["first_replica"] == [1, True, 1, True]
     one = training.train(tiny_config(text_path, tmp_path / "one"), log=lambda s: None)  # this process: one device
     assert out["loss"] == pytest.approx(one["best_val_loss"], rel=1e-4)
