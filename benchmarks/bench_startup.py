@@ -11,7 +11,9 @@ is paired too: on a host whose cores are all busy, it says what a change saves m
 
 `--cache cold` gives every jaxgpt run an empty compilation cache; `warm` fills one first and reuses it; `new-lr` is
 `warm` with a learning rate no earlier run used, the researcher's "change a line, rerun" (nanoGPT's loop too).
-`--also NAME=DIR` adds another jaxgpt checkout (an older commit, say) as a third command.
+`--also NAME=DIR` adds another jaxgpt checkout (an older commit, say) as a third command. `--warm-floor` adds
+"jaxgpt, cache warm": this checkout with every program in the cache (filled by the first round) beside the cold runs,
+what a run costs with no compiling at all, so the table shows how much of a gap compiling is.
 
     PYTHONPATH=$PWD python benchmarks/bench_startup.py --data ../shared/data/tinyshakespeare/input.txt \\
         --iters 200 1000 --repeats 3 --cache warm
@@ -80,6 +82,15 @@ def new_learning_rate(run: int) -> str:
     return f"{1e-3 * (1 + run / 1000):.7g}"
 
 
+WARM_FLOOR = "jaxgpt, cache warm"
+
+
+def cache_dir(tmp: pathlib.Path, cache: str, name: str, n: int, r: int) -> pathlib.Path:
+    """The compile cache of one run: its own empty one under `--cache cold` (but the warm floor's), else one per
+    command, filled by the first round."""
+    return tmp / f"xla-{name}-{n}-{r}" if cache == "cold" and name != WARM_FLOOR else tmp / "xla" / name
+
+
 def commands(args, data_dir: pathlib.Path, n: int, out_dir: pathlib.Path) -> dict[str, tuple[list[str], pathlib.Path]]:
     jax_cmd = lambda root: ([sys.executable, "train.py", "--config", "configs/shakespeare_char_cpu.py",  # noqa: E731
                              f"--config.max_iters={n}", f"--config.data.path={data_dir}",
@@ -89,6 +100,8 @@ def commands(args, data_dir: pathlib.Path, n: int, out_dir: pathlib.Path) -> dic
     for spec in args.also:
         name, root = spec.split("=", 1)
         cmds[name] = jax_cmd(pathlib.Path(root).resolve())
+    if getattr(args, "warm_floor", False):
+        cmds[WARM_FLOOR] = jax_cmd(ROOT)
     cmds["nanoGPT loop"] = ([sys.executable, str(ROOT / "benchmarks" / "nanogpt_loop.py"), "--data", str(data_dir),
                              "--max_iters", str(n)], ROOT)
     return cmds
@@ -101,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cache", choices=("cold", "warm", "new-lr"), default="warm")
     p.add_argument("--also", nargs="*", default=[], metavar="NAME=DIR", help="other jaxgpt checkouts to time")
+    p.add_argument("--warm-floor", action="store_true",
+                   help="also time this checkout with a warm compile cache, beside cold runs")
     args = p.parse_args(argv)
     if not pathlib.Path(args.data).is_file():
         print(f"error: no corpus at {args.data}: pass --data PATH/input.txt", file=sys.stderr)
@@ -117,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             cmds = commands(args, data_dir, n, tmp / "out")
             for r in range(args.repeats + 1):  # the first round warms the page cache (and the compile cache)
                 for name, (cmd, cwd) in cmds.items():
-                    cache = tmp / f"xla-{name}-{n}-{r}" if args.cache == "cold" else tmp / "xla" / name
+                    cache = cache_dir(tmp, args.cache, name, n, r)
                     env = dict(os.environ, PYTHONPATH=str(cwd), JAXGPT_CACHE=str(cache))
                     if args.cache == "new-lr":
                         lr = new_learning_rate(next(run_number))
@@ -152,9 +167,11 @@ def table(results: dict[tuple[str, int], list[dict]], args) -> str:
     for n in args.iters:
         for measure, what in (("exit", "wall"), ("cpu", "CPU")) if with_cpu else (("exit", "wall"),):
             values = {name: [run[measure] for run in results[(name, n)]] for name in names}
-            for other in [name for name in names if name != "jaxgpt"]:  # the runs alternate: pairs share the noise
-                ratios = [a / b for a, b in zip(values["jaxgpt"], values[other])]
-                lines.append(f"{n} steps: jaxgpt / {other} {what} time, pair by pair: median "
+            pairs = [("jaxgpt", other) for other in names if other != "jaxgpt"]
+            pairs += [(name, "nanoGPT loop") for name in names if name not in ("jaxgpt", "nanoGPT loop")]
+            for mine, other in pairs:  # the runs alternate: pairs share the noise
+                ratios = [a / b for a, b in zip(values[mine], values[other])]
+                lines.append(f"{n} steps: {mine} / {other} {what} time, pair by pair: median "
                              f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
     if len(args.iters) >= 2:
         n1, n2 = args.iters[:2]

@@ -6,6 +6,7 @@ fixed cost from the wrong step counts.
 """
 
 import argparse
+import pathlib
 import sys
 
 import pytest
@@ -70,3 +71,19 @@ def test_new_lr_runs_each_get_their_own_learning_rate_near_the_recipes():
     rates = [bench_startup.new_learning_rate(r) for r in range(1, 50)]
     assert len(set(rates)) == len(rates)
     assert all(1e-3 < float(lr) < 1.05e-3 for lr in rates)
+
+
+def test_the_warm_floor_keeps_one_cache_beside_cold_runs_and_is_paired_with_nanogpt():
+    tmp = pathlib.Path("/t")
+    cold = {bench_startup.cache_dir(tmp, "cold", "jaxgpt", 200, r) for r in range(3)}
+    floor = {bench_startup.cache_dir(tmp, "cold", bench_startup.WARM_FLOOR, 200, r) for r in range(3)}
+    assert len(cold) == 3 and len(floor) == 1  # every cold run starts empty; the floor reuses what round 0 filled
+    warm = {bench_startup.cache_dir(tmp, "warm", "jaxgpt", 200, r) for r in range(3)}
+    assert len(warm) == 1
+    runs = lambda walls: [bench_startup.phases(_jaxgpt_lines(200), wall=w, n=200) for w in walls]  # noqa: E731
+    results = {("jaxgpt", 200): runs([12.0, 12.0]), (bench_startup.WARM_FLOOR, 200): runs([9.0, 8.0]),
+               ("nanoGPT loop", 200): runs([8.0, 8.0])}
+    text = bench_startup.table(results, argparse.Namespace(iters=[200], repeats=2, cache="cold"))
+    assert "200 steps: jaxgpt / jaxgpt, cache warm wall time, pair by pair: median 1.42 (min 1.33, max 1.50)" in text
+    floor_vs_nanogpt = "jaxgpt, cache warm / nanoGPT loop wall time, pair by pair: median 1.06 (min 1.00, max 1.12)"
+    assert f"200 steps: {floor_vs_nanogpt}" in text
