@@ -623,7 +623,6 @@ def _final_sample(graphdef, params, tokenizer, n_tokens: int, seed: int | jax.Ar
     return sample_text(nnx.merge(graphdef, sharding_lib.first_replica(params)), tokenizer, n_tokens, seed)
 
 
-
 def sample_text(model: nnx.Module, tokenizer, n_tokens: int, seed: int | jax.Array) -> str:
     """A sample from the model, starting from a newline (nanoGPT's default prompt) or token 0, drawn from `seed` (an
     int, or its key `jax.random.PRNGKey(seed)`)."""
