@@ -186,7 +186,7 @@ class JaxTrainer:
     """
 
     def __init__(self, training, shape: TrainShape, train_ids, vocab_size: int, *, dtype: str,
-                 attention_impl: str = "xla", host_fed: bool = False):
+                 attention_impl: str = "auto", host_fed: bool = False):
         import jax
         import jax.numpy as jnp
         import numpy as np

@@ -73,7 +73,7 @@ class Shape:
     rounds: int = 5
     steps: int = 10
     scan_k: int = 10
-    attention_impl: str = "xla"  # the jax rows' model.attention_impl: what the shape's config in configs/ sets
+    attention_impl: str = "auto"  # the jax rows' model.attention_impl: what the shape's config in configs/ sets
 
     def model_args(self) -> dict:
         """The GPTConfig / TorchGPTConfig arguments of this shape (no biases, as nanoGPT's CPU recipe)."""

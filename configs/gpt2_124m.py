@@ -4,11 +4,9 @@ Prepare the data first (nanoGPT's data/openwebtext/prepare.py or `python -m jaxg
 data.path at the directory holding train.bin / val.bin. The global batch is split over all devices
 (mesh.data=-1): batch_size must be divisible by the device count (e.g. 16 x 30 on 8 chips keeps the
 same tokens per step). batch_size x grad_accum_steps x block_size = 12 x 40 x 1024 = 491,520, as nanoGPT's
-5 x 8 GPUs. Attention uses cuDNN's flash kernel on GPUs and XLA's elsewhere (chosen when the config is
-read); bfloat16 compute with float32 parameters and Adam moments.
+5 x 8 GPUs. Attention uses cuDNN's flash kernel on GPUs and XLA's elsewhere (model.attention_impl='auto',
+chosen for the devices the program is compiled for); bfloat16 compute with float32 parameters and Adam moments.
 """
-
-import jax
 
 from jaxgpt.config import base_config
 
@@ -38,7 +36,6 @@ def get_config():
     c.model.dropout = 0.0
     c.model.bias = False
     c.model.dtype = "bfloat16"
-    c.model.attention_impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
     c.data.path = "data/openwebtext"  # a nanoGPT data directory: train.bin, val.bin (uint16)
     c.data.on_device = False  # 9B tokens do not fit: np.memmap on the host, batches sent per step
     return c

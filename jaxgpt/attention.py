@@ -9,7 +9,8 @@ Each rung is a pure function with the same contract: tokens at time t may only l
     attention            weights @ v, with dropout on the weights (nanoGPT's attn_dropout)
 
 `dot_product_attention` picks how a model computes the last rung: the ladder's `attention`, or JAX's
-fused kernels (`jax.nn.dot_product_attention`: XLA, or cuDNN's flash attention on NVIDIA GPUs).
+fused kernels (`jax.nn.dot_product_attention`: XLA, or cuDNN's flash attention on NVIDIA GPUs); 'auto' takes
+cuDNN's where the program runs on a GPU in 16-bit, XLA's elsewhere.
 
 `causal=False` gives the encoder (unmasked) form: the lecture's note that an encoder block simply drops the
 mask, as in the Transformer paper ("Attention Is All You Need", Vaswani et al., 2017).
@@ -20,6 +21,8 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+
+from jaxgpt import target
 
 
 def causal_mask(T: int, S: int | None = None) -> jax.Array:
@@ -107,7 +110,7 @@ def attention(
     return y.astype(v.dtype)
 
 
-ATTENTION_IMPLS = ("xla", "cudnn", "reference")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "reference")
 
 
 def dot_product_attention(
@@ -115,25 +118,29 @@ def dot_product_attention(
     k_BHSD: jax.Array,
     v_BHSD: jax.Array,
     *,
-    impl: str = "xla",
+    impl: str = "auto",
     dropout_rate: float = 0.0,
     key: jax.Array | None = None,
 ) -> jax.Array:
     """Causal attention by `impl` (GPTConfig.attention_impl) -> (B, H, T, D).
 
     'reference' is `attention` above. 'xla' and 'cudnn' call `jax.nn.dot_product_attention`, which has
-    no dropout: when attention dropout is active (`dropout_rate > 0` and a key), 'xla' takes the
+    no dropout: when attention dropout is active (`dropout_rate > 0` and a key), 'xla' and 'auto' take the
     reference path, so the dropout nanoGPT applies to the weights still happens ('cudnn' with dropout
-    is refused by GPTConfig).
+    is refused by GPTConfig). 'auto' is 'cudnn' in a 16-bit program for a GPU, else 'xla': decided from the
+    devices the program is compiled for (`jaxgpt.target`), not from the host.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    on_gpu = target.platform() == "gpu"
+    if impl == "auto":
+        impl = "cudnn" if on_gpu and q_BHTD.dtype in (jnp.bfloat16, jnp.float16) else "xla"
     if impl == "reference" or (impl == "xla" and dropout_rate > 0.0 and key is not None):
         return attention(q_BHTD, k_BHSD, v_BHSD, causal=True, dropout_rate=dropout_rate, key=key)
-    if impl == "cudnn" and jax.default_backend() != "gpu":
+    if impl == "cudnn" and not on_gpu:
         raise ValueError(
-            f"model.attention_impl='cudnn' needs an NVIDIA GPU, but JAX runs on {jax.default_backend()!r}: "
-            "use model.attention_impl='xla'"
+            f"model.attention_impl='cudnn' needs an NVIDIA GPU, but the program runs on {target.platform()!r}: "
+            "use model.attention_impl='auto' or 'xla'"
         )
     # dot_product_attention takes (B, T, N, H); its softmax runs in float32 for 16-bit inputs.
     to_btnh = lambda t: jnp.swapaxes(t, -3, -2)  # noqa: E731

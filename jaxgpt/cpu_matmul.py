@@ -6,13 +6,15 @@ x^T g. Both are the same products and sums; the second leaves the activations in
 which XLA's CPU backend otherwise transposes with strided reads inside the fusions that produce them.
 GPUs and TPUs take transposed GEMM operands natively, so they keep the plain dot. Several CPU devices (a CPU's
 cores as a data-parallel mesh, `mesh.cpu_devices`) take the CPU form too: with the plain dot their step is
-twice as slow.
+twice as slow. The choice follows the devices the program is compiled for (`jaxgpt.target`).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from jaxgpt import target
 
 
 def dot_f32_acc(a: jax.Array, b: jax.Array, dimension_numbers=None) -> jax.Array:
@@ -52,7 +54,7 @@ matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
     """`nnx.Linear`'s dot: `matmul_cpu` for a plain x @ W on CPU devices, else `lax.dot_general`."""
     plain = (
-        jax.default_backend() != "cpu"
+        target.platform() != "cpu"
         or rhs.ndim != 2
         or dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ()))
         or preferred_element_type is not None

@@ -266,7 +266,8 @@ class GPTConfig:
     ln_eps: float = 1e-5
     dtype: str = "float32"  # computation dtype ('bfloat16' for mixed precision)
     param_dtype: str = "float32"
-    attention_impl: str = "xla"  # fused form: 'xla' | 'cudnn' (flash attention on GPU) | 'reference' (the ladder)
+    # 'auto' (cuDNN's flash attention in a 16-bit GPU program, else XLA's) | 'xla' | 'cudnn' | 'reference' (the ladder)
+    attention_impl: str = "auto"
     remat: bool = False  # recompute each block's activations in the backward pass (less memory, more FLOPs)
     scan_layers: bool = False  # one compiled block scanned over stacked layer params (compile time flat in depth)
 

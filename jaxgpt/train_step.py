@@ -263,7 +263,7 @@ def _all_finite(tree) -> jax.Array:
 def make_estimate_loss(graphdef: nnx.GraphDef, *, batch_size: int, block_size: int, eval_iters: int,
                        mesh: Mesh | None = None) -> Callable:
     """The jitted `estimate_loss(params, splits, base_key, step) -> mean loss of each split` (no dropout), with
-    `.prepare` (compile ahead in a thread) taking the same arguments.
+    `.prepare` (compile ahead in a thread) and `.lower` taking the same arguments.
 
     `splits` is a tuple of datasets, each the token array on the device or pre-drawn batches `(x, y)` of
     shape (eval_iters, B, T). Split i's loss is the mean over `eval_iters` random batches (nanoGPT's
@@ -309,7 +309,12 @@ def make_estimate_loss(graphdef: nnx.GraphDef, *, batch_size: int, block_size: i
         args = (params, splits, base_key, step)
         return ahead.prepare(_shapes(args), args, {})
 
-    call.prepare = prepare
+    def lower(params, splits, base_key, step):
+        """The compiler's view of one call (`jax.stages.Lowered`): its memory and cost analyses, or an ahead-of-time
+        compile for other devices."""
+        return ahead.jitted.lower(params, splits, base_key, step)
+
+    call.prepare, call.lower = prepare, lower
     return call
 
 

@@ -113,12 +113,14 @@ def test_prepare_commands_use_existing_options():
 
 
 def test_ci_runs_the_readmes_install_and_test_commands():
-    """`.ci/run` does what the README tells a newcomer: the same installs, then pytest."""
+    """`.ci/run` does what the README tells a newcomer: the same installs (the project, then the compile-only packages
+    of the accelerator checks), then pytest."""
     readme = commands(next(code for code in blocks(ROOT / "README.md", "bash") if "pytest" in code))
-    assert [c[0] for c in readme] == ["pip", "pip", "pytest"], readme
-    lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith(("pip ", "pytest"))]
+    assert [c[0] for c in readme] == ["pip", "pip", "python", "pytest"], readme
+    lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+             if line.startswith(("pip ", "pytest", "python benchmarks/"))]
     ci = [[w for w in cmd if w != "-q"] for cmd in commands("\n".join(lines))]
-    assert len(ci) == 3 and [c[:len(r)] for c, r in zip(ci, readme)] == readme, ci
+    assert len(ci) == 4 and [c[:len(r)] for c, r in zip(ci, readme)] == readme, ci
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, shakespeare_path):

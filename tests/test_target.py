@@ -1,0 +1,41 @@
+"""Choices of how to compute follow the devices a program is compiled for, not the host (jaxgpt.target)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxgpt import attention, target
+
+
+def test_platform_is_the_hosts_outside_compiling_for():
+    assert target.platform() == jax.default_backend()
+    with target.compiling_for("tpu"):
+        assert target.platform() == "tpu"
+        with target.compiling_for(jax.devices()):
+            assert target.platform() == "cpu"
+        assert target.platform() == "tpu"
+    assert target.platform() == jax.default_backend()
+
+
+@pytest.mark.parametrize("platform,dtype,expected", [
+    ("gpu", jnp.bfloat16, "cudnn"), ("gpu", jnp.float16, "cudnn"), ("gpu", jnp.float32, "xla"),
+    ("tpu", jnp.bfloat16, "xla"), ("cpu", jnp.bfloat16, "xla"),
+])
+def test_auto_attention_picks_by_the_compile_target(monkeypatch, platform, dtype, expected):
+    picked = []
+
+    def fake(q, k, v, *, is_causal, implementation):
+        picked.append(implementation)
+        return q
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    q = jnp.zeros((1, 2, 4, 8), dtype)
+    with target.compiling_for(platform):
+        attention.dot_product_attention(q, q, q, impl="auto")
+    assert picked == [expected]
+
+
+def test_cudnn_outside_a_gpu_program_says_so():
+    q = jnp.zeros((1, 2, 4, 8), jnp.bfloat16)
+    with target.compiling_for("tpu"), pytest.raises(ValueError, match="runs on 'tpu'"):
+        attention.dot_product_attention(q, q, q, impl="cudnn")
