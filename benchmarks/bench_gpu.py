@@ -134,7 +134,7 @@ def import_training() -> types.SimpleNamespace:
     from jaxgpt import optim, train_step
 
     return types.SimpleNamespace(make_optimizer=optim.make_optimizer, make_train_chunk=train_step.make_train_chunk,
-                                 make_estimate_loss=train_step.make_estimate_loss, step_keys=train_step.step_keys,
+                                 make_estimate_loss=train_step.make_estimate_loss, step_offsets=train_step.step_offsets,
                                  host_fed_batches=train_step.host_fed_batches)
 
 
@@ -223,9 +223,10 @@ class JaxTrainer:
         jnp, training, a = self.jax.numpy, self.training, self.step
         data = self.data
         if self.host_fed:
-            keys = self.jax.vmap(lambda s: training.step_keys(self.key, s, 1)[0])(jnp.arange(a, a + self.k))
-            data = training.host_fed_batches(self.host_ids, keys, self.shape.batch_size, self.shape.block_size,
-                                             self.mesh)
+            offsets = training.step_offsets(self.key, a, a + self.k, grad_accum_steps=1,
+                                            batch_size=self.shape.batch_size, block_size=self.shape.block_size,
+                                            n_tokens=len(self.host_ids))
+            data = training.host_fed_batches(self.host_ids, offsets, self.shape.block_size, self.mesh)
         self.params, self.opt_state, metrics = self.chunk(self.params, self.opt_state, data, self.key, jnp.int32(a),
                                                           n_steps=self.k)
         losses = self.jax.device_get(metrics["loss"])

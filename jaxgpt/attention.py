@@ -9,8 +9,9 @@ Each rung is a pure function with the same contract: tokens at time t may only l
     attention            weights @ v, with dropout on the weights (nanoGPT's attn_dropout)
 
 `dot_product_attention` picks how a model computes the last rung: the ladder's `attention`, or JAX's
-fused kernels (`jax.nn.dot_product_attention`: XLA, or cuDNN's flash attention on NVIDIA GPUs); 'auto' takes
-cuDNN's where the program runs on a GPU in 16-bit, XLA's elsewhere.
+fused kernels: `jax.nn.dot_product_attention` (XLA's, or cuDNN's flash attention on NVIDIA GPUs) and, on TPUs,
+JAX's Pallas flash attention. 'auto' takes the flash kernel the program's devices have (cuDNN's on a GPU in
+16-bit, Pallas's on a TPU) and XLA's elsewhere.
 
 `causal=False` gives the encoder (unmasked) form: the lecture's note that an encoder block simply drops the
 mask, as in the Transformer paper ("Attention Is All You Need", Vaswani et al., 2017).
@@ -124,27 +125,60 @@ def dot_product_attention(
 ) -> jax.Array:
     """Causal attention by `impl` (GPTConfig.attention_impl) -> (B, H, T, D).
 
-    'reference' is `attention` above. 'xla' and 'cudnn' call `jax.nn.dot_product_attention`, which has
-    no dropout: when attention dropout is active (`dropout_rate > 0` and a key), 'xla' and 'auto' take the
-    reference path, so the dropout nanoGPT applies to the weights still happens ('cudnn' with dropout
-    is refused by GPTConfig). 'auto' is 'cudnn' in a 16-bit program for a GPU, else 'xla': decided from the
-    devices the program is compiled for (`jaxgpt.target`), not from the host.
+    'reference' is `attention` above. The fused kernels have no dropout: when attention dropout is active
+    (`dropout_rate > 0` and a key), 'xla' and 'auto' take the reference path, so the dropout nanoGPT applies to the
+    weights still happens ('cudnn' with dropout is refused by GPTConfig). 'auto' is, by the devices the program is
+    compiled for (`jaxgpt.target`, not the host): cuDNN's flash kernel in a 16-bit GPU program, Pallas's flash
+    kernel on a TPU (sequences in 128-token blocks), XLA's otherwise.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    on_gpu = target.platform() == "gpu"
+    platform = target.platform()
     if impl == "auto":
-        impl = "cudnn" if on_gpu and q_BHTD.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+        impl = "cudnn" if platform == "gpu" and q_BHTD.dtype in (jnp.bfloat16, jnp.float16) else "xla"
     if impl == "reference" or (impl == "xla" and dropout_rate > 0.0 and key is not None):
         return attention(q_BHTD, k_BHSD, v_BHSD, causal=True, dropout_rate=dropout_rate, key=key)
-    if impl == "cudnn" and not on_gpu:
+    if impl == "cudnn" and platform != "gpu":
         raise ValueError(
-            f"model.attention_impl='cudnn' needs an NVIDIA GPU, but the program runs on {target.platform()!r}: "
+            f"model.attention_impl='cudnn' needs an NVIDIA GPU, but the program runs on {platform!r}: "
             "use model.attention_impl='auto' or 'xla'"
         )
+    if platform == "tpu" and impl == "xla" and _tpu_flash_fits(q_BHTD, k_BHSD):
+        y_BHTD = _tpu_flash_attention(q_BHTD, k_BHSD, v_BHSD)
+        if y_BHTD is not None:
+            return y_BHTD
     # dot_product_attention takes (B, T, N, H); its softmax runs in float32 for 16-bit inputs.
     to_btnh = lambda t: jnp.swapaxes(t, -3, -2)  # noqa: E731
     y_BTHD = jax.nn.dot_product_attention(
         to_btnh(q_BHTD), to_btnh(k_BHSD), to_btnh(v_BHSD), is_causal=True, implementation=impl
     )
     return to_btnh(y_BTHD)
+
+
+_TPU_BLOCK = 128  # the Pallas kernel's default tile along the sequence
+
+
+def _tpu_flash_fits(q_BHTD: jax.Array, k_BHSD: jax.Array) -> bool:
+    T, S = q_BHTD.shape[-2], k_BHSD.shape[-2]
+    return q_BHTD.ndim == 4 and T == S and T % _TPU_BLOCK == 0
+
+
+def _tpu_flash_attention(q_BHTD: jax.Array, k_BHSD: jax.Array, v_BHSD: jax.Array) -> jax.Array | None:
+    """JAX's Pallas flash attention for TPUs: the (T, S) scores stay in the chip's fast memory, block by block.
+
+    A Pallas kernel is not split by XLA's partitioner, so on a mesh it runs per shard of the batch (`shard_map`
+    over the mesh axes the batch is split on: attention never mixes batch rows). None when the batch does not
+    split evenly over the mesh."""
+    from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
+
+    def flash(q, k, v):
+        return flash_attention(q, k, v, causal=True, sm_scale=q.shape[-1] ** -0.5)
+
+    mesh = jax.typeof(q_BHTD).sharding.mesh
+    if mesh.empty or mesh.size == 1:
+        return flash(q_BHTD, k_BHSD, v_BHSD)
+    if q_BHTD.shape[0] % mesh.size:
+        return None
+    spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))  # the batch over every axis: data x fsdp
+    return jax.shard_map(flash, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
+        q_BHTD, k_BHSD, v_BHSD)

@@ -335,6 +335,39 @@ def _constrain_state(tree, mesh: Mesh | None, scan_layers: bool):
     return jax.lax.with_sharding_constraint(tree, sharding_lib.state_shardings(tree, mesh, scan_layers))
 
 
+@partial(jax.jit, static_argnames=("batch_size", "high"))
+def _offsets(keys: jax.Array, *, batch_size: int, high: int) -> jax.Array:
+    flat = jnp.reshape(keys, (-1, keys.shape[-1]))
+    ix_NB = jax.vmap(lambda k: jax.random.randint(k, (batch_size,), 0, high))(flat)
+    return ix_NB.reshape(*keys.shape[:-1], batch_size)
+
+
+def batch_offsets(keys: jax.Array, batch_size: int, block_size: int, n_tokens: int) -> np.ndarray:
+    """The window starts `gather_batch` draws with raw uint32 `keys` of shape (*lead, 2) from `n_tokens` tokens:
+    an int array (*lead, batch_size) on the host. One small compiled program."""
+    return np.asarray(_offsets(keys, batch_size=batch_size, high=n_tokens - block_size))
+
+
+@partial(jax.jit, static_argnames=("n_steps", "grad_accum_steps", "batch_size", "high"))
+def _step_offsets(base_key, step0, *, n_steps: int, grad_accum_steps: int, batch_size: int, high: int):
+    keys = jax.vmap(lambda i: step_keys(base_key, step0 + i, grad_accum_steps)[0])(jnp.arange(n_steps))
+    return _offsets(keys, batch_size=batch_size, high=high)
+
+
+def step_offsets(base_key: jax.Array, a: int, b: int, *, grad_accum_steps: int, batch_size: int, block_size: int,
+                 n_tokens: int) -> np.ndarray:
+    """The window starts of the training batches of steps [a, b), (b - a, grad_accum_steps, batch_size) on the host:
+    those the on-device step draws (`step_keys`). One small compiled program per chunk length."""
+    return np.asarray(_step_offsets(base_key, np.int32(a), n_steps=b - a, grad_accum_steps=grad_accum_steps,
+                                    batch_size=batch_size, high=n_tokens - block_size))
+
+
+def windows(data: np.ndarray, offsets: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """x, y int32 (*offsets.shape, block_size): the windows of `data` starting at `offsets`, read on the host."""
+    tokens = np.asarray(data[offsets[..., None] + np.arange(block_size + 1)], dtype=np.int32)
+    return tokens[..., :-1], tokens[..., 1:]
+
+
 def host_batches(data: np.ndarray, keys: jax.Array, batch_size: int, block_size: int,
                  rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
     """The batches `gather_batch` draws with raw uint32 `keys` of shape (*lead, 2), gathered on the host from `data`.
@@ -343,25 +376,18 @@ def host_batches(data: np.ndarray, keys: jax.Array, batch_size: int, block_size:
     paths train on the same windows. Only the batch rows `rows` are read. Returns x, y int32 of shape
     (*lead, rows, block_size).
     """
-    lead = keys.shape[:-1]
-    flat = jnp.reshape(keys, (-1, keys.shape[-1]))
-    high = len(data) - block_size
-    ix_NB = np.asarray(jax.vmap(lambda k: jax.random.randint(k, (batch_size,), 0, high))(flat))[:, rows]
-    window = ix_NB[..., None] + np.arange(block_size + 1)
-    tokens = np.asarray(data[window], dtype=np.int32).reshape(*lead, ix_NB.shape[-1], block_size + 1)
-    return tokens[..., :-1], tokens[..., 1:]
+    return windows(data, batch_offsets(keys, batch_size, block_size, len(data))[..., rows], block_size)
 
 
-def host_fed_batches(data: np.ndarray, keys: jax.Array, batch_size: int, block_size: int,
-                     mesh: Mesh) -> tuple[jax.Array, jax.Array]:
-    """`host_batches` as global arrays on the mesh, their batch axis split over ('data', 'fsdp').
+def host_fed_batches(data: np.ndarray, offsets: np.ndarray, block_size: int, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
+    """The windows at `offsets` (*lead, batch_size) as global arrays on the mesh, their batch axis split over
+    ('data', 'fsdp').
 
     Each process reads from `data` only the rows its own devices hold (all of them, with one process);
-    every process draws the same offsets from `keys`, so the global batch is the one a single process
-    would build.
+    every process draws the same offsets, so the global batch is the one a single process would build.
     """
-    global_shape = (*keys.shape[:-1], batch_size, block_size)
+    global_shape = (*offsets.shape, block_size)
     sharding = sharding_lib.batch_sharding(mesh, len(global_shape), batch_axis=-2)
     rows = sharding_lib.process_rows(sharding, global_shape, axis=-2)
     return tuple(sharding_lib.from_process_rows(a, sharding, global_shape)
-                 for a in host_batches(data, keys, batch_size, block_size, rows=rows))
+                 for a in windows(data, offsets[..., rows], block_size))

@@ -38,6 +38,7 @@ from jaxgpt import sharding as sharding_lib
 from jaxgpt.model import count_params
 from jaxgpt.run_dir import LOCK_NAME, Interrupt, RunLock, TrainingError, check_out_dir, prepare_out_dir, read_metrics
 from jaxgpt.train_step import (
+    batch_offsets,
     eval_key,
     host_batches,
     host_fed_batches,
@@ -46,6 +47,7 @@ from jaxgpt.train_step import (
     make_train_chunk,
     seed_keys,
     step_keys,
+    step_offsets,
 )
 
 __all__ = ["LOCK_NAME", "RunLock", "TrainingError", "enable_compilation_cache", "eval_key", "host_batches",
@@ -433,11 +435,16 @@ class _Run:
                      f"{self.out_dir / 'checkpoints' / 'latest'}; continue with --config.resume=True")
         return signum
 
-    def host_batches(self, a: int, b: int):
-        """The batches of steps [a, b) gathered on the host and put on the devices (data kept off the device)."""
+    def host_offsets(self, a: int, b: int) -> np.ndarray:
+        """Where the batches of steps [a, b) start (data kept off the device): a small program, waited for."""
         c = self.config
-        keys = jax.vmap(lambda i: step_keys(self.s["key"], i, c.grad_accum_steps)[0])(jnp.arange(a, b))
-        return host_fed_batches(self.train_data, keys, c.batch_size, c.model.block_size, self.mesh)
+        return step_offsets(self.s["key"], a, b, grad_accum_steps=c.grad_accum_steps, batch_size=c.batch_size,
+                            block_size=c.model.block_size, n_tokens=len(self.train_data))
+
+    def host_batches(self, a: int, b: int, offsets: np.ndarray | None = None):
+        """The batches of steps [a, b) gathered on the host and put on the devices (data kept off the device)."""
+        offsets = self.host_offsets(a, b) if offsets is None else offsets
+        return host_fed_batches(self.train_data, offsets, self.config.model.block_size, self.mesh)
 
     def batches(self, a: int, b: int):
         """What the training call of steps [a, b) reads: the token array on the device, or the host-fed batches
@@ -453,12 +460,14 @@ class _Run:
         self.call_started = time.perf_counter()
         data = self.batches(a, b)
         self.prefetched.pop((a, b), None)
+        # Double buffering: where the next chunk's batches start is drawn now, while the devices are idle (queued
+        # behind the call below, that small program would hold the host until the call ends); the batches are read
+        # and sent while the call runs.
+        upcoming_offsets = self.host_offsets(*upcoming) if not self.on_device and upcoming else None
         s["params"], s["opt_state"], out = self.train_chunk(s["params"], s["opt_state"], data, s["key"],
                                                             jnp.int32(a), n_steps=b - a)
-        if not self.on_device and upcoming is not None:
-            # Double buffering: the call above runs asynchronously, so the next chunk's batches are gathered
-            # while the devices compute.
-            self.prefetched[upcoming] = self.host_batches(*upcoming)
+        if upcoming_offsets is not None:
+            self.prefetched[upcoming] = self.host_batches(*upcoming, offsets=upcoming_offsets)
         out = jax.device_get(out)  # the one host sync per chunk
         losses, finite, lrs = out["loss"], out["finite"], out["lr"]
         dt = time.perf_counter() - self.call_started
@@ -504,8 +513,9 @@ class _Run:
         step = s["step"]
         splits = (self.train_data, self.val_data)
         if not self.on_device:  # the batches drawn on the host, with the keys the program would draw them with
-            splits = tuple(host_fed_batches(d, jax.random.split(eval_key(s["key"], step, i), c.eval_iters),
-                                            c.batch_size, c.model.block_size, self.mesh) for i, d in enumerate(splits))
+            offsets = [batch_offsets(jax.random.split(eval_key(s["key"], step, i), c.eval_iters), c.batch_size,
+                                     c.model.block_size, len(d)) for i, d in enumerate(splits)]
+            splits = tuple(host_fed_batches(d, o, c.model.block_size, self.mesh) for d, o in zip(splits, offsets))
         if not self.metrics.history or self.eval_seconds > 5:  # say why the console is quiet
             took = f"; the last one took {self.eval_seconds:.0f} s" if self.eval_seconds else " (compiles first)"
             self.log(f"step {step}: evaluating on 2 x {c.eval_iters} batches{took} ...")
