@@ -133,11 +133,11 @@ def dot_product_attention(
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl == "reference" or (impl in ("auto", "xla") and dropout_rate > 0.0 and key is not None):
+        return attention(q_BHTD, k_BHSD, v_BHSD, causal=True, dropout_rate=dropout_rate, key=key)
     platform = target.platform()
     if impl == "auto":
         impl = "cudnn" if platform == "gpu" and q_BHTD.dtype in (jnp.bfloat16, jnp.float16) else "xla"
-    if impl == "reference" or (impl == "xla" and dropout_rate > 0.0 and key is not None):
-        return attention(q_BHTD, k_BHSD, v_BHSD, causal=True, dropout_rate=dropout_rate, key=key)
     if impl == "cudnn" and platform != "gpu":
         raise ValueError(
             f"model.attention_impl='cudnn' needs an NVIDIA GPU, but the program runs on {platform!r}: "

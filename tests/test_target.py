@@ -35,6 +35,17 @@ def test_auto_attention_picks_by_the_compile_target(monkeypatch, platform, dtype
     assert picked == [expected]
 
 
+@pytest.mark.parametrize("platform", ["gpu", "tpu", "cpu"])
+def test_auto_attention_keeps_attention_dropout(monkeypatch, platform):
+    """No fused kernel has nanoGPT's dropout on the weights: while it is active, every platform takes the ladder."""
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: pytest.fail("a fused kernel was taken"))
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 128, 8), jnp.bfloat16)
+    with target.compiling_for(platform):
+        y = attention.dot_product_attention(q, q, q, impl="auto", dropout_rate=0.5, key=jax.random.PRNGKey(1))
+    expected = attention.attention(q, q, q, dropout_rate=0.5, key=jax.random.PRNGKey(1))
+    assert jnp.array_equal(y, expected)
+
+
 def test_cudnn_outside_a_gpu_program_says_so():
     q = jnp.zeros((1, 2, 4, 8), jnp.bfloat16)
     with target.compiling_for("tpu"), pytest.raises(ValueError, match="runs on 'tpu'"):
