@@ -128,25 +128,26 @@ def dot_product_attention(
     'reference' is `attention` above. The fused kernels have no dropout: when attention dropout is active
     (`dropout_rate > 0` and a key), 'xla' and 'auto' take the reference path, so the dropout nanoGPT applies to the
     weights still happens ('cudnn' with dropout is refused by GPTConfig). 'auto' is, by the devices the program is
-    compiled for (`jaxgpt.target`, not the host): cuDNN's flash kernel in a 16-bit GPU program, Pallas's flash
-    kernel on a TPU (sequences in 128-token blocks), XLA's otherwise.
+    compiled for (`jaxgpt.target`, not the host): in a 16-bit program, cuDNN's flash kernel on a GPU and Pallas's on
+    a TPU (sequences in 128-token blocks); XLA's otherwise (in float32 on a TPU, XLA's moves fewer bytes).
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if impl == "reference" or (impl in ("auto", "xla") and dropout_rate > 0.0 and key is not None):
         return attention(q_BHTD, k_BHSD, v_BHSD, causal=True, dropout_rate=dropout_rate, key=key)
     platform = target.platform()
+    half = q_BHTD.dtype in (jnp.bfloat16, jnp.float16)
+    if impl == "auto" and platform == "tpu" and half and _tpu_flash_fits(q_BHTD, k_BHSD):
+        y_BHTD = _tpu_flash_attention(q_BHTD, k_BHSD, v_BHSD)
+        if y_BHTD is not None:
+            return y_BHTD
     if impl == "auto":
-        impl = "cudnn" if platform == "gpu" and q_BHTD.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+        impl = "cudnn" if platform == "gpu" and half else "xla"
     if impl == "cudnn" and platform != "gpu":
         raise ValueError(
             f"model.attention_impl='cudnn' needs an NVIDIA GPU, but the program runs on {platform!r}: "
             "use model.attention_impl='auto' or 'xla'"
         )
-    if platform == "tpu" and impl == "xla" and _tpu_flash_fits(q_BHTD, k_BHSD):
-        y_BHTD = _tpu_flash_attention(q_BHTD, k_BHSD, v_BHSD)
-        if y_BHTD is not None:
-            return y_BHTD
     # dot_product_attention takes (B, T, N, H); its softmax runs in float32 for 16-bit inputs.
     to_btnh = lambda t: jnp.swapaxes(t, -3, -2)  # noqa: E731
     y_BTHD = jax.nn.dot_product_attention(

@@ -50,6 +50,14 @@ def test_a_gpu_program_compiled_on_a_cpu_takes_the_gpu_paths(quick_rows):
     assert rows[("tiny float32", "train_chunk")]["cudnn"] == 0  # cuDNN's flash kernel is 16-bit only
 
 
+@pytest.mark.slow
+def test_a_tpu_program_compiled_on_a_cpu_runs_pallas_flash_attention(quick_rows):
+    rows = {(r["config"], r["program"]): r for r in quick_rows if r["target"] == "tpu-v5e-1"}
+    assert rows[("tiny bfloat16", "train_chunk")]["pallas"] >= 2  # forward, and the backward's kernels
+    assert rows[("tiny bfloat16", "evaluation")]["pallas"] >= 1
+    assert rows[("tiny float32", "train_chunk")]["pallas"] == 0  # in float32, XLA's attention moves fewer bytes
+
+
 HLO = """HloModule m
 
 %fused_add (p0: f32[4]) -> f32[4] {
