@@ -305,6 +305,7 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
         if config.resume:
             s.update(_restore(ckptr, config, s, main, log))
             metrics.keep_before(s["step"])
+        first_step, skipped_before = s["step"], s["skipped"]
         tokens_per_step = config.batch_size * block_size * config.grad_accum_steps
         log(f"{config.model.name}: {count_params(s['params']) / 1e6:.2f}M parameters, vocab {vocab_size}, "
             f"{tokens_per_step:,} tokens per step")
@@ -324,6 +325,9 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
     finally:
         run.wait_for_background()
         ckptr.close()
+    if s["step"] > first_step and s["skipped"] - skipped_before == s["step"] - first_step:
+        raise TrainingError(f"all {s['step'] - first_step} steps of this run were skipped as non-finite "
+                            "(skip_nonfinite): the model learned nothing; check the data and lower learning_rate")
     summary = {"step": s["step"], "best_val_loss": s["best_val"], "wall_time": time.time() - run.t0,
                "tokens_per_s": run.tokens_per_s(), "interrupted": interrupted is not None,
                "skipped_nonfinite": s["skipped"]}

@@ -456,8 +456,9 @@ def test_download_dying_mid_copy_leaves_nothing(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------ NaN / inf
 
 
-def _poison(monkeypatch, bad_step: int, kind: str) -> None:
-    """Makes training step `bad_step` non-finite: its loss ('loss') or only its gradients ('grad')."""
+def _poison(monkeypatch, bad_step: int | None, kind: str) -> None:
+    """Makes training step `bad_step` (None: every step) non-finite: its loss ('loss') or only its gradients
+    ('grad')."""
     current = {}
     real_keys, real_loss = train_step.step_keys, train_step._loss
 
@@ -469,7 +470,7 @@ def _poison(monkeypatch, bad_step: int, kind: str) -> None:
         value = real_loss(graphdef, params, x, y, key, use_dropout)
         if key is None:  # evaluation: leave it alone
             return value
-        hit = current["step"] == bad_step
+        hit = True if bad_step is None else current["step"] == bad_step
         if kind == "loss":
             return value * jnp.where(hit, jnp.nan, 1.0)
         # 0 * sqrt(s) is 0, but its gradient at s = 0 is 0 * inf = NaN
@@ -480,34 +481,30 @@ def _poison(monkeypatch, bad_step: int, kind: str) -> None:
     monkeypatch.setattr(train_step, "_loss", loss)
 
 
-def _positions(n_tokens: int, keys: jax.Array, batch_size: int, block_size: int) -> set[int]:
-    """The token positions the batches of `keys` read (inputs and targets), via the host gather."""
-    x, y = training.host_batches(np.arange(n_tokens), keys, batch_size, block_size)
-    return set(np.concatenate([x.ravel(), y.ravel()]).tolist())
-
-
-def test_a_bad_token_in_the_data_stops_the_run_naming_the_step(tmp_path, text):
-    """A nanoGPT train.bin with one id outside the vocabulary, read first by step 5: its embedding is NaN, so
-    the loss of step 5 is; the run stops naming step 5 and keeps step 4's checkpoint."""
+def test_a_bad_token_in_the_data_is_refused_before_training(tmp_path, text):
+    """A nanoGPT train.bin with one id outside the vocabulary is refused at load, naming the id and where it is,
+    before anything is written."""
     ds = data.load_dataset(text)
-    cfg = _config(text, tmp_path / "out", max_iters=8)
-    base_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
-    n, B, T = len(ds.train), cfg.batch_size, cfg.model.block_size
-    before = set()
-    for s in range(5):
-        before |= _positions(n, training.step_keys(base_key, s, 1)[0], B, T)
-    for s in range(0, 5, cfg.eval_interval):
-        before |= _positions(n, jax.random.split(training.eval_key(base_key, s, 0), cfg.eval_iters), B, T)
-    bad = min(_positions(n, training.step_keys(base_key, 5, 1)[0], B, T) - before)
     train = ds.train.astype(np.uint16)
-    train[bad] = ds.vocab_size  # one past the last id: a corrupt file
+    train[123] = ds.vocab_size  # one past the last id: a corrupt file
     d = tmp_path / "data"
     d.mkdir()
     train.tofile(d / "train.bin")
     ds.val.astype(np.uint16).tofile(d / "val.bin")
     with open(d / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": ds.vocab_size, "itos": ds.tokenizer.itos, "stoi": ds.tokenizer.stoi}, f)
+    cfg = _config(text, tmp_path / "out", max_iters=8)
     cfg.data.path = str(d)
+    with pytest.raises(data.DataError, match=rf"train.bin holds 1 token id\(s\) outside the vocabulary "
+                                             rf"\[0, {ds.vocab_size}\), the first {ds.vocab_size} at position 123"):
+        training.train(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path, text, monkeypatch):
+    """Step 5's loss is NaN: the run stops naming step 5 and keeps step 4's checkpoint."""
+    _poison(monkeypatch, 5, "loss")
+    cfg = _config(text, tmp_path / "out", max_iters=8, **{"model.name": "bigram"})
     with pytest.raises(training.TrainingError, match=r"loss is nan at step 5: .*\(step 4\) is kept.*"
                                                      r"skip_nonfinite=True skips such steps"):
         training.train(cfg)
@@ -533,3 +530,12 @@ def test_skip_nonfinite_skips_the_update_and_counts_it(tmp_path, text, monkeypat
     assert [steps[s]["skipped_nonfinite"] for s in range(5)] == [0, 0, 0, 0, 1]
     assert "loss" not in steps[4] and all(np.isfinite(steps[s]["loss"]) for s in range(4))
     assert after["meta"]["skipped_nonfinite"] == 1 and before["meta"]["skipped_nonfinite"] == 0
+
+
+def test_skip_nonfinite_with_every_step_skipped_is_an_error(tmp_path, text, monkeypatch):
+    """Every gradient NaN: the run does not end 'done' but says that nothing was learned, the checkpoint kept."""
+    _poison(monkeypatch, None, "grad")
+    out = tmp_path / "out"
+    with pytest.raises(training.TrainingError, match=r"all 4 steps of this run were skipped as non-finite"):
+        training.train(_config(text, out, max_iters=4, skip_nonfinite=True, **{"model.name": "bigram"}))
+    assert ckpt_lib.Checkpointer(out, read_only=True).latest_step() == 4

@@ -338,3 +338,32 @@ def test_train_cli_refuses_a_crafted_dataset_meta(tmp_path):
     assert line.startswith("error: ") and str(data / "meta.pkl") in line and refused in line, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not sentinel.exists() and not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dtype O", "vocab_size 10**9", "id past the vocabulary"])
+def test_train_cli_refuses_a_hostile_data_folder_in_one_line(tmp_path, kind):
+    """A meta.pkl of plain values that once crashed the interpreter (dtype 'O' handed to np.memmap) or allocated
+    without bound (vocab_size 10**9), and a train.bin with an id the model has no embedding for."""
+    data = tmp_path / "data"
+    _data_dir(data)
+    meta = {"vocab_size": len(CHARS), "itos": dict(enumerate(CHARS)), "stoi": {c: i for i, c in enumerate(CHARS)}}
+    message = {"dtype O": "dtype 'O' is not one of", "vocab_size 10**9": "vocab_size 1000000000 is not an int",
+               "id past the vocabulary": "train.bin holds 1 token id(s) outside the vocabulary [0, 5)"}[kind]
+    if kind == "dtype O":
+        meta["dtype"] = "O"
+    elif kind == "vocab_size 10**9":
+        meta["vocab_size"] = 10**9
+    else:
+        ids = np.fromfile(data / "train.bin", np.uint16)
+        ids[200] = 7
+        ids.tofile(data / "train.bin")
+    with open(data / "meta.pkl", "wb") as f:
+        pickle.dump(meta, f)
+    out = tmp_path / "out"
+    r = _train(_env(), *TINY, f"--config.data.path={data}", f"--config.out_dir={out}", "--config.max_iters=2",
+               "--config.compile_cache=False", timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = _one_line(r.stderr.strip())
+    assert line.startswith("error: ") and message in line and "python -m jaxgpt.prepare" in line, line
+    assert not out.exists()  # no lock, nothing written
