@@ -367,3 +367,66 @@ def test_train_cli_refuses_a_hostile_data_folder_in_one_line(tmp_path, kind):
     line = _one_line(r.stderr.strip())
     assert line.startswith("error: ") and message in line and "python -m jaxgpt.prepare" in line, line
     assert not out.exists()  # no lock, nothing written
+
+
+# ------------------------------------------------------------------------------- a local GPT-2 folder
+
+GPT2_CONFIG = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 8, "vocab_size": 5, "n_positions": 16}
+
+
+def _gpt2_folder(path, weights: str, content) -> None:
+    """A Hugging Face GPT-2 folder: config.json (GPT2_CONFIG unless `content` replaces it) and one weights file."""
+    import json
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(GPT2_CONFIG))
+    if weights == "config.json":
+        (path / "config.json").write_text(content)
+    elif isinstance(content, bytes):
+        (path / weights).write_bytes(content)
+    else:
+        torch.save(content, path / weights)
+
+
+@pytest.mark.parametrize("kind", PAYLOADS)
+def test_gpt2_loader_refuses_a_crafted_pytorch_model_bin(tmp_path, kind):
+    sentinel = tmp_path / "SENTINEL"
+    payload, refused = _payloads(sentinel)[kind]
+    _gpt2_folder(tmp_path / "gpt2", "pytorch_model.bin", {"wte.weight": torch.zeros(5, 8), "x": payload})
+    with pytest.raises(UnsafePickleError, match=refused) as e:
+        jaxgpt.load_gpt2_pretrained(tmp_path / "gpt2")
+    assert _one_line(str(e.value)) and "weights_only=False" not in str(e.value)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("weights, content, message", [
+    ("pytorch_model.bin", b"not a pickle at all", "cannot read the GPT-2 weights"),
+    ("pytorch_model.bin", [1, 2], "holds a list, not a state dict"),
+    ("model.safetensors", b"\xff" * 64, "cannot read the GPT-2 weights"),
+    ("config.json", "[1, 2]", "holds a JSON list"),
+    ("config.json", "{", "is not a JSON file"),
+])
+def test_gpt2_loader_says_in_one_line_what_is_wrong_with_a_folder(tmp_path, weights, content, message):
+    _gpt2_folder(tmp_path / "gpt2", weights, content)
+    with pytest.raises(ValueError, match=message) as e:
+        jaxgpt.load_gpt2_pretrained(tmp_path / "gpt2")
+    assert _one_line(str(e.value))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["sample.py", "train.py"])
+def test_cli_refuses_a_crafted_gpt2_folder_in_one_line(tmp_path, script, shakespeare_path):
+    sentinel = tmp_path / "SENTINEL"
+    payload, refused = _payloads(sentinel)["os.system"]
+    folder = tmp_path / "gpt2"
+    _gpt2_folder(folder, "pytorch_model.bin", {"wte.weight": torch.zeros(5, 8), "x": payload})
+    if script == "sample.py":
+        cmd = [sys.executable, str(ROOT / "sample.py"), f"--init_from=gpt2:{folder}", "--start=a"]
+        r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    else:
+        r = _train(_env(), *TINY, f"--config.data.path={tiny_text(tmp_path, shakespeare_path)}",
+                   f"--config.out_dir={tmp_path / 'out'}", f"--config.init_from=gpt2:{folder}", timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = _one_line(r.stderr.strip())
+    assert "error: " in line and refused in line and "weights_only=False" not in line and "Traceback" not in line
+    assert not sentinel.exists() and not (tmp_path / "out").exists()
