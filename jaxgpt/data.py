@@ -175,7 +175,8 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def download(url: str, dest: str | os.PathLike, *, size: int | None, sha256: str | None, timeout: float = 30.0):
+def download(url: str, dest: str | os.PathLike, *, size: int | None, sha256: str | None, timeout: float = 30.0,
+             offline_hint: str = "set --config.data.path to a local text file") -> pathlib.Path:
     """Fetches `url` into `dest`, checked against `size` and `sha256`.
 
     The bytes go to a temporary file beside `dest`, renamed onto `dest` only when they check, so a
@@ -192,7 +193,7 @@ def download(url: str, dest: str | os.PathLike, *, size: int | None, sha256: str
                 announced = response.headers.get("Content-Length")
                 shutil.copyfileobj(response, out)
         except (OSError, urllib.error.URLError, http.client.HTTPException) as e:  # IncompleteRead: cut mid-stream
-            raise DataError(f"could not download {url} ({e}); set --config.data.path to a local text file") from None
+            raise DataError(f"could not download {url} ({e}); {offline_hint}") from None
         got_size = tmp.stat().st_size
         if announced is not None and announced.isdigit() and got_size != int(announced):  # a connection cut short
             raise DataError(f"download of {url} stopped after {got_size} of {announced} bytes; not saved")
@@ -206,11 +207,29 @@ def download(url: str, dest: str | os.PathLike, *, size: int | None, sha256: str
     return dest
 
 
-def default_text_path() -> pathlib.Path:
-    """Tiny Shakespeare in the cache directory, downloaded and checked on first use."""
+SHAKESPEARE_ENV = "JAXGPT_SHAKESPEARE"  # names a local copy of tiny Shakespeare's input.txt
+OFFLINE_HINT = (f"without internet, set {SHAKESPEARE_ENV}=/path/to/input.txt (a local copy of tiny Shakespeare) "
+                "or --config.data.path to a text file")
+
+
+def default_text_path(timeout: float = 15.0) -> pathlib.Path:
+    """Tiny Shakespeare, by one rule everywhere (train.py, sample.py, the notebooks and the tests):
+    $JAXGPT_SHAKESPEARE when set, else the cache directory's copy, else downloaded there and checked.
+
+    Raises `DataError` (one line saying how to point at a local copy) when $JAXGPT_SHAKESPEARE is not a file or
+    the download fails; `timeout` bounds each network wait, so an offline machine hears it in seconds.
+    """
+    named = os.environ.get(SHAKESPEARE_ENV)
+    if named:
+        path = pathlib.Path(named).expanduser()
+        if not path.is_file():
+            raise DataError(f"{SHAKESPEARE_ENV}={named} is not a file: point it at a local copy of tiny "
+                            "Shakespeare's input.txt, or unset it to download one")
+        return path
     path = cache_dir() / "tinyshakespeare" / "input.txt"
     if not path.exists():
-        download(SHAKESPEARE_URL, path, size=SHAKESPEARE_BYTES, sha256=SHAKESPEARE_SHA256)
+        download(SHAKESPEARE_URL, path, size=SHAKESPEARE_BYTES, sha256=SHAKESPEARE_SHA256, timeout=timeout,
+                 offline_hint=OFFLINE_HINT)
     return path
 
 
@@ -259,7 +278,8 @@ def check_ids(ids: np.ndarray, vocab_size: int, what: str | os.PathLike, chunk: 
 def load_dataset(path: str | os.PathLike | None, train_fraction: float = 0.9) -> Dataset:
     """Loads a text file (character-level, the lecture's split) or a nanoGPT data directory.
 
-    `path` '' or None means tiny Shakespeare from the cache (downloaded when missing).
+    `path` '' or None means tiny Shakespeare (`default_text_path`: $JAXGPT_SHAKESPEARE, else the cache's copy,
+    else downloaded).
     """
     path = pathlib.Path(path) if path else default_text_path()
     if not path.exists():

@@ -130,3 +130,42 @@ def test_nanogpt_forms_train_and_sample_config_finds_the_run(env, tmp_path, shak
 
     r = _run(env, "sample.py", "--config", str(tmp_path / "nope.py"), cwd=tmp_path)
     assert r.returncode == 2 and "nope.py' not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def _offline(env: dict, cache: pathlib.Path) -> dict:
+    """`env` without a local tiny Shakespeare and without internet: https goes to a closed local port."""
+    env = {k: v for k, v in env.items() if k not in ("JAXGPT_SHAKESPEARE", "no_proxy", "NO_PROXY")}
+    return dict(env, JAXGPT_CACHE=str(cache), https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+
+
+@pytest.mark.slow
+def test_offline_train_fails_in_seconds_saying_how_to_point_at_a_local_copy(env, tmp_path, shakespeare_path):
+    start = time.perf_counter()
+    r = _run(_offline(env, tmp_path / "cache"), "train.py", CPU_CONFIG, f"--out_dir={tmp_path / 'out'}")
+    line = _one_error_line(r)
+    assert "could not download" in line and "set JAXGPT_SHAKESPEARE=/path/to/input.txt" in line
+    assert time.perf_counter() - start < 30 and not (tmp_path / "out").exists()
+    # the same run pointed at a local copy: trains from it, nothing downloaded
+    text = tiny_text(tmp_path, shakespeare_path)
+    r = _run(dict(_offline(env, tmp_path / "cache"), JAXGPT_SHAKESPEARE=str(text)), "train.py", CPU_CONFIG,
+             f"--out_dir={tmp_path / 'out'}", "--max_iters=2", "--eval_iters=1", "--n_layer=1", "--block_size=8",
+             "--batch_size=2", "--sample_tokens=0", "--config.progress=False")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"from {text}" in r.stdout and not (tmp_path / "cache" / "tinyshakespeare" / "input.txt").exists()
+
+
+@pytest.mark.slow
+def test_offline_test_suite_stops_at_once_with_one_line(env, tmp_path):
+    """The README's test command offline, without a local corpus: one line at the start, not an error per test."""
+    tests = tmp_path / "checkout" / "tests"  # no sibling shared/ folder beside this checkout
+    tests.mkdir(parents=True)
+    (tests / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tests / "test_nothing.py").write_text("def test_nothing(shakespeare_path):\n    pass\n")
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", str(tests)],
+                       env=_offline(env, tmp_path / "cache"), capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path / "checkout")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "set JAXGPT_SHAKESPEARE=/path/to/input.txt" in r.stdout + r.stderr
+    assert "passed" not in r.stdout and "error" in (r.stdout + r.stderr).lower()
+    assert time.perf_counter() - start < 60
