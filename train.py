@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import gc
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -49,15 +50,23 @@ _NANOGPT_INIT_FROM = {
 }
 
 
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
 def _close_files(path: str) -> str:
-    """' (did you mean ...?)' naming the closest .py file beside a config path that does not exist, or ''."""
-    folder = os.path.dirname(path) or "."
-    try:
-        names = [n for n in os.listdir(folder) if n.endswith(".py")]
-    except OSError:
-        return ""
-    close = difflib.get_close_matches(os.path.basename(path), names, n=1)
-    return f" (did you mean {os.path.join(os.path.dirname(path), close[0])!r}?)" if close else ""
+    """' (did you mean ...?)' naming the closest .py file beside a config path that does not exist, else the closest
+    of jaxgpt's configs/ (nanoGPT's `config/train_shakespeare_char.py` -> `configs/shakespeare_char.py`), or ''."""
+    name = os.path.basename(path)
+    for folder, wanted in ((os.path.dirname(path) or ".", name), (CONFIGS, name.removeprefix("train_"))):
+        try:
+            names = sorted(n for n in os.listdir(folder) if n.endswith(".py"))
+        except OSError:
+            continue
+        close = difflib.get_close_matches(wanted, names, n=1)
+        if close:
+            found = os.path.join(folder, close[0])
+            return f" (did you mean {os.path.relpath(found) if folder == CONFIGS else found!r}?)"
+    return ""
 
 
 def translate_argv(argv: list[str], known_flags: set[str] | frozenset[str] = frozenset()) -> list[str]:
@@ -131,8 +140,54 @@ def _fail_unknown_key(argv: list[str], e: Exception) -> None:
     _fail(f"bad config override: {e}")
 
 
+HELP_FLAGS = ("-h", "-help", "--help", "--helpshort", "--helpfull")
+
+
+def _print_help(argv: list[str]) -> None:
+    """This docstring and every config key with its default (the named config file's, else base_config's)."""
+    from jaxgpt import config as config_lib
+    from jaxgpt.config_help import describe
+
+    path = _config_path(argv) or next((a for a in argv[1:] if a.endswith(".py")), None)
+    config, source = config_lib.base_config(), "jaxgpt/config.py base_config()"
+    if path is not None:
+        try:
+            config, source = config_lib.load_config_file(path), path
+        except Exception:  # noqa: BLE001 - a broken config file: the keys still are base_config's
+            pass
+    print(f"{__doc__.strip()}\n\nusage: python train.py --config configs/<name>.py [--config.KEY=VALUE ...]\n\n"
+          f"config keys (defaults from {source}):\n{describe(config)}")
+
+
+_KINDS = {bool: "True or False", int: "a whole number", float: "a number", str: "a string"}
+_BAD_VALUE = re.compile(r"^flag --config\.([\w.]+)=(.*?): ")
+
+
+def _fail_bad_value(argv: list[str], e: Exception) -> None:
+    """Exits saying what kind of value the key takes (not Python's 'invalid literal for int()'), when it can tell."""
+    from jaxgpt import config as config_lib
+
+    found = _BAD_VALUE.match(str(e))
+    if found:
+        key, value = found.groups()
+        *parents, leaf = key.split(".")
+        try:
+            node = config_lib.load_config_file(_config_path(argv)) if _config_path(argv) else config_lib.base_config()
+            for part in parents:
+                node = node[part]
+            kind, default = _KINDS.get(node.get_type(leaf)), node[leaf]
+        except Exception:  # noqa: BLE001 - no config to ask: absl's own words below
+            kind = None
+        if kind is not None:
+            _fail(f"--config.{key}={value}: {key} takes {kind} (this config has {default!r}), not {value!r}")
+    _fail(str(e).removeprefix("flag "))
+
+
 def _parse(argv: list[str]) -> list[str]:
     """absl's flag parsing, with its tracebacks turned into one line naming the bad key or value."""
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        _print_help(argv)
+        sys.exit(0)
     try:
         argv = translate_argv(argv, set(flags.FLAGS))
     except ValueError as e:
@@ -147,7 +202,7 @@ def _parse(argv: list[str]) -> list[str]:
     except flags.Error as e:
         if "Unknown command line flag 'config." in str(e):  # a top-level key that does not exist
             _fail_unknown_key(argv, e)
-        _fail(str(e).removeprefix("flag "))
+        _fail_bad_value(argv, e)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         _fail_unknown_key(argv, e)
     except Exception as e:  # noqa: BLE001 - raised by the config file's own code (a SyntaxError, ...)

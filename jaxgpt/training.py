@@ -527,10 +527,13 @@ class _Run:
         self.log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                  + (" (best)" if improved else ""))
         if step > 0:
-            if improved:
+            # The first trained state is 'best' even when step 0's untrained loss was lower (a one-token vocabulary,
+            # a diverging run): sample.py's default then has a checkpoint to read.
+            save_best = improved or self.ckptr.latest_step("best") is None
+            if save_best:
                 self.save("best")
-            if improved or c.always_save_checkpoint:
-                self.save("latest", same_as="best" if improved else None)
+            if save_best or c.always_save_checkpoint:
+                self.save("latest", same_as="best" if save_best else None)
         if c.plot and self.main and (step > 0 or c.eval_only):  # a curve needs a second point
             self.plot()
 
