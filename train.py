@@ -13,10 +13,13 @@ import difflib
 import gc
 import os
 import re
+import signal
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from jaxgpt.run_dir import Interrupt
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
 
@@ -233,7 +236,10 @@ def main(argv: list[str]) -> None:
     if not hasattr(config, "to_dict"):  # ml_collections' placeholder for a file it could not load
         _fail(f"cannot load config file {_CONFIG_FILE!r}")
     try:
-        training.train(config)
+        training.train(config, interrupt=INTERRUPT)
+    except training.Interrupted as e:  # Ctrl-C before the first step: said in one line, not an error
+        print(str(e), file=sys.stderr)
+        sys.exit(130)
     except (ConfigError, DataError, training.TrainingError, FileNotFoundError) as e:
         _fail(str(e))
     # Nothing is left to collect: without this the interpreter's last garbage collections walk every object
@@ -241,5 +247,18 @@ def main(argv: list[str]) -> None:
     gc.freeze()
 
 
+# Ctrl-C / SIGTERM from the very start: a signal is recorded, never raised as a KeyboardInterrupt that JAX's
+# imports or a garbage-collection callback could swallow or turn into a long traceback (training.train stops on it).
+INTERRUPT = Interrupt(log=print, stopping="stopping before training starts; nothing is saved")
+
+def _quit_now(signum, frame) -> None:
+    os._exit(128 + signum)  # the run has ended: a Ctrl-C during the interpreter's teardown just ends it
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse)
+    try:
+        with INTERRUPT:
+            app.run(main, flags_parser=_parse)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _quit_now)

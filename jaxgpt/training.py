@@ -36,7 +36,18 @@ from jaxgpt import mfu as mfu_lib
 from jaxgpt import optim
 from jaxgpt import sharding as sharding_lib
 from jaxgpt.model import count_params
-from jaxgpt.run_dir import LOCK_NAME, Interrupt, RunLock, TrainingError, check_out_dir, prepare_out_dir, read_metrics
+from jaxgpt.run_dir import (
+    LOCK_NAME,
+    Interrupt,
+    Interrupted,
+    RunLock,
+    TrainingError,
+    check_out_dir,
+    prepare_out_dir,
+    quit_at_once,
+    read_metrics,
+    remove_empty_checkpoint_dirs,
+)
 from jaxgpt.train_step import (
     eval_key,
     host_batches,
@@ -48,9 +59,9 @@ from jaxgpt.train_step import (
     step_keys,
 )
 
-__all__ = ["LOCK_NAME", "RunLock", "TrainingError", "enable_compilation_cache", "eval_key", "host_batches",
-           "make_estimate_loss", "make_optimizer", "make_train_chunk", "mesh_from_config", "step_keys", "step_mfu",
-           "train"]
+__all__ = ["LOCK_NAME", "Interrupted", "RunLock", "TrainingError", "enable_compilation_cache", "eval_key",
+           "host_batches", "make_estimate_loss", "make_optimizer", "make_train_chunk", "mesh_from_config", "step_keys",
+           "step_mfu", "train"]
 
 make_optimizer = optim.make_optimizer
 
@@ -216,12 +227,15 @@ def _restore(ckptr: ckpt_lib.Checkpointer, config: ml_collections.ConfigDict, st
 # ---------------------------------------------------------------------------------------------------
 
 
-def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | None = None,
+          interrupt: Interrupt | None = None) -> dict[str, Any]:
     """Runs (or resumes) training as `config` says; returns a summary dict.
 
     Raises `ConfigError`, `DataError` or `TrainingError` with a one-line message for bad input or faults;
     nothing is created or removed until the config, the data and out_dir have been checked. The run holds
-    out_dir's `RunLock` throughout: a second run on the same out_dir refuses to start.
+    out_dir's `RunLock` throughout: a second run on the same out_dir refuses to start. Ctrl-C / SIGTERM are
+    `interrupt`'s (train.py's, entered before its imports; else one of this call's own): stopping before the
+    first step raises `Interrupted` and leaves no empty checkpoint folders and no lock.
     """
     from tqdm.auto import tqdm
 
@@ -231,8 +245,12 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
     if not main:  # one of several processes (multi-host): process 0 speaks and writes for the run
         log = lambda s: None  # noqa: E731
     with contextlib.ExitStack() as stack:
+        if interrupt is None:
+            interrupt = stack.enter_context(Interrupt())
+        interrupt.log, interrupt.stopping = log, "stopping before training starts; nothing is saved"
         error = None
         try:  # every process checks (they see the same files); process 0 holds the lock
+            _stop_if_interrupted(interrupt)
             config_lib.validate(config)
             out_dir = check_out_dir(config.out_dir, resume=config.resume, overwrite=config.overwrite)
             dataset = _load_data(config)
@@ -242,9 +260,11 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
                 raise config_lib.ConfigError(f"config key 'model.vocab_size'={config.model.vocab_size} is smaller "
                                              f"than the dataset's vocabulary ({dataset.vocab_size})")
             mesh = mesh_from_config(config)
+            _stop_if_interrupted(interrupt)  # before anything is written
             if main:
                 prepare_out_dir(out_dir, fresh=False)
-                stack.enter_context(RunLock(out_dir, take_over=config.take_over_lock, log=log))
+                lock = stack.enter_context(RunLock(out_dir, take_over=config.take_over_lock, log=log))
+                interrupt.on_quit = partial(quit_at_once, out_dir, lock)
                 # Every check has passed: only now is anything removed.
                 prepare_out_dir(out_dir, fresh=not config.resume)
         except (config_lib.ConfigError, data_lib.DataError, TrainingError) as e:
@@ -260,11 +280,23 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
         log(f"data: {len(dataset.train):,} train / {len(dataset.val):,} val tokens from {dataset.source}")
         if config.matmul_precision:
             stack.enter_context(jax.default_matmul_precision(config.matmul_precision))
-        return _train(config, out_dir, dataset, init_model, mesh, log)
+        try:
+            return _train(config, out_dir, dataset, init_model, mesh, log, interrupt)
+        except Interrupted:
+            if main:
+                remove_empty_checkpoint_dirs(out_dir)
+            raise
+
+
+def _stop_if_interrupted(interrupt: Interrupt) -> None:
+    if interrupt.signum is not None:
+        raise Interrupted(f"interrupted ({signal.Signals(interrupt.signum).name}) before training started: nothing "
+                          "was written")
 
 
 def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: data_lib.Dataset,
-           init_model: nnx.Module | None, mesh: Mesh, log: Callable[[str], None]) -> dict[str, Any]:
+           init_model: nnx.Module | None, mesh: Mesh, log: Callable[[str], None],
+           interrupt: Interrupt) -> dict[str, Any]:
     """`train` itself, run while holding out_dir's lock."""
     from tqdm.auto import tqdm
 
@@ -318,7 +350,8 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
                     "tokens_per_s": 0.0}
         bar = tqdm(total=config.max_iters, initial=s["step"], disable=not (config.progress and main),
                    dynamic_ncols=True, file=sys.stderr, desc="train")
-        with Interrupt(log=log, call_seconds=run.call_seconds) as interrupt, contextlib.closing(bar):
+        interrupt.call_seconds = run.call_seconds
+        with contextlib.closing(bar):
             interrupted = run.loop(bar, interrupt)
         # While loss.png is drawn and the checkpoints are written, in threads.
         sample = run.final_sample() if interrupted is None else None
@@ -413,17 +446,18 @@ class _Run:
         # On the device every chunk length shares one compiled program: a short first call shows progress early.
         first_call = FIRST_CALL_STEPS if self.on_device else None
         chunks = chunk_boundaries(start, c.max_iters, c.eval_interval, c.steps_per_call, first_call)
-        if chunks:  # the training step compiles while the first evaluation compiles and runs
+        if chunks and interrupt.signum is None:  # the training step compiles while the first evaluation runs
             self.log(f"compiling the training step (up to {c.steps_per_call} steps per call) ...")
             self.train_chunk.prepare(s["params"], s["opt_state"], self.batches(*chunks[0]), s["key"],
                                      jnp.int32(start), n_steps=chunks[0][1] - start)
-        if chunks:
+        if chunks and interrupt.signum is None:
             self.prepare_ahead()  # the run's end compiles beside the step and the first evaluation
-        if s["step"] % c.eval_interval == 0 and not self.metrics.evaluated(s["step"]):
+        if s["step"] % c.eval_interval == 0 and not self.metrics.evaluated(s["step"]) and interrupt.signum is None:
             self.evaluate()
         for k, (a, b) in enumerate(chunks):
             if interrupt.signum is not None:
                 break
+            interrupt.stopping = None  # from this call on, a stop saves the state it reached
             upcoming = chunks[k + 1] if k + 1 < len(chunks) and b % c.eval_interval else None
             self.train(a, b, first=a == start, upcoming=upcoming)
             bar.update(b - a)
@@ -431,6 +465,11 @@ class _Run:
             if s["step"] % c.eval_interval == 0 or s["step"] == c.max_iters:
                 self.evaluate()
         signum = interrupt.signum
+        if signum is not None and s["step"] == start:  # nothing trained: the checkpoints on disk are all there is
+            last = self.ckptr.latest_step("latest")
+            kept = "there is no checkpoint yet" if last is None else f"the checkpoint of step {last} is kept"
+            raise Interrupted(f"interrupted ({signal.Signals(signum).name}) before the first training step: nothing "
+                              f"to save; {kept}")
         self.save("latest")  # at the end, or on Ctrl-C / SIGTERM: between calls, so the state is whole
         if signum is not None:
             self.log(f"interrupted ({signal.Signals(signum).name}) at step {s['step']}: checkpoint saved in "

@@ -128,3 +128,58 @@ def test_ctrl_c_answers_at_once_and_a_second_quits_within_a_second_keeping_the_c
     assert "quitting now without saving" in stderr
     assert "Traceback" not in stderr and "Fatal Python error" not in stderr and "Segmentation" not in stderr
     assert checkpoint.load_model(out, "latest")[2]["step"] == 8
+
+
+def _start(env, tmp_path, text, *extra):
+    """train.py on `text` with stdout in a file (read while it runs); returns (process, stdout path, out_dir)."""
+    out, log = tmp_path / "out", tmp_path / "stdout.txt"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "shakespeare_char_cpu.py"),
+           *TINY, f"--config.data.path={text}", f"--config.out_dir={out}", "--config.max_iters=1000000",
+           "--config.lr_decay_iters=1000000", "--config.eval_interval=1000000", *extra]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    return proc, log, out
+
+
+def _wait_for(log, marker: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and marker not in log.read_text():
+        time.sleep(0.05)
+    assert marker in log.read_text(), log.read_text()[-2000:]
+
+
+@pytest.mark.parametrize("moment", ["importing", "after the data", "compiling"])
+def test_ctrl_c_before_the_first_step_stops_in_one_line_leaving_nothing(env, tmp_path, shakespeare_path, moment):
+    """At any moment before the first step: never swallowed, no traceback, exit 130 with one line, no `done:`, no
+    lock and no empty checkpoint folders."""
+    proc, log, out = _start(env, tmp_path, tiny_text(tmp_path, shakespeare_path))
+    try:
+        if moment == "importing":
+            time.sleep(1.0)
+        else:
+            _wait_for(log, "data:" if moment == "after the data" else "compiling the training step")
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted (SIGINT) before "), stderr[-2000:]
+    assert "nothing" in lines[0] and "done:" not in log.read_text()
+    assert not (out / "jaxgpt.lock").exists() and not (out / "checkpoints").exists()
+
+
+def test_a_second_ctrl_c_before_any_checkpoint_says_there_is_none_and_leaves_no_lock(env, tmp_path, shakespeare_path):
+    proc, log, out = _start(env, tmp_path, tiny_text(tmp_path, shakespeare_path))
+    try:
+        _wait_for(log, "compiling the training step")
+        proc.send_signal(signal.SIGINT)
+        _wait_for(log, "SIGINT: stopping before", timeout=5)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "quitting now without saving; there is no checkpoint yet" in stderr and "Traceback" not in stderr
+    assert "the last checkpoint is kept" not in stderr
+    assert not (out / "jaxgpt.lock").exists() and not (out / "checkpoints").exists()
