@@ -22,6 +22,8 @@ import logging
 import os
 import pathlib
 import shutil
+import threading
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -201,6 +203,7 @@ class Checkpointer:
                 write_manifest(self.step_dir(which, step))
             sharding_lib.sync_processes(f"jaxgpt: manifest {which} {step}")
         except Exception as e:  # noqa: BLE001 - any failed write (OSError, tensorstore's errors) is the same fault
+            _join_orbax_threads()
             self._remove_partial(which, step)
             raise self._save_failed(which, step, e) from e
         self._verified.add((which, step))
@@ -264,8 +267,8 @@ class Checkpointer:
             self.managers[which].delete(s)
 
     def _remove_partial(self, which: str, step: int) -> None:
-        """Best effort after a failed save: a committed step without its manifest goes. (Orbax's temp dir may
-        still be in use by its writer threads; it is never read, and the next Checkpointer removes it.)"""
+        """Best effort after a failed save, once Orbax's writer threads are done: a committed step without its
+        manifest goes, and so does Orbax's temp dir (never read; else the next Checkpointer removes it)."""
         manager = self.managers[which]
         if jax.process_index() != 0:
             return
@@ -273,6 +276,8 @@ class Checkpointer:
             manager.reload()
             if step in manager.all_steps():
                 manager.delete(step)
+        for tmp in checkpoint_dir(self.out_dir, which).glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _step_or_newest(self, which: str, step: int | None) -> int:
         step = self.latest_step(which) if step is None else step
@@ -350,6 +355,17 @@ class Checkpointer:
     def close(self) -> None:
         for manager in self.managers.values():
             manager.close()
+
+
+def _join_orbax_threads(timeout: float = 60.0) -> None:
+    """Waits for the threads a failed Orbax save left running (each waits for the other items of the step to be
+    written). Left alone, they outlive the run and at its exit each prints a traceback around the one error line."""
+    from orbax.checkpoint._src.futures import future  # private: Orbax has no public way to wait for them
+
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if isinstance(thread, getattr(future, "_SignalingThread", ())) and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def load_model(out_dir: str | os.PathLike, which: str = "best") -> tuple[nnx.Module, Tokenizer | None, dict]:

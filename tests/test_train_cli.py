@@ -183,3 +183,49 @@ def test_a_second_ctrl_c_before_any_checkpoint_says_there_is_none_and_leaves_no_
     assert "quitting now without saving; there is no checkpoint yet" in stderr and "Traceback" not in stderr
     assert "the last checkpoint is kept" not in stderr
     assert not (out / "jaxgpt.lock").exists() and not (out / "checkpoints").exists()
+
+
+FULL_DISK_CONFIG = '''"""The CPU config, with a disk that fills up while the step-{step} checkpoint is written."""
+import errno
+import os
+import runpy
+
+from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+_real = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+
+def _save_fn(self, x, directory):
+    if isinstance(x, dict) and x.get("step", 0) >= {step}:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return _real(self, x, directory)
+
+
+json_checkpoint_handler.JsonCheckpointHandler._save_fn = _save_fn
+
+
+def get_config():
+    return runpy.run_path({cpu!r})["get_config"]()
+'''
+
+
+def test_a_full_disk_is_one_error_line_and_keeps_the_previous_checkpoint(env, tmp_path, shakespeare_path):
+    """The disk fills while step 4 is saved: one `error:` line (no Orbax thread tracebacks), exit 2, step 2's
+    checkpoint whole, no temp dir or lock left; with space again the run resumes from step 2."""
+    text = tiny_text(tmp_path, shakespeare_path)
+    config = tmp_path / "full_disk.py"
+    config.write_text(FULL_DISK_CONFIG.format(step=4, cpu=str(ROOT / "configs" / "shakespeare_char_cpu.py")))
+    out = tmp_path / "out"
+    common = [*TINY, f"--config.data.path={text}", f"--config.out_dir={out}", "--config.max_iters=4",
+              "--config.eval_interval=2", "--config.steps_per_call=2", "--config.sample_tokens=0"]
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(config), *common]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not save"), r.stderr[-3000:]
+    assert "No space left on device" in lines[0] and "(step 2) is kept" in lines[0]
+    assert checkpoint.load_model(out, "latest")[2]["step"] == 2
+    assert not list((out / "checkpoints").glob("*/*tmp*")) and not (out / "jaxgpt.lock").exists()
+    r = _train(env, *common, "--config.resume=True")
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-2000:]
+    assert checkpoint.load_model(out, "latest")[2]["step"] == 4
