@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description="Sample from a trained jaxgpt model.")
     p.add_argument("--out_dir", default=None, help="directory holding the checkpoint (as train.py wrote it); "
                    "default: --config's out_dir, else 'out'")
-    p.add_argument("--config", default=None, help="the training config file (configs/*.py): sample its out_dir")
+    p.add_argument("--config", default=None, help="the training config file (configs/*.py): sample its out_dir "
+                   "(a config file is Python and runs as code: trust it as you would trust a script)")
     p.add_argument("--which", default=None, choices=("best", "latest"), help="which checkpoint to load "
                    "(default: best, else latest when the run has no usable best one)")
     p.add_argument("--init_from", default="", help="sample another model instead of --out_dir's: 'nanogpt:PATH' "

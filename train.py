@@ -4,7 +4,7 @@ A thin command line over `jaxgpt.training.train`: the config file and its overri
 ml_collections' config flags; every bad key, value, dataset or out_dir ends in one `error:` line and
 exit status 2. nanoGPT's habits work too: `python train.py configs/x.py --max_iters=300` (a positional config
 file, `--key=value` for a config key); nanoGPT options with no jaxgpt counterpart are refused with the jaxgpt way
-of doing the same thing.
+of doing the same thing. A config file is Python and runs as code: trust it as you would trust a script.
 """
 
 from __future__ import annotations
