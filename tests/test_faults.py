@@ -539,3 +539,33 @@ def test_skip_nonfinite_with_every_step_skipped_is_an_error(tmp_path, text, monk
     with pytest.raises(training.TrainingError, match=r"all 4 steps of this run were skipped as non-finite"):
         training.train(_config(text, out, max_iters=4, skip_nonfinite=True, **{"model.name": "bigram"}))
     assert ckpt_lib.Checkpointer(out, read_only=True).latest_step() == 4
+
+
+@pytest.mark.slow  # sample.py in a subprocess
+def test_best_and_latest_share_no_file_and_sampling_falls_back_from_a_corrupt_best(tmp_path, text):
+    """The state of step 4 is both 'best' and 'latest': a byte flipped in place in best/4 leaves latest/4 whole,
+    and sample.py's default (best) falls back to latest/4 with a one-line note; --which=best is one error line."""
+    import sample
+
+    out = tmp_path / "run"
+    training.train(_config(text, out, max_iters=4, eval_interval=4))
+    best, latest = out / "checkpoints" / "best" / "4", out / "checkpoints" / "latest" / "4"
+    for f in (p for p in best.rglob("*") if p.is_file()):
+        other = latest / f.relative_to(best)
+        assert f.read_bytes() == other.read_bytes() and not os.path.samefile(f, other)
+    with open(_biggest_file(best), "r+b") as f:  # in place: the same inode
+        f.seek(10)
+        byte = f.read(1)
+        f.seek(10)
+        f.write(bytes([byte[0] ^ 1]))
+    ckpt_lib.verify(latest)
+    cmd = [sys.executable, str(ROOT / "sample.py"), f"--out_dir={out}", "--start=a", "--num_samples=1",
+           "--max_new_tokens=3"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("a"), r.stderr[-2000:]
+    note = [line for line in r.stderr.splitlines() if "sample.py" in line]
+    assert len(note) == 1 and "best/4" in note[0] and "sampled the latest checkpoint instead" in note[0], r.stderr
+    err = io.StringIO()
+    assert sample.main([f"--out_dir={out}", "--which=best", "--start=a"], out=io.StringIO(), err=err) == 2
+    assert err.getvalue().count("\n") == 1 and "best/4 is corrupt" in err.getvalue()
