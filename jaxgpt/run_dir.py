@@ -49,6 +49,12 @@ def check_out_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool) 
     if not existing.is_dir():
         raise TrainingError(f"out_dir {out_dir} is not writable ({existing} is a file): choose another "
                             "--config.out_dir")
+    for folder in out_dir.parents:  # another run's checkpoints are moved aside and pruned by that run
+        run = folder.parent
+        if folder.name == "checkpoints" and (any(has_checkpoint(run, w) for w in CHECKPOINT_KINDS)
+                                             or (run / LOCK_NAME).exists()):
+            raise TrainingError(f"out_dir {out_dir} is inside the checkpoints of the run in {run}, which would "
+                                f"prune it or move it aside: choose a --config.out_dir outside {folder}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise TrainingError(f"out_dir {out_dir} is not writable (permission denied on {existing}): choose another "
                             "--config.out_dir")

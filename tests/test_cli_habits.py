@@ -216,3 +216,20 @@ def test_a_one_character_vocabulary_trains_and_samples_by_default(env, tmp_path)
     assert checkpoint.load_model(out, "best")[2]["step"] == 2
     r = _run(env, "sample.py", f"--out_dir={out}", "--start=a", "--num_samples=1", "--max_new_tokens=3")
     assert r.returncode == 0 and r.stdout.startswith("aaaa"), r.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("inside", ["checkpoints/latest/300/inner", "checkpoints/best", "checkpoints/new"])
+def test_an_out_dir_inside_another_runs_checkpoints_is_refused(env, tmp_path, inside):
+    outer = tmp_path / "outer"
+    (outer / "checkpoints" / "latest" / "300").mkdir(parents=True)  # a run's step, as has_checkpoint sees one
+    out = outer / inside
+    existed = out.exists()
+    line = _one_error_line(_run(env, "train.py", CPU_CONFIG, f"--out_dir={out}"))
+    assert f"is inside the checkpoints of the run in {outer}" in line and "outside" in line
+    assert out.exists() == existed and sorted(p.name for p in (outer / "checkpoints").iterdir()) == ["latest"]
+    # a run's own sub-folder that is not among its checkpoints, or a folder merely named checkpoints, is fine
+    from jaxgpt.run_dir import check_out_dir
+
+    check_out_dir(outer / "elsewhere", resume=False, overwrite=False)
+    check_out_dir(tmp_path / "checkpoints" / "run1", resume=False, overwrite=False)
