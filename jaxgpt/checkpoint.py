@@ -380,6 +380,32 @@ def _join_orbax_threads(timeout: float = 60.0) -> None:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
+READ_ATTEMPTS = 5  # load_model's reads of a checkpoint folder that a training run keeps changing
+
+
+def _step_names(ckpt_dir: pathlib.Path) -> list[str]:
+    with contextlib.suppress(OSError):
+        return sorted(p.name for p in ckpt_dir.iterdir())
+    return []
+
+
+def _read_newest(ckptr: Checkpointer, which: str) -> tuple[nnx.GraphDef, Any, dict, int]:
+    """(graphdef, params on one device, meta, step) of the newest whole `which` step."""
+    if not ckptr.steps(which):
+        raise FileNotFoundError(f"no {which} checkpoint in {checkpoint_dir(ckptr.out_dir, which)}")
+    warn = lambda m: warnings.warn(m, RuntimeWarning, stacklevel=4)  # noqa: E731
+    _, step = ckptr.find_usable(warn=warn, kinds=(which,))
+    meta = ckptr.restore_meta(which, step)
+    config = config_lib.from_dict(meta["config"])
+    graphdef, abstract_params = nnx.split(config_lib.model_shape(config, meta["vocab_size"]))
+    # Onto one device, whatever mesh the run was trained on (Orbax would otherwise use the saved shardings).
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
+                                   abstract_params)
+    restored = ckptr._restore(which, step, ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+    return graphdef, restored["params"], meta, step
+
+
 def load_model(out_dir: str | os.PathLike, which: str = "best") -> tuple[nnx.Module, Tokenizer | None, dict]:
     """The trained model of a run, its tokenizer and a summary.
 
@@ -392,27 +418,20 @@ def load_model(out_dir: str | os.PathLike, which: str = "best") -> tuple[nnx.Mod
     ckpt_dir = checkpoint_dir(out_dir, which)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"no {which} checkpoint in {ckpt_dir}")
-    ckptr = Checkpointer(out_dir, read_only=True)
-    try:
-        steps = ckptr.steps(which)
-        if not steps:
-            raise FileNotFoundError(f"no {which} checkpoint in {ckpt_dir}")
-        warn = lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)  # noqa: E731
-        _, step = ckptr.find_usable(warn=warn, kinds=(which,))
-        meta = ckptr.restore_meta(which, step)
-        config = config_lib.from_dict(meta["config"])
-        model = config_lib.model_shape(config, meta["vocab_size"])
-        graphdef, abstract_params = nnx.split(model)
-        # Onto one device, whatever mesh the run was trained on (Orbax would otherwise use the saved shardings).
-        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
-                                       abstract_params)
-        restored = ckptr._restore(
-            which, step, ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-        )
-    finally:
-        ckptr.close()
-    model = nnx.merge(graphdef, restored["params"])
+    for attempt in range(READ_ATTEMPTS):
+        on_disk, ckptr = _step_names(ckpt_dir), None
+        try:
+            ckptr = Checkpointer(out_dir, read_only=True)  # lists the steps: one may go while it looks
+            graphdef, params, meta, step = _read_newest(ckptr, which)
+            break
+        except (CheckpointError, OSError):
+            # A run training in out_dir pruned or replaced the step while it was read: read the newest again.
+            if attempt + 1 == READ_ATTEMPTS or _step_names(ckpt_dir) == on_disk:
+                raise
+        finally:
+            if ckptr is not None:
+                ckptr.close()
+    model = nnx.merge(graphdef, params)
     tokenizer = tokenizer_from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
     info = {
         "step": int(meta["step"]),

@@ -569,3 +569,60 @@ def test_best_and_latest_share_no_file_and_sampling_falls_back_from_a_corrupt_be
     err = io.StringIO()
     assert sample.main([f"--out_dir={out}", "--which=best", "--start=a"], out=io.StringIO(), err=err) == 2
     assert err.getvalue().count("\n") == 1 and "best/4 is corrupt" in err.getvalue()
+
+
+def test_load_model_rereads_when_the_trainer_prunes_the_step_it_is_reading(run6, tmp_path, monkeypatch, capfd):
+    """Reading while a run trains: the step being read is pruned midway (here latest/6, as the trainer's clean-up
+    would): load_model reads the newest whole step again instead of failing with Orbax's 'Item not found'."""
+    out = _copy(run6, tmp_path)
+    real, pruned = ckpt_lib.Checkpointer._restore, []
+
+    def restore_while_pruned(self, which, step, args):
+        if not pruned:
+            pruned.append(step)
+            shutil.rmtree(self.step_dir(which, step))
+        return real(self, which, step, args)
+
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "_restore", restore_while_pruned)
+    _, _, info = ckpt_lib.load_model(out, "latest")
+    assert pruned == [6] and info["step"] == 4
+    assert "Traceback" not in capfd.readouterr().err
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "_restore", real)
+    (out / "checkpoints" / "latest" / "4" / ckpt_lib.MANIFEST).unlink()  # damaged, nothing changing: no retry
+    with pytest.raises(ckpt_lib.CheckpointError, match="no usable checkpoint"):
+        ckpt_lib.load_model(out, "latest")
+
+
+@pytest.mark.slow  # train.py in a subprocess
+def test_load_model_while_train_py_saves_and_prunes_never_fails(tmp_path, text):
+    """train.py checkpoints every 2 steps and prunes behind itself; meanwhile load_model reads the newest step over
+    and over for 20 s: every read succeeds (each one a whole step), none fails on a step pruned mid-read."""
+    import warnings
+
+    from jaxgpt.run_dir import has_checkpoint
+
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", JAXGPT_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, str(ROOT / "train.py"), str(ROOT / "configs" / "shakespeare_char_cpu.py"), "--n_layer=1",
+           "--n_embd=16", "--n_head=2", "--block_size=8", "--batch_size=4", "--eval_iters=1", f"--out_dir={out}",
+           f"--config.data.path={text}", "--max_iters=1000000", "--lr_decay_iters=1000000", "--eval_interval=2",
+           "--steps_per_call=2", "--progress=False", "--plot=False", "--sample_tokens=0"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    steps, failures = [], []
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not has_checkpoint(out, "latest"):
+            time.sleep(0.2)
+        start = time.time()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a newest step still being written is passed over with a warning
+            while time.time() - start < 20 and proc.poll() is None:
+                try:
+                    steps.append(ckpt_lib.load_model(out, "latest")[2]["step"])
+                except Exception as e:  # noqa: BLE001 - every failure is reported below
+                    failures.append(f"{type(e).__name__}: {e}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert not failures, failures[:3]
+    assert len(steps) > 10 and steps[-1] > steps[0]  # the reads did race the trainer's saves and prunes
