@@ -16,10 +16,17 @@ import re
 import signal
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from jaxgpt.run_dir import Interrupt  # the standard library only: quick to import
 
-from jaxgpt.run_dir import Interrupt
+# Ctrl-C / SIGTERM from the very start: a signal is recorded, never raised as a KeyboardInterrupt that the imports
+# below (JAX's among them) or a garbage-collection callback could swallow or turn into a long traceback;
+# training.train stops on it.
+INTERRUPT = Interrupt(log=print, stopping="stopping before training starts; nothing is saved")
+if __name__ == "__main__":
+    INTERRUPT.__enter__()  # left in __main__ below, once app.run is done
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
 
@@ -247,18 +254,14 @@ def main(argv: list[str]) -> None:
     gc.freeze()
 
 
-# Ctrl-C / SIGTERM from the very start: a signal is recorded, never raised as a KeyboardInterrupt that JAX's
-# imports or a garbage-collection callback could swallow or turn into a long traceback (training.train stops on it).
-INTERRUPT = Interrupt(log=print, stopping="stopping before training starts; nothing is saved")
-
 def _quit_now(signum, frame) -> None:
     os._exit(128 + signum)  # the run has ended: a Ctrl-C during the interpreter's teardown just ends it
 
 
 if __name__ == "__main__":
     try:
-        with INTERRUPT:
-            app.run(main, flags_parser=_parse)
+        app.run(main, flags_parser=_parse)
     finally:
+        INTERRUPT.__exit__(None, None, None)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _quit_now)

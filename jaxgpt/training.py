@@ -356,6 +356,7 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
         # While loss.png is drawn and the checkpoints are written, in threads.
         sample = run.final_sample() if interrupted is None else None
     finally:
+        interrupt.call_seconds = lambda: None  # train.py's interrupt outlives the run: it keeps no reference to it
         run.wait_for_background()
         ckptr.close()
     if s["step"] > first_step and s["skipped"] - skipped_before == s["step"] - first_step:
