@@ -229,3 +229,45 @@ def test_a_full_disk_is_one_error_line_and_keeps_the_previous_checkpoint(env, tm
     r = _train(env, *common, "--config.resume=True")
     assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-2000:]
     assert checkpoint.load_model(out, "latest")[2]["step"] == 4
+
+
+NAN_GRADIENTS_CONFIG = '''"""The CPU config with skip_nonfinite, and a NaN gradient at every training step."""
+import runpy
+
+import jax
+import jax.numpy as jnp
+
+from jaxgpt import train_step
+
+_real = train_step._loss
+
+
+def _loss(graphdef, params, x, y, key, use_dropout):
+    value = _real(graphdef, params, x, y, key, use_dropout)
+    if key is None:  # evaluation: left alone
+        return value
+    return value + 0.0 * jnp.sqrt(0.0 * jax.tree.leaves(params)[0].sum())  # d/ds sqrt(s) at 0: NaN
+
+
+train_step._loss = _loss
+
+
+def get_config():
+    c = runpy.run_path({cpu!r})["get_config"]()
+    c.skip_nonfinite = True
+    return c
+'''
+
+
+def test_every_step_skipped_as_non_finite_is_an_error_not_done(env, tmp_path, shakespeare_path):
+    config = tmp_path / "nan_gradients.py"
+    config.write_text(NAN_GRADIENTS_CONFIG.format(cpu=str(ROOT / "configs" / "shakespeare_char_cpu.py")))
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(config), *TINY,
+           f"--config.data.path={tiny_text(tmp_path, shakespeare_path)}", f"--config.out_dir={out}",
+           "--config.max_iters=4", "--config.eval_interval=4", "--config.model.name=bigram", "--config.sample_tokens=0"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: all 4 steps of this run were skipped as non-finite")
+    assert "done:" not in r.stdout and checkpoint.load_model(out, "latest")[2]["step"] == 4  # the state is kept
