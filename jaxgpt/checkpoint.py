@@ -45,8 +45,10 @@ _LINKING = ".jaxgpt-linking"  # a step being linked from the other manager: ".<s
 
 
 # What Orbax says each time a manager opens read-only (as load_model's do, on purpose): nothing to act on, and
-# "read only" reads as if the directory were not writable.
-_READ_ONLY_NOTES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+# "read only" reads as if the directory were not writable. Nor is a step still being written (by a run training
+# while load_model reads, or one interrupted mid-save) that has no metadata file yet.
+_READ_ONLY_NOTES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only",
+                    "Metadata file does not exist")
 
 
 class _DropReadOnlyNotes(logging.Filter):
