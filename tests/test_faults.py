@@ -594,9 +594,10 @@ def test_load_model_rereads_when_the_trainer_prunes_the_step_it_is_reading(run6,
 
 
 @pytest.mark.slow  # train.py in a subprocess
-def test_load_model_while_train_py_saves_and_prunes_never_fails(tmp_path, text):
+def test_load_model_while_train_py_saves_and_prunes_never_fails(tmp_path, text, capfd):
     """train.py checkpoints every 2 steps and prunes behind itself; meanwhile load_model reads the newest step over
-    and over for 20 s: every read succeeds (each one a whole step), none fails on a step pruned mid-read."""
+    and over for 20 s: every read succeeds (each one a whole step), none fails on a step pruned mid-read, and the
+    reader prints no traceback or Orbax note."""
     import warnings
 
     from jaxgpt.run_dir import has_checkpoint
@@ -626,3 +627,5 @@ def test_load_model_while_train_py_saves_and_prunes_never_fails(tmp_path, text):
         proc.wait(timeout=60)
     assert not failures, failures[:3]
     assert len(steps) > 10 and steps[-1] > steps[0]  # the reads did race the trainer's saves and prunes
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Event loop is closed" not in err and "Metadata file" not in err, err[-2000:]
