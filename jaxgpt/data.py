@@ -147,7 +147,7 @@ def check_meta(meta: object, path: str | os.PathLike) -> dict:
             raise bad("itos's values are not distinct single characters")
         stoi = meta.get("stoi")
         if stoi is not None and (not isinstance(stoi, dict) or len(stoi) != len(itos)
-                                 or any(not isinstance(c, str) or itos.get(i) != c for c, i in stoi.items())):
+                                 or any(type(i) is not int or itos.get(i) != c for c, i in stoi.items())):
             raise bad("stoi is not the inverse of itos")
     tokenizer = meta.get("tokenizer")
     if tokenizer is not None:

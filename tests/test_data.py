@@ -93,6 +93,8 @@ HOSTILE_META = {
     "itos long strings": ({**GOOD_META, "itos": {i: c * 2 for i, c in enumerate(CHARS)}}, "itos's values"),
     "itos repeated": ({**GOOD_META, "itos": dict.fromkeys(range(5), "a")}, "itos's values"),
     "stoi not inverse": ({**GOOD_META, "stoi": {"a": 1}}, "stoi is not the inverse of itos"),
+    "stoi of lists": ({**GOOD_META, "stoi": {c: [i] for i, c in enumerate(CHARS)}}, "stoi is not the inverse"),
+    "stoi a list": ({**GOOD_META, "stoi": list(CHARS)}, "stoi is not the inverse"),
     "tokenizer an int": ({**GOOD_META, "tokenizer": 3}, "tokenizer is not a tokenizer's to_dict()"),
     "tokenizer unknown type": ({"tokenizer": {"type": "exec", "chars": "ab"}}, "tokenizer is not"),
     "tokenizer chars a list": ({"tokenizer": {"type": "char", "chars": [1, 2]}}, "tokenizer is not"),
