@@ -430,3 +430,27 @@ def test_cli_refuses_a_crafted_gpt2_folder_in_one_line(tmp_path, script, shakesp
     line = _one_line(r.stderr.strip())
     assert "error: " in line and refused in line and "weights_only=False" not in line and "Traceback" not in line
     assert not sentinel.exists() and not (tmp_path / "out").exists()
+
+
+_meta_values = _plain | st.sampled_from(["O", "uint16", "float64", "V8", "(1000000000,)u2", "char", "hf"]) \
+    | st.integers(-(10**12), 10**12) | st.dictionaries(st.integers(-2, 6), st.text(max_size=2), max_size=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(meta=st.dictionaries(st.sampled_from(["dtype", "vocab_size", "itos", "stoi", "tokenizer", "other"]),
+                            _meta_values, max_size=5)
+       | st.builds(lambda t: {"tokenizer": t}, st.dictionaries(st.sampled_from(["type", "chars", "json", "name"]),
+                                                               _meta_values, max_size=3)))
+def test_any_plain_meta_either_loads_or_is_one_data_error(tmp_path_factory, meta):
+    """Whatever plain values a meta.pkl holds: the folder loads, or one DataError line says what is wrong; never
+    another exception, a crash or an allocation its values ask for."""
+    folder = tmp_path_factory.mktemp("meta")
+    _data_dir(folder)
+    with open(folder / "meta.pkl", "wb") as f:
+        pickle.dump(meta, f)
+    try:
+        ds = load_dataset(folder)
+    except DataError as e:
+        assert "\n" not in str(e) and str(folder) in str(e)
+    else:
+        assert ds.vocab_size >= 5  # the folder's ids (< 5) are all in its vocabulary
