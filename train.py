@@ -16,7 +16,7 @@ import re
 import signal
 import sys
 
-from jaxgpt.run_dir import Interrupt  # the standard library only: quick to import
+from jaxgpt.run_dir import Interrupt, Interrupted  # the standard library only: quick to import
 
 # Ctrl-C / SIGTERM from the very start: a signal is recorded, never raised as a KeyboardInterrupt that the imports
 # below (JAX's among them) or a garbage-collection callback could swallow or turn into a long traceback;
@@ -244,7 +244,7 @@ def main(argv: list[str]) -> None:
         _fail(f"cannot load config file {_CONFIG_FILE!r}")
     try:
         training.train(config, interrupt=INTERRUPT)
-    except training.Interrupted as e:  # Ctrl-C before the first step: said in one line, not an error
+    except Interrupted as e:  # Ctrl-C before the first step: said in one line, not an error
         print(str(e), file=sys.stderr)
         sys.exit(130)
     except (ConfigError, DataError, training.TrainingError, FileNotFoundError) as e:

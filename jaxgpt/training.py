@@ -34,20 +34,10 @@ from jaxgpt import config as config_lib
 from jaxgpt import data as data_lib
 from jaxgpt import mfu as mfu_lib
 from jaxgpt import optim
+from jaxgpt import run_dir as run_dir_lib
 from jaxgpt import sharding as sharding_lib
 from jaxgpt.model import count_params
-from jaxgpt.run_dir import (
-    LOCK_NAME,
-    Interrupt,
-    Interrupted,
-    RunLock,
-    TrainingError,
-    check_out_dir,
-    prepare_out_dir,
-    quit_at_once,
-    read_metrics,
-    remove_empty_checkpoint_dirs,
-)
+from jaxgpt.run_dir import LOCK_NAME, Interrupt, RunLock, TrainingError, check_out_dir, prepare_out_dir, read_metrics
 from jaxgpt.train_step import (
     eval_key,
     host_batches,
@@ -59,9 +49,9 @@ from jaxgpt.train_step import (
     step_keys,
 )
 
-__all__ = ["LOCK_NAME", "Interrupted", "RunLock", "TrainingError", "enable_compilation_cache", "eval_key",
-           "host_batches", "make_estimate_loss", "make_optimizer", "make_train_chunk", "mesh_from_config", "step_keys",
-           "step_mfu", "train"]
+__all__ = ["LOCK_NAME", "RunLock", "TrainingError", "enable_compilation_cache", "eval_key", "host_batches",
+           "make_estimate_loss", "make_optimizer", "make_train_chunk", "mesh_from_config", "step_keys", "step_mfu",
+           "train"]
 
 make_optimizer = optim.make_optimizer
 
@@ -235,7 +225,7 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
     nothing is created or removed until the config, the data and out_dir have been checked. The run holds
     out_dir's `RunLock` throughout: a second run on the same out_dir refuses to start. Ctrl-C / SIGTERM are
     `interrupt`'s (train.py's, entered before its imports; else one of this call's own): stopping before the
-    first step raises `Interrupted` and leaves no empty checkpoint folders and no lock.
+    first step raises `run_dir.Interrupted` and leaves no empty checkpoint folders and no lock.
     """
     from tqdm.auto import tqdm
 
@@ -264,7 +254,7 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
             if main:
                 prepare_out_dir(out_dir, fresh=False)
                 lock = stack.enter_context(RunLock(out_dir, take_over=config.take_over_lock, log=log))
-                interrupt.on_quit = partial(quit_at_once, out_dir, lock)
+                interrupt.on_quit = partial(run_dir_lib.quit_at_once, out_dir, lock)
                 # Every check has passed: only now is anything removed.
                 prepare_out_dir(out_dir, fresh=not config.resume)
         except (config_lib.ConfigError, data_lib.DataError, TrainingError) as e:
@@ -282,16 +272,16 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
             stack.enter_context(jax.default_matmul_precision(config.matmul_precision))
         try:
             return _train(config, out_dir, dataset, init_model, mesh, log, interrupt)
-        except Interrupted:
+        except run_dir_lib.Interrupted:
             if main:
-                remove_empty_checkpoint_dirs(out_dir)
+                run_dir_lib.remove_empty_checkpoint_dirs(out_dir)
             raise
 
 
 def _stop_if_interrupted(interrupt: Interrupt) -> None:
     if interrupt.signum is not None:
-        raise Interrupted(f"interrupted ({signal.Signals(interrupt.signum).name}) before training started: nothing "
-                          "was written")
+        raise run_dir_lib.Interrupted(f"interrupted ({signal.Signals(interrupt.signum).name}) before training "
+                                      "started: nothing was written")
 
 
 def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: data_lib.Dataset,
@@ -469,8 +459,8 @@ class _Run:
         if signum is not None and s["step"] == start:  # nothing trained: the checkpoints on disk are all there is
             last = self.ckptr.latest_step("latest")
             kept = "there is no checkpoint yet" if last is None else f"the checkpoint of step {last} is kept"
-            raise Interrupted(f"interrupted ({signal.Signals(signum).name}) before the first training step: nothing "
-                              f"to save; {kept}")
+            raise run_dir_lib.Interrupted(f"interrupted ({signal.Signals(signum).name}) before the first training "
+                                          f"step: nothing to save; {kept}")
         self.save("latest")  # at the end, or on Ctrl-C / SIGTERM: between calls, so the state is whole
         if signum is not None:
             self.log(f"interrupted ({signal.Signals(signum).name}) at step {s['step']}: checkpoint saved in "
