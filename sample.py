@@ -33,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description="Sample from a trained jaxgpt model.")
     p.add_argument("--out_dir", default=None, help="directory holding the checkpoint (as train.py wrote it); "
                    "default: --config's out_dir, else 'out'")
-    p.add_argument("--config", default=None, help="the training config file (configs/*.py): sample its out_dir")
-    p.add_argument("--which", default="best", choices=("best", "latest"), help="which checkpoint to load")
+    p.add_argument("--config", default=None, help="the training config file (configs/*.py): sample its out_dir "
+                   "(a config file is Python and runs as code: trust it as you would trust a script)")
+    p.add_argument("--which", default=None, choices=("best", "latest"), help="which checkpoint to load "
+                   "(default: best, else latest when the run has no usable best one)")
     p.add_argument("--init_from", default="", help="sample another model instead of --out_dir's: 'nanogpt:PATH' "
                    "(a nanoGPT out_dir or ckpt.pt) or 'gpt2:PATH' (a local Hugging Face GPT-2 folder)")
     p.add_argument("--start", default="\n", help='the prompt, or "FILE:path" to read it from a file')
@@ -118,6 +120,24 @@ def _default_load_model(out_dir: str, which: str):
         raise UsageError(str(e)) from None
 
 
+def _load_run(load_model: Callable, out_dir: str, which: str | None, err: TextIO):
+    """(model, tokenizer) of the run's `which` checkpoint; without --which its best one, else its latest (with a
+    note saying why)."""
+    failed: list[str] = []
+    missing_only = True  # no checkpoint at all (rather than an unusable one): say how to make one
+    for kind in [which] if which else ["best", "latest"]:
+        try:
+            model, tokenizer, _ = load_model(out_dir, kind)
+        except (FileNotFoundError, UsageError) as e:
+            failed.append(str(e))
+            missing_only &= isinstance(e, FileNotFoundError)
+            continue
+        if failed:
+            print(f"sample.py: note: {failed[0]}; sampled the latest checkpoint instead", file=err)
+        return model, tokenizer
+    raise UsageError("; ".join(failed) + (": train first, or pass another --out_dir" if missing_only else ""))
+
+
 def _load_init_from(spec: str):
     """(model, tokenizer) of a nanoGPT checkpoint or a local GPT-2 folder; UsageError when it cannot be read."""
     from jaxgpt.convert import load_init_from
@@ -149,10 +169,7 @@ def main(
             out_dir = resolve_out_dir(args)
             if not os.path.exists(out_dir):
                 raise UsageError(f"no checkpoint at {out_dir!r}: train first or pass --out_dir")
-            try:
-                model, tokenizer, _ = load_model(out_dir, args.which)
-            except FileNotFoundError as e:
-                raise UsageError(f"no {args.which} checkpoint in {out_dir!r} ({e})") from None
+            model, tokenizer = _load_run(load_model, out_dir, args.which, err)
         if tokenizer is None:
             raise UsageError("the checkpoint has no tokenizer (no meta.pkl or tokenizer.json found beside it)")
         ids = encode_prompt(tokenizer, prompt)
@@ -165,6 +182,9 @@ def main(
 
     from jaxgpt.sampling import generate_stream
 
+    if args.temperature == 0 and args.num_samples > 1:
+        print(f"sample.py: note: --temperature=0 is greedy, so the {args.num_samples} samples are the same; use a "
+              "temperature > 0 for different ones", file=err)
     idx = np.asarray(ids, np.int32)[None, :]
     keys = jax.random.split(jax.random.key(args.seed), args.num_samples)
     for k in range(args.num_samples):

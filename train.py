@@ -4,7 +4,7 @@ A thin command line over `jaxgpt.training.train`: the config file and its overri
 ml_collections' config flags; every bad key, value, dataset or out_dir ends in one `error:` line and
 exit status 2. nanoGPT's habits work too: `python train.py configs/x.py --max_iters=300` (a positional config
 file, `--key=value` for a config key); nanoGPT options with no jaxgpt counterpart are refused with the jaxgpt way
-of doing the same thing.
+of doing the same thing. A config file is Python and runs as code: trust it as you would trust a script.
 """
 
 from __future__ import annotations
@@ -12,10 +12,21 @@ from __future__ import annotations
 import difflib
 import gc
 import os
+import re
+import signal
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from jaxgpt.run_dir import Interrupt, Interrupted  # the standard library only: quick to import
+
+# Ctrl-C / SIGTERM from the very start: a signal is recorded, never raised as a KeyboardInterrupt that the imports
+# below (JAX's among them) or a garbage-collection callback could swallow or turn into a long traceback;
+# training.train stops on it.
+INTERRUPT = Interrupt(log=print, stopping="stopping before training starts; nothing is saved")
+if __name__ == "__main__":
+    INTERRUPT.__enter__()  # left in __main__ below, once app.run is done
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
 
@@ -49,15 +60,23 @@ _NANOGPT_INIT_FROM = {
 }
 
 
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
 def _close_files(path: str) -> str:
-    """' (did you mean ...?)' naming the closest .py file beside a config path that does not exist, or ''."""
-    folder = os.path.dirname(path) or "."
-    try:
-        names = [n for n in os.listdir(folder) if n.endswith(".py")]
-    except OSError:
-        return ""
-    close = difflib.get_close_matches(os.path.basename(path), names, n=1)
-    return f" (did you mean {os.path.join(os.path.dirname(path), close[0])!r}?)" if close else ""
+    """' (did you mean ...?)' naming the closest .py file beside a config path that does not exist, else the closest
+    of jaxgpt's configs/ (nanoGPT's `config/train_shakespeare_char.py` -> `configs/shakespeare_char.py`), or ''."""
+    name = os.path.basename(path)
+    for folder, wanted in ((os.path.dirname(path) or ".", name), (CONFIGS, name.removeprefix("train_"))):
+        try:
+            names = sorted(n for n in os.listdir(folder) if n.endswith(".py"))
+        except OSError:
+            continue
+        close = difflib.get_close_matches(wanted, names, n=1)
+        if close:
+            found = os.path.join(folder, close[0])
+            return f" (did you mean {os.path.relpath(found) if folder == CONFIGS else found!r}?)"
+    return ""
 
 
 def translate_argv(argv: list[str], known_flags: set[str] | frozenset[str] = frozenset()) -> list[str]:
@@ -131,8 +150,54 @@ def _fail_unknown_key(argv: list[str], e: Exception) -> None:
     _fail(f"bad config override: {e}")
 
 
+HELP_FLAGS = ("-h", "-help", "--help", "--helpshort", "--helpfull")
+
+
+def _print_help(argv: list[str]) -> None:
+    """This docstring and every config key with its default (the named config file's, else base_config's)."""
+    from jaxgpt import config as config_lib
+    from jaxgpt.config_help import describe
+
+    path = _config_path(argv) or next((a for a in argv[1:] if a.endswith(".py")), None)
+    config, source = config_lib.base_config(), "jaxgpt/config.py base_config()"
+    if path is not None:
+        try:
+            config, source = config_lib.load_config_file(path), path
+        except Exception:  # noqa: BLE001 - a broken config file: the keys still are base_config's
+            pass
+    print(f"{__doc__.strip()}\n\nusage: python train.py --config configs/<name>.py [--config.KEY=VALUE ...]\n\n"
+          f"config keys (defaults from {source}):\n{describe(config)}")
+
+
+_KINDS = {bool: "True or False", int: "a whole number", float: "a number", str: "a string"}
+_BAD_VALUE = re.compile(r"^flag --config\.([\w.]+)=(.*?): ")
+
+
+def _fail_bad_value(argv: list[str], e: Exception) -> None:
+    """Exits saying what kind of value the key takes (not Python's 'invalid literal for int()'), when it can tell."""
+    from jaxgpt import config as config_lib
+
+    found = _BAD_VALUE.match(str(e))
+    if found:
+        key, value = found.groups()
+        *parents, leaf = key.split(".")
+        try:
+            node = config_lib.load_config_file(_config_path(argv)) if _config_path(argv) else config_lib.base_config()
+            for part in parents:
+                node = node[part]
+            kind, default = _KINDS.get(node.get_type(leaf)), node[leaf]
+        except Exception:  # noqa: BLE001 - no config to ask: absl's own words below
+            kind = None
+        if kind is not None:
+            _fail(f"--config.{key}={value}: {key} takes {kind} (this config has {default!r}), not {value!r}")
+    _fail(str(e).removeprefix("flag "))
+
+
 def _parse(argv: list[str]) -> list[str]:
     """absl's flag parsing, with its tracebacks turned into one line naming the bad key or value."""
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        _print_help(argv)
+        sys.exit(0)
     try:
         argv = translate_argv(argv, set(flags.FLAGS))
     except ValueError as e:
@@ -147,7 +212,7 @@ def _parse(argv: list[str]) -> list[str]:
     except flags.Error as e:
         if "Unknown command line flag 'config." in str(e):  # a top-level key that does not exist
             _fail_unknown_key(argv, e)
-        _fail(str(e).removeprefix("flag "))
+        _fail_bad_value(argv, e)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         _fail_unknown_key(argv, e)
     except Exception as e:  # noqa: BLE001 - raised by the config file's own code (a SyntaxError, ...)
@@ -178,7 +243,10 @@ def main(argv: list[str]) -> None:
     if not hasattr(config, "to_dict"):  # ml_collections' placeholder for a file it could not load
         _fail(f"cannot load config file {_CONFIG_FILE!r}")
     try:
-        training.train(config)
+        training.train(config, interrupt=INTERRUPT)
+    except Interrupted as e:  # Ctrl-C before the first step: said in one line, not an error
+        print(str(e), file=sys.stderr)
+        sys.exit(130)
     except (ConfigError, DataError, training.TrainingError, FileNotFoundError) as e:
         _fail(str(e))
     # Nothing is left to collect: without this the interpreter's last garbage collections walk every object
@@ -186,5 +254,14 @@ def main(argv: list[str]) -> None:
     gc.freeze()
 
 
+def _quit_now(signum, frame) -> None:
+    os._exit(128 + signum)  # the run has ended: a Ctrl-C during the interpreter's teardown just ends it
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse)
+    try:
+        app.run(main, flags_parser=_parse)
+    finally:
+        INTERRUPT.__exit__(None, None, None)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _quit_now)

@@ -11,7 +11,8 @@ process killed mid-save, a full disk) or whose files no longer match it (flipped
 files) is unusable: restoring it raises `CheckpointError`, and `Checkpointer.find_usable` falls back to an
 older step. 'latest' keeps two steps so that there is one to fall back to; old steps are removed only after
 the new one's manifest is on disk. A step that is both the best and the latest is written once, as 'best';
-'latest' gets hard links to its files (`Checkpointer.link`).
+'latest' gets copies of its files (`Checkpointer.link`: copy-on-write clones where the file system can), so that
+damage to one is not damage to the other.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import logging
 import os
 import pathlib
 import shutil
+import threading
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -42,8 +45,10 @@ _LINKING = ".jaxgpt-linking"  # a step being linked from the other manager: ".<s
 
 
 # What Orbax says each time a manager opens read-only (as load_model's do, on purpose): nothing to act on, and
-# "read only" reads as if the directory were not writable.
-_READ_ONLY_NOTES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+# "read only" reads as if the directory were not writable. Nor is a step still being written (by a run training
+# while load_model reads, or one interrupted mid-save) that has no metadata file yet.
+_READ_ONLY_NOTES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only",
+                    "Metadata file does not exist")
 
 
 class _DropReadOnlyNotes(logging.Filter):
@@ -77,11 +82,22 @@ def _fsync_dir(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    """A hard link to a saved file, or a copy where the file system has none."""
+_FICLONE = 0x40049409  # Linux's ioctl: the new file shares the old one's blocks, copy-on-write (btrfs, XFS, ...)
+
+
+def _clone_or_copy(src: str, dst: str) -> None:
+    """An independent copy of a saved file: a copy-on-write clone where the file system has them, else a copy.
+
+    Never a hard link: a file damaged in place would then be damaged under both names, and 'best' could not
+    stand in for a broken 'latest' (or the other way round).
+    """
     try:
-        os.link(src, dst)
-    except OSError:
+        import fcntl
+
+        with open(src, "rb") as s, open(dst, "wb") as d:
+            fcntl.ioctl(d.fileno(), _FICLONE, s.fileno())
+        shutil.copystat(src, dst)
+    except (OSError, ImportError):
         shutil.copy2(src, dst)
 
 
@@ -201,19 +217,20 @@ class Checkpointer:
                 write_manifest(self.step_dir(which, step))
             sharding_lib.sync_processes(f"jaxgpt: manifest {which} {step}")
         except Exception as e:  # noqa: BLE001 - any failed write (OSError, tensorstore's errors) is the same fault
+            _join_orbax_threads()
             self._remove_partial(which, step)
             raise self._save_failed(which, step, e) from e
         self._verified.add((which, step))
         self._prune(which, step)
 
     def link(self, which: str, step: int, *, source: str) -> None:
-        """Makes the whole step `step` of `source` a step of `which` too: the same files, hard-linked (copied
-        where the file system has no links), not written a second time.
+        """Makes the whole step `step` of `source` a step of `which` too: its files copied (cloned, copy-on-write,
+        where the file system can), not serialized a second time.
 
         A step that improves the validation loss is both the best and the latest one; Orbax writing it twice
-        took ~0.4 s a save on a 2-core CPU, linking takes milliseconds. The step appears whole or not at all
-        (built in a temporary directory, then renamed), and older steps are pruned as after `save`. Saved files
-        are never changed in place, so the two names cannot drift apart; deleting one leaves the other whole.
+        took ~0.4 s a save on a 2-core CPU, a copy of the files far less. The step appears whole or not at all
+        (built in a temporary directory, then renamed), and older steps are pruned as after `save`. The copies
+        share nothing a change in place could reach: a file damaged under one name leaves the other whole.
         """
         if self._holds_whole(which, step):
             return
@@ -223,7 +240,7 @@ class Checkpointer:
         try:
             if jax.process_index() == 0:  # one writer on a shared file system
                 shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(src, tmp, copy_function=_link_or_copy)
+                shutil.copytree(src, tmp, copy_function=_clone_or_copy)
                 _fsync_dir(tmp)
                 os.replace(tmp, dst)
                 _fsync_dir(dst.parent)
@@ -264,8 +281,8 @@ class Checkpointer:
             self.managers[which].delete(s)
 
     def _remove_partial(self, which: str, step: int) -> None:
-        """Best effort after a failed save: a committed step without its manifest goes. (Orbax's temp dir may
-        still be in use by its writer threads; it is never read, and the next Checkpointer removes it.)"""
+        """Best effort after a failed save, once Orbax's writer threads are done: a committed step without its
+        manifest goes, and so does Orbax's temp dir (never read; else the next Checkpointer removes it)."""
         manager = self.managers[which]
         if jax.process_index() != 0:
             return
@@ -273,6 +290,8 @@ class Checkpointer:
             manager.reload()
             if step in manager.all_steps():
                 manager.delete(step)
+        for tmp in checkpoint_dir(self.out_dir, which).glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _step_or_newest(self, which: str, step: int | None) -> int:
         step = self.latest_step(which) if step is None else step
@@ -352,6 +371,43 @@ class Checkpointer:
             manager.close()
 
 
+def _join_orbax_threads(timeout: float = 60.0) -> None:
+    """Waits for the threads a failed Orbax save left running (each waits for the other items of the step to be
+    written). Left alone, they outlive the run and at its exit each prints a traceback around the one error line."""
+    from orbax.checkpoint._src.futures import future  # private: Orbax has no public way to wait for them
+
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if isinstance(thread, getattr(future, "_SignalingThread", ())) and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+READ_ATTEMPTS = 5  # load_model's reads of a checkpoint folder that a training run keeps changing
+
+
+def _step_names(ckpt_dir: pathlib.Path) -> list[str]:
+    with contextlib.suppress(OSError):
+        return sorted(p.name for p in ckpt_dir.iterdir())
+    return []
+
+
+def _read_newest(ckptr: Checkpointer, which: str) -> tuple[nnx.GraphDef, Any, dict, int]:
+    """(graphdef, params on one device, meta, step) of the newest whole `which` step."""
+    if not ckptr.steps(which):
+        raise FileNotFoundError(f"no {which} checkpoint in {checkpoint_dir(ckptr.out_dir, which)}")
+    warn = lambda m: warnings.warn(m, RuntimeWarning, stacklevel=4)  # noqa: E731
+    _, step = ckptr.find_usable(warn=warn, kinds=(which,))
+    meta = ckptr.restore_meta(which, step)
+    config = config_lib.from_dict(meta["config"])
+    graphdef, abstract_params = nnx.split(config_lib.model_shape(config, meta["vocab_size"]))
+    # Onto one device, whatever mesh the run was trained on (Orbax would otherwise use the saved shardings).
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
+                                   abstract_params)
+    restored = ckptr._restore(which, step, ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+    return graphdef, restored["params"], meta, step
+
+
 def load_model(out_dir: str | os.PathLike, which: str = "best") -> tuple[nnx.Module, Tokenizer | None, dict]:
     """The trained model of a run, its tokenizer and a summary.
 
@@ -364,27 +420,20 @@ def load_model(out_dir: str | os.PathLike, which: str = "best") -> tuple[nnx.Mod
     ckpt_dir = checkpoint_dir(out_dir, which)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"no {which} checkpoint in {ckpt_dir}")
-    ckptr = Checkpointer(out_dir, read_only=True)
-    try:
-        steps = ckptr.steps(which)
-        if not steps:
-            raise FileNotFoundError(f"no {which} checkpoint in {ckpt_dir}")
-        warn = lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)  # noqa: E731
-        _, step = ckptr.find_usable(warn=warn, kinds=(which,))
-        meta = ckptr.restore_meta(which, step)
-        config = config_lib.from_dict(meta["config"])
-        model = config_lib.model_shape(config, meta["vocab_size"])
-        graphdef, abstract_params = nnx.split(model)
-        # Onto one device, whatever mesh the run was trained on (Orbax would otherwise use the saved shardings).
-        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
-                                       abstract_params)
-        restored = ckptr._restore(
-            which, step, ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-        )
-    finally:
-        ckptr.close()
-    model = nnx.merge(graphdef, restored["params"])
+    for attempt in range(READ_ATTEMPTS):
+        on_disk, ckptr = _step_names(ckpt_dir), None
+        try:
+            ckptr = Checkpointer(out_dir, read_only=True)  # lists the steps: one may go while it looks
+            graphdef, params, meta, step = _read_newest(ckptr, which)
+            break
+        except (CheckpointError, OSError):
+            # A run training in out_dir pruned or replaced the step while it was read: read the newest again.
+            if attempt + 1 == READ_ATTEMPTS or _step_names(ckpt_dir) == on_disk:
+                raise
+        finally:
+            if ckptr is not None:
+                ckptr.close()
+    model = nnx.merge(graphdef, params)
     tokenizer = tokenizer_from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
     info = {
         "step": int(meta["step"]),

@@ -81,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = m
     # data
     d = ml_collections.ConfigDict()
-    d.path = ""  # a text file or a nanoGPT data directory; '' downloads tiny Shakespeare into the cache
+    d.path = ""  # a text file or a nanoGPT data directory; '' is tiny Shakespeare: $JAXGPT_SHAKESPEARE, else downloaded
     d.train_fraction = 0.9
     d.on_device = True  # keep the token array on the accelerator and draw batches inside the step
     c.data = d

@@ -102,6 +102,65 @@ class Dataset:
     source: str
 
 
+# The largest vocabulary a meta.pkl may declare: 16x GPT-2's, far beyond any tokenizer jaxgpt trains with, small
+# enough that checking the vocabulary allocates nothing to speak of.
+MAX_VOCAB_SIZE = 1 << 20
+TOKEN_DTYPES = ("uint8", "uint16", "uint32")  # what train.bin / val.bin may hold (nanoGPT: uint16)
+_TOKENIZER_KEYS = {"char": "chars", "hf": "json", "tiktoken": "name"}  # each type's one str-valued field
+
+
+def _type(value: object) -> str:
+    return type(value).__name__
+
+
+def check_meta(meta: object, path: str | os.PathLike) -> dict:
+    """The values of a data folder's `meta.pkl` (nanoGPT's or jaxgpt.prepare's), each checked before use.
+
+    Returns {'dtype': np.dtype, 'vocab_size': int | None, 'itos': dict | None, 'tokenizer': dict | None}:
+    `dtype` one of TOKEN_DTYPES (uint16 when absent), `vocab_size` an int in [1, MAX_VOCAB_SIZE], `itos` a
+    map of every id in [0, vocab_size) to one character (with `stoi` its inverse when present), `tokenizer` a
+    `to_dict()` of a known type. Raises `DataError` (one line naming the key) for anything else, before any
+    value is used to allocate or to read the token files.
+    """
+    def bad(what: str) -> DataError:
+        return DataError(f"{path}: {what}; re-create the folder with python -m jaxgpt.prepare")
+
+    if not isinstance(meta, dict):
+        raise bad(f"holds a {_type(meta)}, not nanoGPT's meta dict")
+    dtype = meta.get("dtype", "uint16")
+    if not isinstance(dtype, str) or dtype not in TOKEN_DTYPES:
+        raise bad(f"dtype {dtype!r} is not one of {list(TOKEN_DTYPES)}")
+    vocab_size = meta.get("vocab_size")
+    if vocab_size is not None and (type(vocab_size) is not int or not 1 <= vocab_size <= MAX_VOCAB_SIZE):
+        raise bad(f"vocab_size {vocab_size!r} is not an int in [1, {MAX_VOCAB_SIZE:,}]")
+    itos = meta.get("itos")
+    if itos is not None:
+        if not isinstance(itos, dict) or not 1 <= len(itos) <= MAX_VOCAB_SIZE:
+            what = f"a dict of {len(itos):,} entries" if isinstance(itos, dict) else f"a {_type(itos)}"
+            raise bad(f"itos is {what}, not a dict of 1 to {MAX_VOCAB_SIZE:,} ids")
+        vocab_size = len(itos) if vocab_size is None else vocab_size
+        if len(itos) != vocab_size:
+            raise bad(f"itos has {len(itos)} entries but vocab_size is {vocab_size}")
+        if any(type(i) is not int or not 0 <= i < vocab_size for i in itos):
+            raise bad(f"itos's keys are not the ids 0 to {vocab_size - 1}")
+        if any(not isinstance(c, str) or len(c) != 1 for c in itos.values()) or len(set(itos.values())) != len(itos):
+            raise bad("itos's values are not distinct single characters")
+        stoi = meta.get("stoi")
+        if stoi is not None and (not isinstance(stoi, dict) or len(stoi) != len(itos)
+                                 or any(type(i) is not int or itos.get(i) != c for c, i in stoi.items())):
+            raise bad("stoi is not the inverse of itos")
+    tokenizer = meta.get("tokenizer")
+    if tokenizer is not None:
+        kind = tokenizer.get("type", "char") if isinstance(tokenizer, dict) else None
+        field = _TOKENIZER_KEYS.get(kind) if isinstance(kind, str) else None
+        if field is None or not isinstance(tokenizer.get(field), str):
+            raise bad("tokenizer is not a tokenizer's to_dict() (type 'char' with a 'chars' string, 'hf' with "
+                      "'json' or 'tiktoken' with 'name')")
+        if kind == "char" and vocab_size is not None and len(tokenizer["chars"]) > vocab_size:
+            raise bad(f"the tokenizer has {len(tokenizer['chars'])} characters but vocab_size is {vocab_size}")
+    return {"dtype": np.dtype(dtype), "vocab_size": vocab_size, "itos": itos, "tokenizer": tokenizer}
+
+
 def cache_dir() -> pathlib.Path:
     """Where downloads go: $JAXGPT_CACHE, else ~/.cache/jaxgpt."""
     return pathlib.Path(os.environ.get("JAXGPT_CACHE") or pathlib.Path.home() / ".cache" / "jaxgpt")
@@ -116,7 +175,8 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def download(url: str, dest: str | os.PathLike, *, size: int | None, sha256: str | None, timeout: float = 30.0):
+def download(url: str, dest: str | os.PathLike, *, size: int | None, sha256: str | None, timeout: float = 30.0,
+             offline_hint: str = "set --config.data.path to a local text file") -> pathlib.Path:
     """Fetches `url` into `dest`, checked against `size` and `sha256`.
 
     The bytes go to a temporary file beside `dest`, renamed onto `dest` only when they check, so a
@@ -133,7 +193,7 @@ def download(url: str, dest: str | os.PathLike, *, size: int | None, sha256: str
                 announced = response.headers.get("Content-Length")
                 shutil.copyfileobj(response, out)
         except (OSError, urllib.error.URLError, http.client.HTTPException) as e:  # IncompleteRead: cut mid-stream
-            raise DataError(f"could not download {url} ({e}); set --config.data.path to a local text file") from None
+            raise DataError(f"could not download {url} ({e}); {offline_hint}") from None
         got_size = tmp.stat().st_size
         if announced is not None and announced.isdigit() and got_size != int(announced):  # a connection cut short
             raise DataError(f"download of {url} stopped after {got_size} of {announced} bytes; not saved")
@@ -147,11 +207,29 @@ def download(url: str, dest: str | os.PathLike, *, size: int | None, sha256: str
     return dest
 
 
-def default_text_path() -> pathlib.Path:
-    """Tiny Shakespeare in the cache directory, downloaded and checked on first use."""
+SHAKESPEARE_ENV = "JAXGPT_SHAKESPEARE"  # names a local copy of tiny Shakespeare's input.txt
+OFFLINE_HINT = (f"without internet, set {SHAKESPEARE_ENV}=/path/to/input.txt (a local copy of tiny Shakespeare) "
+                "or --config.data.path to a text file")
+
+
+def default_text_path(timeout: float = 15.0) -> pathlib.Path:
+    """Tiny Shakespeare, by one rule everywhere (train.py, sample.py, the notebooks and the tests):
+    $JAXGPT_SHAKESPEARE when set, else the cache directory's copy, else downloaded there and checked.
+
+    Raises `DataError` (one line saying how to point at a local copy) when $JAXGPT_SHAKESPEARE is not a file or
+    the download fails; `timeout` bounds each network wait, so an offline machine hears it in seconds.
+    """
+    named = os.environ.get(SHAKESPEARE_ENV)
+    if named:
+        path = pathlib.Path(named).expanduser()
+        if not path.is_file():
+            raise DataError(f"{SHAKESPEARE_ENV}={named} is not a file: point it at a local copy of tiny "
+                            "Shakespeare's input.txt, or unset it to download one")
+        return path
     path = cache_dir() / "tinyshakespeare" / "input.txt"
     if not path.exists():
-        download(SHAKESPEARE_URL, path, size=SHAKESPEARE_BYTES, sha256=SHAKESPEARE_SHA256)
+        download(SHAKESPEARE_URL, path, size=SHAKESPEARE_BYTES, sha256=SHAKESPEARE_SHA256, timeout=timeout,
+                 offline_hint=OFFLINE_HINT)
     return path
 
 
@@ -163,19 +241,45 @@ def _load_nanogpt_dir(path: pathlib.Path) -> Dataset:
         prepared = load_prepared(path)
     except FileNotFoundError as e:
         raise DataError(f"{e}; or give a text file") from None
+    except DataError:
+        raise
     except (OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
         raise DataError(f"{path}: cannot read the prepared data ({e})") from None
     if not len(prepared.train) or not len(prepared.val):
         raise DataError(f"{path}: train.bin or val.bin is empty")
     # Without meta.pkl nanoGPT means GPT-2's BPE, padded to 50304 entries.
     vocab_size = int(prepared.vocab_size or 50304)
+    for name, ids in (("train.bin", prepared.train), ("val.bin", prepared.val)):
+        check_ids(ids, vocab_size, path / name)
     return Dataset(prepared.train, prepared.val, prepared.tokenizer, vocab_size, str(path))
+
+
+def check_ids(ids: np.ndarray, vocab_size: int, what: str | os.PathLike, chunk: int = 1 << 24) -> None:
+    """Raises `DataError` naming the first token id of `ids` outside [0, vocab_size), and how many there are.
+
+    Reads `ids` (a memmap, maybe larger than memory) in chunks of `chunk` tokens; an id the model has no
+    embedding for would otherwise surface only as a non-finite loss.
+    """
+    if ids.dtype.kind == "u" and np.iinfo(ids.dtype).max < vocab_size:
+        return  # every id the dtype can hold is in the vocabulary
+    first, count = None, 0
+    for start in range(0, len(ids), chunk):
+        part = np.asarray(ids[start:start + chunk])
+        bad = np.flatnonzero((part >= vocab_size) | (part < 0))
+        if bad.size and first is None:
+            first = (int(part[bad[0]]), start + int(bad[0]))
+        count += int(bad.size)
+    if first is not None:
+        raise DataError(f"{what} holds {count:,} token id(s) outside the vocabulary [0, {vocab_size}), the first "
+                        f"{first[0]} at position {first[1]:,}: the .bin files and meta.pkl do not belong together; "
+                        "re-create the folder with python -m jaxgpt.prepare")
 
 
 def load_dataset(path: str | os.PathLike | None, train_fraction: float = 0.9) -> Dataset:
     """Loads a text file (character-level, the lecture's split) or a nanoGPT data directory.
 
-    `path` '' or None means tiny Shakespeare from the cache (downloaded when missing).
+    `path` '' or None means tiny Shakespeare (`default_text_path`: $JAXGPT_SHAKESPEARE, else the cache's copy,
+    else downloaded).
     """
     path = pathlib.Path(path) if path else default_text_path()
     if not path.exists():

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxgpt.safe_pickle import UnsafePickleError, load_pickle
-from jaxgpt.tokenizer import CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_dict, tokenizer_from_meta
+from jaxgpt.tokenizer import CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_meta
 
 OUTPUTS = ("train.bin", "val.bin", "meta.pkl")
 DEFAULT_CHUNK_CHARS = 1 << 22  # 4 Mi characters: a few tens of MB of Python str at most
@@ -238,17 +238,18 @@ def load_prepared(data_dir: str | os.PathLike) -> PreparedData:
     missing = [name for name in ("train.bin", "val.bin") if not (data_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{data_dir} has no {missing}: run python -m jaxgpt.prepare --out {data_dir} first")
-    meta, tokenizer = {}, None
-    if (data_dir / "meta.pkl").is_file():
-        meta = load_pickle(data_dir / "meta.pkl")  # plain values only: nothing in a downloaded folder runs
-        if not isinstance(meta, dict):
-            raise ValueError(f"{data_dir / 'meta.pkl'} holds a {type(meta).__name__}, not nanoGPT's meta dict")
-        tokenizer = tokenizer_from_dict(meta["tokenizer"]) if "tokenizer" in meta else None
-        if tokenizer is None and "itos" in meta:
-            tokenizer = tokenizer_from_meta(data_dir / "meta.pkl")
-    dtype = np.dtype(meta.get("dtype", "uint16"))
-    train, val = (np.memmap(data_dir / name, dtype=dtype, mode="r") for name in ("train.bin", "val.bin"))
-    return PreparedData(train=train, val=val, tokenizer=tokenizer, vocab_size=meta.get("vocab_size"), meta=meta)
+    from jaxgpt.data import check_meta  # data imports JAX: only reading a folder back needs it
+
+    meta_path = data_dir / "meta.pkl"
+    meta = load_pickle(meta_path) if meta_path.is_file() else {}  # plain values only: nothing in a folder runs
+    checked = check_meta(meta, meta_path)  # every value, before one is used
+    tokenizer = tokenizer_from_meta(meta_path, meta=meta) if meta else None
+    vocab_size = checked["vocab_size"]
+    if tokenizer is not None and vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"{meta_path}: its tokenizer has {tokenizer.vocab_size} tokens but vocab_size "
+                         f"is {vocab_size}; re-create the folder with python -m jaxgpt.prepare")
+    train, val = (np.memmap(data_dir / name, dtype=checked["dtype"], mode="r") for name in ("train.bin", "val.bin"))
+    return PreparedData(train=train, val=val, tokenizer=tokenizer, vocab_size=vocab_size, meta=meta)
 
 
 def main(argv: list[str] | None = None) -> int:

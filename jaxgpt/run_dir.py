@@ -31,6 +31,10 @@ class TrainingError(RuntimeError):
     """A run that cannot start or continue (bad out_dir, no checkpoint to resume, non-finite loss)."""
 
 
+class Interrupted(TrainingError):
+    """Ctrl-C / SIGTERM before the run trained a step: nothing new was saved (train.py exits 130)."""
+
+
 def has_checkpoint(out_dir: pathlib.Path, which: str) -> bool:
     d = out_dir / "checkpoints" / which
     return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
@@ -45,6 +49,12 @@ def check_out_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool) 
     if not existing.is_dir():
         raise TrainingError(f"out_dir {out_dir} is not writable ({existing} is a file): choose another "
                             "--config.out_dir")
+    for folder in out_dir.parents:  # another run's checkpoints are moved aside and pruned by that run
+        run = folder.parent
+        if folder.name == "checkpoints" and (any(has_checkpoint(run, w) for w in CHECKPOINT_KINDS)
+                                             or (run / LOCK_NAME).exists()):
+            raise TrainingError(f"out_dir {out_dir} is inside the checkpoints of the run in {run}, which would "
+                                f"prune it or move it aside: choose a --config.out_dir outside {folder}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise TrainingError(f"out_dir {out_dir} is not writable (permission denied on {existing}): choose another "
                             "--config.out_dir")
@@ -71,6 +81,18 @@ def prepare_out_dir(out_dir: pathlib.Path, *, fresh: bool) -> None:
         shutil.rmtree(out_dir / "checkpoints")
     for name in ("metrics.jsonl", "loss.png"):
         (out_dir / name).unlink(missing_ok=True)
+
+
+def remove_empty_checkpoint_dirs(out_dir: pathlib.Path) -> bool:
+    """Removes out_dir's checkpoint folders when they hold no checkpoint (only what a save left unfinished);
+    returns whether there was none. Folders of checkpoints, `unusable/` among them, are left alone."""
+    if any(has_checkpoint(out_dir, w) for w in CHECKPOINT_KINDS):
+        return False
+    for which in CHECKPOINT_KINDS:
+        shutil.rmtree(out_dir / "checkpoints" / which, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (out_dir / "checkpoints").rmdir()  # only when empty
+    return True
 
 
 LOCK_NAME = "jaxgpt.lock"
@@ -139,9 +161,21 @@ class RunLock:
         raise TrainingError(f"could not take the lock {self.path}")  # not reached
 
     def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Removes the lock file, if it is still this run's."""
         holder = self._holder()
         if (holder.get("pid"), holder.get("host")) == (self.owner["pid"], self.owner["host"]):  # else: taken over
             self.path.unlink(missing_ok=True)
+
+
+def quit_at_once(out_dir: pathlib.Path, lock: RunLock | None) -> str:
+    """What a second Ctrl-C does before the process ends without Python's teardown: releases out_dir's lock,
+    removes checkpoint folders that hold no checkpoint, and says what is kept."""
+    if lock is not None:
+        lock.release()
+    return "there is no checkpoint yet" if remove_empty_checkpoint_dirs(out_dir) else "the last checkpoint is kept"
 
 
 def _record_or_none(line: str) -> dict | None:
@@ -175,10 +209,15 @@ class Interrupt:
     last whole one (`jaxgpt.checkpoint`).
     """
 
-    def __init__(self, *, log: Callable[[str], None] = print, call_seconds: Callable[[], float | None] = lambda: None):
+    def __init__(self, *, log: Callable[[str], None] = print, call_seconds: Callable[[], float | None] = lambda: None,
+                 stopping: str | None = None, on_quit: Callable[[], str] | None = None):
         self.signum: int | None = None
         self.log = log
         self.call_seconds = call_seconds  # how long a compiled call has taken so far, for the first message
+        # Set as the run goes: the first signal's message when not training yet (None: the training loop's), and
+        # what the second does before the process ends (returns what is kept, for its message).
+        self.stopping = stopping
+        self.on_quit = on_quit
         self._old: dict[int, object] = {}
         self._old_fd: int | None = None
         self._pipe: tuple[int, int] | None = None
@@ -196,11 +235,15 @@ class Interrupt:
                 self.signum = signum
             took = self.call_seconds()
             how_long = f" (a call has taken {took:.0f} s so far)" if took else ""
-            self.log(f"{signal.Signals(signum).name}: stopping after the current compiled call, then saving a "
-                     f"checkpoint{how_long}; press Ctrl-C again to quit at once without saving")
+            stopping = self.stopping or f"stopping after the current compiled call, then saving a checkpoint{how_long}"
+            self.log(f"{signal.Signals(signum).name}: {stopping}; press Ctrl-C again to quit at once without saving")
         else:
-            print(f"\n{signal.Signals(signum).name} again: quitting now without saving; the last checkpoint is kept",
-                  file=sys.stderr, flush=True)
+            kept = ""
+            if self.on_quit is not None:
+                with contextlib.suppress(Exception):  # the process ends next, whatever happens here
+                    kept = f"; {self.on_quit()}"
+            print(f"\n{signal.Signals(signum).name} again: quitting now without saving{kept}", file=sys.stderr,
+                  flush=True)
             os._exit(128 + signal.SIGINT)
 
     def _watch(self, read_fd: int) -> None:

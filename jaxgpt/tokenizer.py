@@ -255,26 +255,34 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
     return kinds[kind].from_dict(d)
 
 
-def tokenizer_from_meta(path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a nanoGPT-format `meta.pkl`.
+def tokenizer_from_meta(path: str | os.PathLike, *, meta: dict | None = None) -> Tokenizer | None:
+    """The tokenizer of a nanoGPT-format `meta.pkl` (`meta`: its contents, when already read).
 
     jaxgpt's prepare stores `tokenizer` (a `to_dict()`); nanoGPT's char datasets store `itos`
-    (id -> character) and `vocab_size`, which make a `CharTokenizer` with the same ids.
+    (id -> character) and `vocab_size`, which make a `CharTokenizer` with the same ids. Every value is
+    checked first (`jaxgpt.data.check_meta`); a meta with neither raises, unless `meta` was given (None then).
     """
+    from jaxgpt.data import DataError, check_meta
     from jaxgpt.safe_pickle import load_pickle
 
-    meta = load_pickle(path)  # a downloaded meta.pkl: plain values only, nothing in it runs
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path} holds a {type(meta).__name__}, not nanoGPT's meta dict")
-    if "tokenizer" in meta:
-        return tokenizer_from_dict(meta["tokenizer"])
-    if "itos" not in meta:
+    given = meta is not None
+    if not given:
+        meta = load_pickle(path)  # a downloaded meta.pkl: plain values only, nothing in it runs
+    checked = check_meta(meta, path)
+    if checked["tokenizer"] is not None:
+        try:
+            return tokenizer_from_dict(checked["tokenizer"])
+        except (ValueError, OSError, ImportError):  # one line already (tiktoken's files missing, ...)
+            raise
+        except Exception as e:  # noqa: BLE001 - a garbled tokenizer JSON fails in Rust with a plain Exception
+            raise DataError(f"{path}: its tokenizer cannot be rebuilt ({(str(e).splitlines() or [repr(e)])[0]}); "
+                            "re-create the folder with python -m jaxgpt.prepare") from None
+    itos = checked["itos"]
+    if itos is None:
+        if given:
+            return None
         raise ValueError(f"{path} has neither 'itos' (nanoGPT's char vocabulary) nor 'tokenizer'")
-    itos = meta["itos"]
-    n = int(meta.get("vocab_size", len(itos)))
-    if sorted(itos) != list(range(n)):
-        raise ValueError(f"{path}: itos does not map every id in [0, {n}) to a character")
-    return CharTokenizer([itos[i] for i in range(n)])
+    return CharTokenizer([itos[i] for i in range(len(itos))])
 
 
 def load_tokenizer(spec: str | os.PathLike, *, text: str | None = None) -> Tokenizer:

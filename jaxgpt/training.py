@@ -34,6 +34,7 @@ from jaxgpt import config as config_lib
 from jaxgpt import data as data_lib
 from jaxgpt import mfu as mfu_lib
 from jaxgpt import optim
+from jaxgpt import run_dir as run_dir_lib
 from jaxgpt import sharding as sharding_lib
 from jaxgpt.model import count_params
 from jaxgpt.run_dir import LOCK_NAME, Interrupt, RunLock, TrainingError, check_out_dir, prepare_out_dir, read_metrics
@@ -218,12 +219,15 @@ def _restore(ckptr: ckpt_lib.Checkpointer, config: ml_collections.ConfigDict, st
 # ---------------------------------------------------------------------------------------------------
 
 
-def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | None = None,
+          interrupt: Interrupt | None = None) -> dict[str, Any]:
     """Runs (or resumes) training as `config` says; returns a summary dict.
 
     Raises `ConfigError`, `DataError` or `TrainingError` with a one-line message for bad input or faults;
     nothing is created or removed until the config, the data and out_dir have been checked. The run holds
-    out_dir's `RunLock` throughout: a second run on the same out_dir refuses to start.
+    out_dir's `RunLock` throughout: a second run on the same out_dir refuses to start. Ctrl-C / SIGTERM are
+    `interrupt`'s (train.py's, entered before its imports; else one of this call's own): stopping before the
+    first step raises `run_dir.Interrupted` and leaves no empty checkpoint folders and no lock.
     """
     from tqdm.auto import tqdm
 
@@ -233,8 +237,12 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
     if not main:  # one of several processes (multi-host): process 0 speaks and writes for the run
         log = lambda s: None  # noqa: E731
     with contextlib.ExitStack() as stack:
+        if interrupt is None:
+            interrupt = stack.enter_context(Interrupt())
+        interrupt.log, interrupt.stopping = log, "stopping before training starts; nothing is saved"
         error = None
         try:  # every process checks (they see the same files); process 0 holds the lock
+            _stop_if_interrupted(interrupt)
             config_lib.validate(config)
             out_dir = check_out_dir(config.out_dir, resume=config.resume, overwrite=config.overwrite)
             dataset = _load_data(config)
@@ -244,9 +252,11 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
                 raise config_lib.ConfigError(f"config key 'model.vocab_size'={config.model.vocab_size} is smaller "
                                              f"than the dataset's vocabulary ({dataset.vocab_size})")
             mesh = mesh_from_config(config)
+            _stop_if_interrupted(interrupt)  # before anything is written
             if main:
                 prepare_out_dir(out_dir, fresh=False)
-                stack.enter_context(RunLock(out_dir, take_over=config.take_over_lock, log=log))
+                lock = stack.enter_context(RunLock(out_dir, take_over=config.take_over_lock, log=log))
+                interrupt.on_quit = partial(run_dir_lib.quit_at_once, out_dir, lock)
                 # Every check has passed: only now is anything removed.
                 prepare_out_dir(out_dir, fresh=not config.resume)
         except (config_lib.ConfigError, data_lib.DataError, TrainingError) as e:
@@ -262,11 +272,23 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] | Non
         log(f"data: {len(dataset.train):,} train / {len(dataset.val):,} val tokens from {dataset.source}")
         if config.matmul_precision:
             stack.enter_context(jax.default_matmul_precision(config.matmul_precision))
-        return _train(config, out_dir, dataset, init_model, mesh, log)
+        try:
+            return _train(config, out_dir, dataset, init_model, mesh, log, interrupt)
+        except run_dir_lib.Interrupted:
+            if main:
+                run_dir_lib.remove_empty_checkpoint_dirs(out_dir)
+            raise
+
+
+def _stop_if_interrupted(interrupt: Interrupt) -> None:
+    if interrupt.signum is not None:
+        raise run_dir_lib.Interrupted(f"interrupted ({signal.Signals(interrupt.signum).name}) before training "
+                                      "started: nothing was written")
 
 
 def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: data_lib.Dataset,
-           init_model: nnx.Module | None, mesh: Mesh, log: Callable[[str], None]) -> dict[str, Any]:
+           init_model: nnx.Module | None, mesh: Mesh, log: Callable[[str], None],
+           interrupt: Interrupt) -> dict[str, Any]:
     """`train` itself, run while holding out_dir's lock."""
     from tqdm.auto import tqdm
 
@@ -307,6 +329,7 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
         if config.resume:
             s.update(_restore(ckptr, config, s, main, log))
             metrics.keep_before(s["step"])
+        first_step, skipped_before = s["step"], s["skipped"]
         tokens_per_step = config.batch_size * block_size * config.grad_accum_steps
         log(f"{config.model.name}: {count_params(s['params']) / 1e6:.2f}M parameters, vocab {vocab_size}, "
             f"{tokens_per_step:,} tokens per step")
@@ -319,13 +342,18 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
                     "tokens_per_s": 0.0}
         bar = tqdm(total=config.max_iters, initial=s["step"], disable=not (config.progress and main),
                    dynamic_ncols=True, file=sys.stderr, desc="train")
-        with Interrupt(log=log, call_seconds=run.call_seconds) as interrupt, contextlib.closing(bar):
+        interrupt.call_seconds = run.call_seconds
+        with contextlib.closing(bar):
             interrupted = run.loop(bar, interrupt)
         # While loss.png is drawn and the checkpoints are written, in threads.
         sample = run.final_sample() if interrupted is None else None
     finally:
+        interrupt.call_seconds = lambda: None  # train.py's interrupt outlives the run: it keeps no reference to it
         run.wait_for_background()
         ckptr.close()
+    if s["step"] > first_step and s["skipped"] - skipped_before == s["step"] - first_step:
+        raise TrainingError(f"all {s['step'] - first_step} steps of this run were skipped as non-finite "
+                            "(skip_nonfinite): the model learned nothing; check the data and lower learning_rate")
     summary = {"step": s["step"], "best_val_loss": s["best_val"], "wall_time": time.time() - run.t0,
                "tokens_per_s": run.tokens_per_s(), "interrupted": interrupted is not None,
                "skipped_nonfinite": s["skipped"]}
@@ -411,17 +439,18 @@ class _Run:
         # On the device every chunk length shares one compiled program: a short first call shows progress early.
         first_call = FIRST_CALL_STEPS if self.on_device else None
         chunks = chunk_boundaries(start, c.max_iters, c.eval_interval, c.steps_per_call, first_call)
-        if chunks:  # the training step compiles while the first evaluation compiles and runs
+        if chunks and interrupt.signum is None:  # the training step compiles while the first evaluation runs
             self.log(f"compiling the training step (up to {c.steps_per_call} steps per call) ...")
             self.train_chunk.prepare(s["params"], s["opt_state"], self.batches(*chunks[0]), s["key"],
                                      jnp.int32(start), n_steps=chunks[0][1] - start)
-        if chunks:
+        if chunks and interrupt.signum is None:
             self.prepare_ahead()  # the run's end compiles beside the step and the first evaluation
-        if s["step"] % c.eval_interval == 0 and not self.metrics.evaluated(s["step"]):
+        if s["step"] % c.eval_interval == 0 and not self.metrics.evaluated(s["step"]) and interrupt.signum is None:
             self.evaluate()
         for k, (a, b) in enumerate(chunks):
             if interrupt.signum is not None:
                 break
+            interrupt.stopping = None  # from this call on, a stop saves the state it reached
             upcoming = chunks[k + 1] if k + 1 < len(chunks) and b % c.eval_interval else None
             self.train(a, b, first=a == start, upcoming=upcoming)
             bar.update(b - a)
@@ -429,6 +458,11 @@ class _Run:
             if s["step"] % c.eval_interval == 0 or s["step"] == c.max_iters:
                 self.evaluate()
         signum = interrupt.signum
+        if signum is not None and s["step"] == start:  # nothing trained: the checkpoints on disk are all there is
+            last = self.ckptr.latest_step("latest")
+            kept = "there is no checkpoint yet" if last is None else f"the checkpoint of step {last} is kept"
+            raise run_dir_lib.Interrupted(f"interrupted ({signal.Signals(signum).name}) before the first training "
+                                          f"step: nothing to save; {kept}")
         self.save("latest")  # at the end, or on Ctrl-C / SIGTERM: between calls, so the state is whole
         if signum is not None:
             self.log(f"interrupted ({signal.Signals(signum).name}) at step {s['step']}: checkpoint saved in "
@@ -533,10 +567,13 @@ class _Run:
         self.log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                  + (" (best)" if improved else ""))
         if step > 0:
-            if improved:
+            # The first trained state is 'best' even when step 0's untrained loss was lower (a one-token vocabulary,
+            # a diverging run): sample.py's default then has a checkpoint to read.
+            save_best = improved or self.ckptr.latest_step("best") is None
+            if save_best:
                 self.save("best")
-            if improved or c.always_save_checkpoint:
-                self.save("latest", same_as="best" if improved else None)
+            if save_best or c.always_save_checkpoint:
+                self.save("latest", same_as="best" if save_best else None)
         if c.plot and self.main and (step > 0 or c.eval_only):  # a curve needs a second point
             self.plot()
 

@@ -9,10 +9,26 @@ import pytest
 jax.config.update("jax_default_matmul_precision", "highest")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# JAXGPT_SHAKESPEARE names a local copy of tiny Shakespeare; else a sibling shared/ checkout's, else the download.
-SHAKESPEARE = pathlib.Path(
-    os.environ.get("JAXGPT_SHAKESPEARE", ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt")
-)
+# jaxgpt's one rule (jaxgpt.data.default_text_path): JAXGPT_SHAKESPEARE names a local copy of tiny Shakespeare, else
+# the cache's copy, else the download. The tests add one step: a sibling shared/ checkout's copy names itself, so
+# that every test and every train.py / sample.py they start read it.
+SIBLING_SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+if not os.environ.get("JAXGPT_SHAKESPEARE") and SIBLING_SHAKESPEARE.is_file():
+    os.environ["JAXGPT_SHAKESPEARE"] = str(SIBLING_SHAKESPEARE)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist starts its workers: they inherit the environment set here
+def pytest_sessionstart(session):
+    """Finds tiny Shakespeare once, or ends the session at once with one line saying how to point at a local copy
+    (offline, every test that reads it would otherwise wait for its own download to fail)."""
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller has looked already
+        return
+    from jaxgpt.data import DataError, default_text_path
+
+    try:
+        os.environ["JAXGPT_SHAKESPEARE"] = str(default_text_path())
+    except DataError as e:
+        pytest.exit(f"error: tiny Shakespeare is needed by the tests: {e}", returncode=2)
 
 
 @pytest.fixture(scope="session")
@@ -30,13 +46,9 @@ def torch_highest():
 
 @pytest.fixture(scope="session")
 def shakespeare_path() -> pathlib.Path:
-    """Tiny Shakespeare: $JAXGPT_SHAKESPEARE, a sibling shared/ checkout's copy, or jaxgpt's own download
-    (size and sha256 checked, kept in $JAXGPT_CACHE) so that a fresh clone's tests need nothing else."""
-    if "JAXGPT_SHAKESPEARE" in os.environ:
-        assert SHAKESPEARE.is_file(), f"JAXGPT_SHAKESPEARE={SHAKESPEARE} is not a file: point it at input.txt"
-        return SHAKESPEARE
-    if SHAKESPEARE.is_file():
-        return SHAKESPEARE
+    """Tiny Shakespeare as jaxgpt finds it: $JAXGPT_SHAKESPEARE (a sibling shared/ checkout's copy when unset), or
+    jaxgpt's own download (size and sha256 checked, kept in $JAXGPT_CACHE) so that a fresh clone's tests need nothing
+    else."""
     from jaxgpt.data import default_text_path
 
     return default_text_path()

@@ -71,9 +71,10 @@ def _saveable_state(run) -> dict:
     return dict(params=params, opt_state=opt_state, key=jax.random.PRNGKey(7), meta={"config": info["config"]})
 
 
-def test_a_step_both_best_and_latest_is_written_once_and_linked(run, tmp_path):
-    """`link` gives 'latest' the very files of 'best' (hard links, whole or not at all); pruning 'best' later
-    leaves 'latest' whole, and a link killed midway leaves a temp dir that is no step and is cleared."""
+def test_a_step_both_best_and_latest_is_written_once_and_copied(run, tmp_path):
+    """`link` gives 'latest' copies of the files of 'best' (whole or not at all, never hard links that a change in
+    place would reach through both names); pruning 'best' later leaves 'latest' whole, and a link killed midway
+    leaves a temp dir that is no step and is cleared."""
     state = _saveable_state(run)
     params, opt_state = state["params"], state["opt_state"]
     ckptr = checkpoint.Checkpointer(tmp_path)
@@ -84,8 +85,9 @@ def test_a_step_both_best_and_latest_is_written_once_and_linked(run, tmp_path):
     best, latest = ckptr.step_dir("best", 5), ckptr.step_dir("latest", 5)
     files = sorted(p.relative_to(best) for p in best.rglob("*") if p.is_file())
     assert files and files == sorted(p.relative_to(latest) for p in latest.rglob("*") if p.is_file())
-    assert all((best / f).stat().st_ino == (latest / f).stat().st_ino for f in files)  # linked, not rewritten
-    checkpoint.verify(ckptr.step_dir("latest", 3))  # its 'best' twin is gone: the links keep it whole
+    assert all((best / f).read_bytes() == (latest / f).read_bytes() for f in files)  # copied, not rewritten
+    assert all((best / f).stat().st_ino != (latest / f).stat().st_ino for f in files)  # no file shared
+    checkpoint.verify(ckptr.step_dir("latest", 3))  # its 'best' twin is gone: the copies are whole
     restored = ckptr.restore("latest", step=3, params=params, opt_state=opt_state, key=state["key"])
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -112,7 +114,7 @@ def test_a_link_that_fails_is_one_line_and_keeps_the_older_step(run, tmp_path, m
     def full_disk(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "_link_or_copy", full_disk)
+    monkeypatch.setattr(checkpoint, "_clone_or_copy", full_disk)
     with pytest.raises(checkpoint.CheckpointError, match=r"could not save the latest checkpoint at step 5 .*No space "
                                                          r"left on device.*previous checkpoint \(step 3\) is kept"):
         ckptr.link("latest", 5, source="best")

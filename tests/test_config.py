@@ -189,3 +189,14 @@ def test_matmul_precision_is_an_explicit_choice():
     c.matmul_precision = "fast"
     with pytest.raises(config_lib.ConfigError, match="'matmul_precision' must be one of"):
         config_lib.validate(c)
+
+
+def test_every_config_key_has_one_line_of_help():
+    from jaxgpt.config_help import KEY_HELP, describe, leaf_keys
+
+    keys = leaf_keys(config_lib.base_config())
+    assert set(keys) == set(KEY_HELP)
+    assert all(text and "\n" not in text for text in KEY_HELP.values())
+    listed = describe(config_lib.base_config()).splitlines()
+    assert len(listed) == len(keys) and "  --config.max_iters=600000" in listed[listed.index(next(
+        line for line in listed if "max_iters" in line))]

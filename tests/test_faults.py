@@ -456,8 +456,9 @@ def test_download_dying_mid_copy_leaves_nothing(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------ NaN / inf
 
 
-def _poison(monkeypatch, bad_step: int, kind: str) -> None:
-    """Makes training step `bad_step` non-finite: its loss ('loss') or only its gradients ('grad')."""
+def _poison(monkeypatch, bad_step: int | None, kind: str) -> None:
+    """Makes training step `bad_step` (None: every step) non-finite: its loss ('loss') or only its gradients
+    ('grad')."""
     current = {}
     real_keys, real_loss = train_step.step_keys, train_step._loss
 
@@ -469,7 +470,7 @@ def _poison(monkeypatch, bad_step: int, kind: str) -> None:
         value = real_loss(graphdef, params, x, y, key, use_dropout)
         if key is None:  # evaluation: leave it alone
             return value
-        hit = current["step"] == bad_step
+        hit = True if bad_step is None else current["step"] == bad_step
         if kind == "loss":
             return value * jnp.where(hit, jnp.nan, 1.0)
         # 0 * sqrt(s) is 0, but its gradient at s = 0 is 0 * inf = NaN
@@ -480,34 +481,30 @@ def _poison(monkeypatch, bad_step: int, kind: str) -> None:
     monkeypatch.setattr(train_step, "_loss", loss)
 
 
-def _positions(n_tokens: int, keys: jax.Array, batch_size: int, block_size: int) -> set[int]:
-    """The token positions the batches of `keys` read (inputs and targets), via the host gather."""
-    x, y = training.host_batches(np.arange(n_tokens), keys, batch_size, block_size)
-    return set(np.concatenate([x.ravel(), y.ravel()]).tolist())
-
-
-def test_a_bad_token_in_the_data_stops_the_run_naming_the_step(tmp_path, text):
-    """A nanoGPT train.bin with one id outside the vocabulary, read first by step 5: its embedding is NaN, so
-    the loss of step 5 is; the run stops naming step 5 and keeps step 4's checkpoint."""
+def test_a_bad_token_in_the_data_is_refused_before_training(tmp_path, text):
+    """A nanoGPT train.bin with one id outside the vocabulary is refused at load, naming the id and where it is,
+    before anything is written."""
     ds = data.load_dataset(text)
-    cfg = _config(text, tmp_path / "out", max_iters=8)
-    base_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
-    n, B, T = len(ds.train), cfg.batch_size, cfg.model.block_size
-    before = set()
-    for s in range(5):
-        before |= _positions(n, training.step_keys(base_key, s, 1)[0], B, T)
-    for s in range(0, 5, cfg.eval_interval):
-        before |= _positions(n, jax.random.split(training.eval_key(base_key, s, 0), cfg.eval_iters), B, T)
-    bad = min(_positions(n, training.step_keys(base_key, 5, 1)[0], B, T) - before)
     train = ds.train.astype(np.uint16)
-    train[bad] = ds.vocab_size  # one past the last id: a corrupt file
+    train[123] = ds.vocab_size  # one past the last id: a corrupt file
     d = tmp_path / "data"
     d.mkdir()
     train.tofile(d / "train.bin")
     ds.val.astype(np.uint16).tofile(d / "val.bin")
     with open(d / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": ds.vocab_size, "itos": ds.tokenizer.itos, "stoi": ds.tokenizer.stoi}, f)
+    cfg = _config(text, tmp_path / "out", max_iters=8)
     cfg.data.path = str(d)
+    with pytest.raises(data.DataError, match=rf"train.bin holds 1 token id\(s\) outside the vocabulary "
+                                             rf"\[0, {ds.vocab_size}\), the first {ds.vocab_size} at position 123"):
+        training.train(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path, text, monkeypatch):
+    """Step 5's loss is NaN: the run stops naming step 5 and keeps step 4's checkpoint."""
+    _poison(monkeypatch, 5, "loss")
+    cfg = _config(text, tmp_path / "out", max_iters=8, **{"model.name": "bigram"})
     with pytest.raises(training.TrainingError, match=r"loss is nan at step 5: .*\(step 4\) is kept.*"
                                                      r"skip_nonfinite=True skips such steps"):
         training.train(cfg)
@@ -533,3 +530,102 @@ def test_skip_nonfinite_skips_the_update_and_counts_it(tmp_path, text, monkeypat
     assert [steps[s]["skipped_nonfinite"] for s in range(5)] == [0, 0, 0, 0, 1]
     assert "loss" not in steps[4] and all(np.isfinite(steps[s]["loss"]) for s in range(4))
     assert after["meta"]["skipped_nonfinite"] == 1 and before["meta"]["skipped_nonfinite"] == 0
+
+
+def test_skip_nonfinite_with_every_step_skipped_is_an_error(tmp_path, text, monkeypatch):
+    """Every gradient NaN: the run does not end 'done' but says that nothing was learned, the checkpoint kept."""
+    _poison(monkeypatch, None, "grad")
+    out = tmp_path / "out"
+    with pytest.raises(training.TrainingError, match=r"all 4 steps of this run were skipped as non-finite"):
+        training.train(_config(text, out, max_iters=4, skip_nonfinite=True, **{"model.name": "bigram"}))
+    assert ckpt_lib.Checkpointer(out, read_only=True).latest_step() == 4
+
+
+@pytest.mark.slow  # sample.py in a subprocess
+def test_best_and_latest_share_no_file_and_sampling_falls_back_from_a_corrupt_best(tmp_path, text):
+    """The state of step 4 is both 'best' and 'latest': a byte flipped in place in best/4 leaves latest/4 whole,
+    and sample.py's default (best) falls back to latest/4 with a one-line note; --which=best is one error line."""
+    import sample
+
+    out = tmp_path / "run"
+    training.train(_config(text, out, max_iters=4, eval_interval=4))
+    best, latest = out / "checkpoints" / "best" / "4", out / "checkpoints" / "latest" / "4"
+    for f in (p for p in best.rglob("*") if p.is_file()):
+        other = latest / f.relative_to(best)
+        assert f.read_bytes() == other.read_bytes() and not os.path.samefile(f, other)
+    with open(_biggest_file(best), "r+b") as f:  # in place: the same inode
+        f.seek(10)
+        byte = f.read(1)
+        f.seek(10)
+        f.write(bytes([byte[0] ^ 1]))
+    ckpt_lib.verify(latest)
+    cmd = [sys.executable, str(ROOT / "sample.py"), f"--out_dir={out}", "--start=a", "--num_samples=1",
+           "--max_new_tokens=3"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("a"), r.stderr[-2000:]
+    note = [line for line in r.stderr.splitlines() if "sample.py" in line]
+    assert len(note) == 1 and "best/4" in note[0] and "sampled the latest checkpoint instead" in note[0], r.stderr
+    err = io.StringIO()
+    assert sample.main([f"--out_dir={out}", "--which=best", "--start=a"], out=io.StringIO(), err=err) == 2
+    assert err.getvalue().count("\n") == 1 and "best/4 is corrupt" in err.getvalue()
+
+
+def test_load_model_rereads_when_the_trainer_prunes_the_step_it_is_reading(run6, tmp_path, monkeypatch, capfd):
+    """Reading while a run trains: the step being read is pruned midway (here latest/6, as the trainer's clean-up
+    would): load_model reads the newest whole step again instead of failing with Orbax's 'Item not found'."""
+    out = _copy(run6, tmp_path)
+    real, pruned = ckpt_lib.Checkpointer._restore, []
+
+    def restore_while_pruned(self, which, step, args):
+        if not pruned:
+            pruned.append(step)
+            shutil.rmtree(self.step_dir(which, step))
+        return real(self, which, step, args)
+
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "_restore", restore_while_pruned)
+    _, _, info = ckpt_lib.load_model(out, "latest")
+    assert pruned == [6] and info["step"] == 4
+    assert "Traceback" not in capfd.readouterr().err
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "_restore", real)
+    (out / "checkpoints" / "latest" / "4" / ckpt_lib.MANIFEST).unlink()  # damaged, nothing changing: no retry
+    with pytest.raises(ckpt_lib.CheckpointError, match="no usable checkpoint"):
+        ckpt_lib.load_model(out, "latest")
+
+
+@pytest.mark.slow  # train.py in a subprocess
+def test_load_model_while_train_py_saves_and_prunes_never_fails(tmp_path, text, capfd):
+    """train.py checkpoints every 2 steps and prunes behind itself; meanwhile load_model reads the newest step over
+    and over for 20 s: every read succeeds (each one a whole step), none fails on a step pruned mid-read, and the
+    reader prints no traceback or Orbax note."""
+    import warnings
+
+    from jaxgpt.run_dir import has_checkpoint
+
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", JAXGPT_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, str(ROOT / "train.py"), str(ROOT / "configs" / "shakespeare_char_cpu.py"), "--n_layer=1",
+           "--n_embd=16", "--n_head=2", "--block_size=8", "--batch_size=4", "--eval_iters=1", f"--out_dir={out}",
+           f"--config.data.path={text}", "--max_iters=1000000", "--lr_decay_iters=1000000", "--eval_interval=2",
+           "--steps_per_call=2", "--progress=False", "--plot=False", "--sample_tokens=0"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    steps, failures = [], []
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not has_checkpoint(out, "latest"):
+            time.sleep(0.2)
+        start = time.time()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a newest step still being written is passed over with a warning
+            while time.time() - start < 20 and proc.poll() is None:
+                try:
+                    steps.append(ckpt_lib.load_model(out, "latest")[2]["step"])
+                except Exception as e:  # noqa: BLE001 - every failure is reported below
+                    failures.append(f"{type(e).__name__}: {e}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert not failures, failures[:3]
+    assert len(steps) > 10 and steps[-1] > steps[0]  # the reads did race the trainer's saves and prunes
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Event loop is closed" not in err and "Metadata file" not in err, err[-2000:]

@@ -207,3 +207,16 @@ def test_submodules_are_reachable_as_attributes_and_imported_on_first_use():
                        env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "module 'jaxgpt' has no attribute 'no_such_thing'"
+
+
+def test_the_docs_say_that_config_files_run_as_code():
+    """A config file is a Python script: the README, the training docs and both --help texts say to trust it as one."""
+    import sample
+    import train
+
+    for text in [(ROOT / "README.md").read_text(), (ROOT / "docs" / "training.md").read_text(), train.__doc__,
+                 sample.build_parser().format_help()]:
+        flat = " ".join(text.split())
+        assert "runs as code" in flat or "run it as code" in flat, flat[:300]
+        assert "trust a config file as you would trust a script" in flat or "trust it as you would trust a script" \
+            in flat

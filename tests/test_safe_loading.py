@@ -338,3 +338,119 @@ def test_train_cli_refuses_a_crafted_dataset_meta(tmp_path):
     assert line.startswith("error: ") and str(data / "meta.pkl") in line and refused in line, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not sentinel.exists() and not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dtype O", "vocab_size 10**9", "id past the vocabulary"])
+def test_train_cli_refuses_a_hostile_data_folder_in_one_line(tmp_path, kind):
+    """A meta.pkl of plain values that once crashed the interpreter (dtype 'O' handed to np.memmap) or allocated
+    without bound (vocab_size 10**9), and a train.bin with an id the model has no embedding for."""
+    data = tmp_path / "data"
+    _data_dir(data)
+    meta = {"vocab_size": len(CHARS), "itos": dict(enumerate(CHARS)), "stoi": {c: i for i, c in enumerate(CHARS)}}
+    message = {"dtype O": "dtype 'O' is not one of", "vocab_size 10**9": "vocab_size 1000000000 is not an int",
+               "id past the vocabulary": "train.bin holds 1 token id(s) outside the vocabulary [0, 5)"}[kind]
+    if kind == "dtype O":
+        meta["dtype"] = "O"
+    elif kind == "vocab_size 10**9":
+        meta["vocab_size"] = 10**9
+    else:
+        ids = np.fromfile(data / "train.bin", np.uint16)
+        ids[200] = 7
+        ids.tofile(data / "train.bin")
+    with open(data / "meta.pkl", "wb") as f:
+        pickle.dump(meta, f)
+    out = tmp_path / "out"
+    r = _train(_env(), *TINY, f"--config.data.path={data}", f"--config.out_dir={out}", "--config.max_iters=2",
+               "--config.compile_cache=False", timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = _one_line(r.stderr.strip())
+    assert line.startswith("error: ") and message in line and "python -m jaxgpt.prepare" in line, line
+    assert not out.exists()  # no lock, nothing written
+
+
+# ------------------------------------------------------------------------------- a local GPT-2 folder
+
+GPT2_CONFIG = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 8, "vocab_size": 5, "n_positions": 16}
+
+
+def _gpt2_folder(path, weights: str, content) -> None:
+    """A Hugging Face GPT-2 folder: config.json (GPT2_CONFIG unless `content` replaces it) and one weights file."""
+    import json
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(GPT2_CONFIG))
+    if weights == "config.json":
+        (path / "config.json").write_text(content)
+    elif isinstance(content, bytes):
+        (path / weights).write_bytes(content)
+    else:
+        torch.save(content, path / weights)
+
+
+@pytest.mark.parametrize("kind", PAYLOADS)
+def test_gpt2_loader_refuses_a_crafted_pytorch_model_bin(tmp_path, kind):
+    sentinel = tmp_path / "SENTINEL"
+    payload, refused = _payloads(sentinel)[kind]
+    _gpt2_folder(tmp_path / "gpt2", "pytorch_model.bin", {"wte.weight": torch.zeros(5, 8), "x": payload})
+    with pytest.raises(UnsafePickleError, match=refused) as e:
+        jaxgpt.load_gpt2_pretrained(tmp_path / "gpt2")
+    assert _one_line(str(e.value)) and "weights_only=False" not in str(e.value)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("weights, content, message", [
+    ("pytorch_model.bin", b"not a pickle at all", "cannot read the GPT-2 weights"),
+    ("pytorch_model.bin", [1, 2], "holds a list, not a state dict"),
+    ("model.safetensors", b"\xff" * 64, "cannot read the GPT-2 weights"),
+    ("config.json", "[1, 2]", "holds a JSON list"),
+    ("config.json", "{", "is not a JSON file"),
+])
+def test_gpt2_loader_says_in_one_line_what_is_wrong_with_a_folder(tmp_path, weights, content, message):
+    _gpt2_folder(tmp_path / "gpt2", weights, content)
+    with pytest.raises(ValueError, match=message) as e:
+        jaxgpt.load_gpt2_pretrained(tmp_path / "gpt2")
+    assert _one_line(str(e.value))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["sample.py", "train.py"])
+def test_cli_refuses_a_crafted_gpt2_folder_in_one_line(tmp_path, script, shakespeare_path):
+    sentinel = tmp_path / "SENTINEL"
+    payload, refused = _payloads(sentinel)["os.system"]
+    folder = tmp_path / "gpt2"
+    _gpt2_folder(folder, "pytorch_model.bin", {"wte.weight": torch.zeros(5, 8), "x": payload})
+    if script == "sample.py":
+        cmd = [sys.executable, str(ROOT / "sample.py"), f"--init_from=gpt2:{folder}", "--start=a"]
+        r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    else:
+        r = _train(_env(), *TINY, f"--config.data.path={tiny_text(tmp_path, shakespeare_path)}",
+                   f"--config.out_dir={tmp_path / 'out'}", f"--config.init_from=gpt2:{folder}", timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = _one_line(r.stderr.strip())
+    assert "error: " in line and refused in line and "weights_only=False" not in line and "Traceback" not in line
+    assert not sentinel.exists() and not (tmp_path / "out").exists()
+
+
+_meta_values = _plain | st.sampled_from(["O", "uint16", "float64", "V8", "(1000000000,)u2", "char", "hf"]) \
+    | st.integers(-(10**12), 10**12) | st.dictionaries(st.integers(-2, 6), st.text(max_size=2), max_size=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(meta=st.dictionaries(st.sampled_from(["dtype", "vocab_size", "itos", "stoi", "tokenizer", "other"]),
+                            _meta_values, max_size=5)
+       | st.builds(lambda t: {"tokenizer": t}, st.dictionaries(st.sampled_from(["type", "chars", "json", "name"]),
+                                                               _meta_values, max_size=3)))
+def test_any_plain_meta_either_loads_or_is_one_data_error(tmp_path_factory, meta):
+    """Whatever plain values a meta.pkl holds: the folder loads, or one DataError line says what is wrong; never
+    another exception, a crash or an allocation its values ask for."""
+    folder = tmp_path_factory.mktemp("meta")
+    _data_dir(folder)
+    with open(folder / "meta.pkl", "wb") as f:
+        pickle.dump(meta, f)
+    try:
+        ds = load_dataset(folder)
+    except DataError as e:
+        assert "\n" not in str(e) and str(folder) in str(e)
+    else:
+        assert ds.vocab_size >= 5  # the folder's ids (< 5) are all in its vocabulary

@@ -92,3 +92,36 @@ def test_greedy_and_no_cache_agree(tmp_path):
     b = run(["--temperature=0", "--num_samples=1", "--max_new_tokens=20", "--no_cache"], tmp_path)
     assert a[0] == b[0] == 0 and a[1] == b[1]
     assert np.all([c in TOK.stoi or c == "-" for c in a[1]])
+
+
+def test_a_run_without_checkpoints_is_one_line_saying_each_thing_once(tmp_path):
+    (tmp_path / "run").mkdir()
+    code, out, err = run([f"--out_dir={tmp_path / 'run'}"], tmp_path, sample._default_load_model)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.count("no best checkpoint") == 1 and err.count("no latest checkpoint") == 1
+    assert err.count("train first") == 1
+
+
+def test_without_which_an_unusable_best_falls_back_to_latest_with_a_note(tmp_path):
+    calls = []
+    loader, _ = fake_loader(calls)
+
+    def best_is_corrupt(out_dir, which):
+        if which == "best":
+            raise sample.UsageError("no usable checkpoint in run/checkpoints: best/300: a file is corrupt")
+        return loader(out_dir, which)
+
+    code, out, err = run(["--start=AB", "--num_samples=1", "--max_new_tokens=2"], tmp_path, best_is_corrupt)
+    assert code == 0 and out.startswith("AB")
+    assert err.count("\n") == 1 and "note: " in err and "best/300" in err and "latest" in err
+    code, out, err = run(["--which=best", "--start=AB"], tmp_path, best_is_corrupt)  # asked for: no fallback
+    assert code == 2 and out == "" and "best/300" in err and "note" not in err
+
+
+def test_greedy_sampling_of_several_samples_says_they_are_the_same(tmp_path):
+    code, out, err = run(["--start=AB", "--num_samples=3", "--max_new_tokens=4", "--temperature=0"], tmp_path)
+    samples = out.split("\n---------------\n")[:3]
+    assert code == 0 and len(set(samples)) == 1
+    assert err.count("\n") == 1 and "--temperature=0 is greedy, so the 3 samples are the same" in err
+    code, out, err = run(["--start=AB", "--num_samples=1", "--max_new_tokens=4", "--temperature=0"], tmp_path)
+    assert code == 0 and err == ""

@@ -90,7 +90,8 @@ def test_load_tokenizer_specs(bpe_json, shakespeare, tmp_path):
     assert load_tokenizer(char_json) == CharTokenizer.from_text(text)
     chars = sorted(set(text))
     with open(tmp_path / "meta.pkl", "wb") as f:  # nanoGPT's shakespeare_char meta.pkl
-        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {}}, f)
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+                     "stoi": {c: i for i, c in enumerate(chars)}}, f)
     assert load_tokenizer(tmp_path / "meta.pkl") == CharTokenizer(chars)
     assert tokenizer_from_meta(tmp_path / "meta.pkl").decode([0, 1]) == chars[0] + chars[1]
 

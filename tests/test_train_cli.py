@@ -128,3 +128,146 @@ def test_ctrl_c_answers_at_once_and_a_second_quits_within_a_second_keeping_the_c
     assert "quitting now without saving" in stderr
     assert "Traceback" not in stderr and "Fatal Python error" not in stderr and "Segmentation" not in stderr
     assert checkpoint.load_model(out, "latest")[2]["step"] == 8
+
+
+def _start(env, tmp_path, text, *extra):
+    """train.py on `text` with stdout in a file (read while it runs); returns (process, stdout path, out_dir)."""
+    out, log = tmp_path / "out", tmp_path / "stdout.txt"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "shakespeare_char_cpu.py"),
+           *TINY, f"--config.data.path={text}", f"--config.out_dir={out}", "--config.max_iters=1000000",
+           "--config.lr_decay_iters=1000000", "--config.eval_interval=1000000", *extra]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    return proc, log, out
+
+
+def _wait_for(log, marker: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and marker not in log.read_text():
+        time.sleep(0.05)
+    assert marker in log.read_text(), log.read_text()[-2000:]
+
+
+@pytest.mark.parametrize("moment", ["importing", "after the data", "compiling"])
+def test_ctrl_c_before_the_first_step_stops_in_one_line_leaving_nothing(env, tmp_path, shakespeare_path, moment):
+    """At any moment before the first step: never swallowed, no traceback, exit 130 with one line, no `done:`, no
+    lock and no empty checkpoint folders."""
+    proc, log, out = _start(env, tmp_path, tiny_text(tmp_path, shakespeare_path))
+    try:
+        if moment == "importing":
+            time.sleep(1.0)
+        else:
+            _wait_for(log, "data:" if moment == "after the data" else "compiling the training step")
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted (SIGINT) before "), stderr[-2000:]
+    assert "nothing" in lines[0] and "done:" not in log.read_text()
+    assert not (out / "jaxgpt.lock").exists() and not (out / "checkpoints").exists()
+
+
+def test_a_second_ctrl_c_before_any_checkpoint_says_there_is_none_and_leaves_no_lock(env, tmp_path, shakespeare_path):
+    proc, log, out = _start(env, tmp_path, tiny_text(tmp_path, shakespeare_path))
+    try:
+        _wait_for(log, "compiling the training step")
+        proc.send_signal(signal.SIGINT)
+        _wait_for(log, "SIGINT: stopping before", timeout=5)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "quitting now without saving; there is no checkpoint yet" in stderr and "Traceback" not in stderr
+    assert "the last checkpoint is kept" not in stderr
+    assert not (out / "jaxgpt.lock").exists() and not (out / "checkpoints").exists()
+
+
+FULL_DISK_CONFIG = '''"""The CPU config, with a disk that fills up while the step-{step} checkpoint is written."""
+import errno
+import os
+import runpy
+
+from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+_real = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+
+def _save_fn(self, x, directory):
+    if isinstance(x, dict) and x.get("step", 0) >= {step}:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return _real(self, x, directory)
+
+
+json_checkpoint_handler.JsonCheckpointHandler._save_fn = _save_fn
+
+
+def get_config():
+    return runpy.run_path({cpu!r})["get_config"]()
+'''
+
+
+def test_a_full_disk_is_one_error_line_and_keeps_the_previous_checkpoint(env, tmp_path, shakespeare_path):
+    """The disk fills while step 4 is saved: one `error:` line (no Orbax thread tracebacks), exit 2, step 2's
+    checkpoint whole, no temp dir or lock left; with space again the run resumes from step 2."""
+    text = tiny_text(tmp_path, shakespeare_path)
+    config = tmp_path / "full_disk.py"
+    config.write_text(FULL_DISK_CONFIG.format(step=4, cpu=str(ROOT / "configs" / "shakespeare_char_cpu.py")))
+    out = tmp_path / "out"
+    common = [*TINY, f"--config.data.path={text}", f"--config.out_dir={out}", "--config.max_iters=4",
+              "--config.eval_interval=2", "--config.steps_per_call=2", "--config.sample_tokens=0"]
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(config), *common]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not save"), r.stderr[-3000:]
+    assert "No space left on device" in lines[0] and "(step 2) is kept" in lines[0]
+    assert checkpoint.load_model(out, "latest")[2]["step"] == 2
+    assert not list((out / "checkpoints").glob("*/*tmp*")) and not (out / "jaxgpt.lock").exists()
+    r = _train(env, *common, "--config.resume=True")
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-2000:]
+    assert checkpoint.load_model(out, "latest")[2]["step"] == 4
+
+
+NAN_GRADIENTS_CONFIG = '''"""The CPU config with skip_nonfinite, and a NaN gradient at every training step."""
+import runpy
+
+import jax
+import jax.numpy as jnp
+
+from jaxgpt import train_step
+
+_real = train_step._loss
+
+
+def _loss(graphdef, params, x, y, key, use_dropout):
+    value = _real(graphdef, params, x, y, key, use_dropout)
+    if key is None:  # evaluation: left alone
+        return value
+    return value + 0.0 * jnp.sqrt(0.0 * jax.tree.leaves(params)[0].sum())  # d/ds sqrt(s) at 0: NaN
+
+
+train_step._loss = _loss
+
+
+def get_config():
+    c = runpy.run_path({cpu!r})["get_config"]()
+    c.skip_nonfinite = True
+    return c
+'''
+
+
+def test_every_step_skipped_as_non_finite_is_an_error_not_done(env, tmp_path, shakespeare_path):
+    config = tmp_path / "nan_gradients.py"
+    config.write_text(NAN_GRADIENTS_CONFIG.format(cpu=str(ROOT / "configs" / "shakespeare_char_cpu.py")))
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(config), *TINY,
+           f"--config.data.path={tiny_text(tmp_path, shakespeare_path)}", f"--config.out_dir={out}",
+           "--config.max_iters=4", "--config.eval_interval=4", "--config.model.name=bigram", "--config.sample_tokens=0"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: all 4 steps of this run were skipped as non-finite")
+    assert "done:" not in r.stdout and checkpoint.load_model(out, "latest")[2]["step"] == 4  # the state is kept

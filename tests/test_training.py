@@ -469,6 +469,7 @@ def test_download_checks_size_and_sha256(tmp_path):
 
 
 def test_default_dataset_downloads_into_the_cache_once(tmp_path, monkeypatch, shakespeare_path):
+    monkeypatch.delenv("JAXGPT_SHAKESPEARE", raising=False)
     monkeypatch.setenv("JAXGPT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(data, "SHAKESPEARE_URL", shakespeare_path.as_uri())
     assert data.cache_dir() == tmp_path / "cache"
@@ -479,7 +480,22 @@ def test_default_dataset_downloads_into_the_cache_once(tmp_path, monkeypatch, sh
 
 
 def test_offline_without_a_file_says_which_flag_to_set(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAXGPT_SHAKESPEARE", raising=False)
     monkeypatch.setenv("JAXGPT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(data, "SHAKESPEARE_URL", (tmp_path / "nowhere.txt").as_uri())
-    with pytest.raises(data.DataError, match="--config.data.path"):
+    with pytest.raises(data.DataError, match="set JAXGPT_SHAKESPEARE=/path/to/input.txt .*--config.data.path"):
         data.load_dataset("")
+
+
+def test_jaxgpt_shakespeare_names_the_default_corpus_everywhere(tmp_path, monkeypatch):
+    """One rule for the default corpus: $JAXGPT_SHAKESPEARE first, never a download when it is set."""
+    monkeypatch.setenv("JAXGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "SHAKESPEARE_URL", (tmp_path / "nowhere.txt").as_uri())
+    corpus = tmp_path / "input.txt"
+    corpus.write_text("To be, or not to be\n" * 20)
+    monkeypatch.setenv("JAXGPT_SHAKESPEARE", str(corpus))
+    assert data.default_text_path() == corpus and data.load_dataset("").source == str(corpus)
+    monkeypatch.setenv("JAXGPT_SHAKESPEARE", str(tmp_path / "missing.txt"))
+    with pytest.raises(data.DataError, match=r"JAXGPT_SHAKESPEARE=.*missing.txt is not a file: point it at"):
+        data.load_dataset(None)
+    assert not (tmp_path / "cache").exists()

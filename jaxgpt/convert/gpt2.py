@@ -12,6 +12,7 @@ import numpy as np
 
 from jaxgpt.convert.torch_names import BUFFER_NAME, from_torch_state_dict, import_torch, to_numpy
 from jaxgpt.model import GPT, GPTConfig
+from jaxgpt.safe_pickle import UnsafePickleError, load_torch_checkpoint
 
 _HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 # GPT-2's Conv1D layers store (in, out), the layout of an NNX kernel; nanoGPT's Linear stores (out, in).
@@ -53,6 +54,16 @@ def gpt2_config_from_hf(hf_config: Mapping, **overrides) -> GPTConfig:
 
 
 def _read_hf_weights(folder: Path) -> dict[str, np.ndarray]:
+    try:
+        return _read_hf_weight_files(folder)
+    except (UnsafePickleError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' and torch's errors for a garbled file, in one line
+        reason = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"{folder}: cannot read the GPT-2 weights ({type(e).__name__}: {reason})") from None
+
+
+def _read_hf_weight_files(folder: Path) -> dict[str, np.ndarray]:
     if (folder / "model.safetensors").is_file():
         from safetensors.numpy import load_file
 
@@ -66,8 +77,12 @@ def _read_hf_weights(folder: Path) -> dict[str, np.ndarray]:
             out.update(load_file(folder / shard))
         return out
     if (folder / "pytorch_model.bin").is_file():
-        torch = import_torch()
-        return dict(torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True))
+        import_torch()  # the install hint, before the file is touched
+        path = folder / "pytorch_model.bin"
+        state_dict = load_torch_checkpoint(path)  # weights only: a pickled global is refused, never run
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state dict of tensors")
+        return dict(state_dict)
     raise FileNotFoundError(f"{folder} has none of the GPT-2 weight files {list(_HF_WEIGHT_FILES)}")
 
 
@@ -102,7 +117,12 @@ def load_gpt2_pretrained(local_dir: str | os.PathLike, **config_overrides) -> GP
         raise FileNotFoundError(f"{folder} is not a folder: give a local GPT-2 folder (config.json + weights)")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
-    hf_config = json.loads((folder / "config.json").read_text())
+    try:
+        hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except ValueError as e:  # not UTF-8, not JSON
+        raise ValueError(f"{folder / 'config.json'} is not a JSON file ({e})") from None
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{folder / 'config.json'} holds a JSON {type(hf_config).__name__}, not a config object")
     n_positions = hf_config.get("n_positions")
     config = gpt2_config_from_hf(hf_config, **config_overrides)
     state_dict = hf_gpt2_to_nanogpt(_read_hf_weights(folder))
