@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes, tpu-v5e-1 and h100 only")
     p.add_argument("--targets", default="", help=f"comma-separated, of {','.join(targets_lib.TARGETS)}")
     p.add_argument("--configs", default="shakespeare_char,gpt2_124m")
+    p.add_argument("--gpt2-batch", type=int, help="GPT-2's largest batch on a v5e chip, if known (else searched)")
     p.add_argument("--json", type=pathlib.Path, help="write the rows as a JSON list here")
     p.add_argument("--hlo", type=pathlib.Path, help="write each compiled program's HLO text into this folder")
     p.add_argument("--packages", type=pathlib.Path, default=ROOT / ".targets",
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = a.configs.split(",")
     rows: list[dict] = []
     tpu_flops: dict = {}
-    gpt2_batch = None
+    gpt2_batch = a.gpt2_batch
     for name in names:
         target = targets_lib.TARGETS[name]
         try:
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"target": name, "program": "all", "config": "", "compiled": False, "fits": False,
                          "error": _one_line(e)})
             continue
-        if name == "tpu-v5e-1" and not a.quick and "gpt2_124m" in configs:
+        if name == "tpu-v5e-1" and not a.quick and "gpt2_124m" in configs and gpt2_batch is None:
             gpt2_batch = gpt2_largest_batch(devs)
         for job in jobs_for(target, configs, a.quick, gpt2_batch):
             print(f"compiling {name}: {job.label}", file=sys.stderr, flush=True)
