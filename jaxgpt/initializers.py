@@ -51,7 +51,7 @@ def _serving(draw: _Draw) -> Iterator[_Draw]:
 
 
 @dataclasses.dataclass(frozen=True)
-class normal:  # noqa: N801 - used as a function, `normal(std)`, like Flax's initialisers
+class normal:  # lower case: called like a function, `normal(std)`, as Flax's initialisers are
     """N(0, std²): nanoGPT's init for weights and embeddings (`torch.nn.init.normal_(mean=0.0, std=std)`).
 
     A value, not a closure: two `normal(0.02)` compare equal. Some Flax versions (0.12.0) keep a layer's

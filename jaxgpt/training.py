@@ -294,8 +294,8 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
     seed_key, run_key = seed_keys(config.seed)
     s["key"] = jax.device_put(run_key, replicated)  # every step's keys' root
     run.seed_key = seed_key
-    # Only the weights are taken from the model built: the compiled programs keep the graphdef of the shapes. (Two
-    # builds' graphdefs need not compare equal: Flax 0.12.0 keeps each layer's initialiser in it, a new closure.)
+    # Only the weights are taken from the model built: the compiled programs keep the graphdef of the shapes. (What a
+    # graphdef holds varies across Flax versions: 0.12.0 keeps each layer's initialiser in it.)
     params = nnx.state(init_model or config_lib.build_model(config, vocab_size, seed_key))
     _check_like(params, shapes)
     # Replicated (fsdp=1) or FSDP-split; a restore reads the checkpoint straight into these shardings.
