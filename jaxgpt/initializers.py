@@ -13,6 +13,7 @@ the same weights, since a model makes its parameters in one fixed order.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 from collections.abc import Callable, Iterator
@@ -49,19 +50,24 @@ def _serving(draw: _Draw) -> Iterator[_Draw]:
         _served.draw = previous
 
 
-def normal(std: float) -> nnx.Initializer:
-    """N(0, std²): nanoGPT's init for weights and embeddings (`torch.nn.init.normal_(mean=0.0, std=std)`)."""
+@dataclasses.dataclass(frozen=True)
+class normal:  # lower case: called like a function, `normal(std)`, as Flax's initialisers are
+    """N(0, std²): nanoGPT's init for weights and embeddings (`torch.nn.init.normal_(mean=0.0, std=std)`).
 
-    def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    A value, not a closure: two `normal(0.02)` compare equal. Some Flax versions (0.12.0) keep a layer's
+    initialiser in its graphdef, which then is the same for every build of the same model.
+    """
+
+    std: float
+
+    def __call__(self, key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
         draw = getattr(_served, "draw", None)
         if draw is None:
-            return nnx.initializers.normal(std)(key, shape, dtype)
+            return nnx.initializers.normal(self.std)(key, shape, dtype)
         z = draw.take(tuple(shape))
         if z is None:  # only counting: the value's shape is all that is looked at
             return jnp.zeros(shape, dtype)
-        return (std * z).astype(dtype)
-
-    return init
+        return (self.std * z).astype(dtype)
 
 
 def build_drawing_once(construct: Callable[[nnx.Rngs], M], key: jax.Array) -> M:

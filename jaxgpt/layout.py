@@ -9,10 +9,21 @@ mirror the parameters, so the same functions move them too.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+
+def variable_value(leaf: Any) -> Any:
+    """A state leaf's value: an `nnx.Variable`'s array (or shape), any other leaf as it is.
+
+    Flax 0.12.0's Variable has no `get_value()`, and later versions deprecate its `.value`: this takes either.
+    """
+    if not isinstance(leaf, nnx.Variable):
+        return leaf
+    return leaf.get_value() if hasattr(type(leaf), "get_value") else leaf.value
 
 
 def _key(entry) -> object:

@@ -57,3 +57,18 @@ def mfu(tokens_per_second: float, flops_per_token: float, n_devices: int = 1, de
     if peak is None:
         return None
     return tokens_per_second * flops_per_token / (peak * n_devices)
+
+
+def has_bf16(device: jax.Device | None = None) -> bool:
+    """Whether `device` (default: jax.devices()[0]) has bfloat16 matmul units: every TPU, and NVIDIA GPUs from
+    Ampere on (compute capability 8.0: A100, L4, H100, ...). Not a T4 (7.5) or V100 (7.0), and not a CPU: there
+    `model.dtype='bfloat16'` only saves memory."""
+    device = jax.devices()[0] if device is None else device
+    if device.platform == "tpu":
+        return True
+    if device.platform in ("gpu", "cuda"):
+        try:
+            return float(getattr(device, "compute_capability", "0")) >= 8.0
+        except ValueError:  # not an NVIDIA device
+            return False
+    return False

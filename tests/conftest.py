@@ -72,6 +72,16 @@ def jax_compile_events():
         try:
             yield events
         finally:
-            jax.monitoring.unregister_event_duration_listener(listener)
+            _unregister_event_duration_listener(listener)
 
     return collect
+
+
+def _unregister_event_duration_listener(listener) -> None:
+    """`jax.monitoring.unregister_event_duration_listener`; older jax (0.7) has only its private form."""
+    unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
+    if unregister is None:
+        from jax._src import monitoring
+
+        unregister = monitoring._unregister_event_duration_listener_by_callback
+    unregister(listener)

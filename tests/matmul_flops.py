@@ -14,6 +14,8 @@ import optax
 from flax import nnx
 from jax.extend import core as jex_core
 
+from jaxgpt.layout import variable_value
+
 
 def dot_flops(jaxpr: jex_core.Jaxpr) -> int:
     """2 x multiply-adds of every dot_general in `jaxpr`, scans counted `length` times."""
@@ -53,4 +55,4 @@ def training_matmul_flops_per_token(model: nnx.Module, seq_len: int) -> float:
 def vector_params(model: nnx.Module) -> int:
     """LayerNorm gains and biases (stacked per layer or not): in nanoGPT's N, but in no matmul."""
     leaves = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return sum(int(np.prod(v.get_value().shape)) for path, v in leaves if path[-1] in ("scale", "bias"))
+    return sum(int(np.prod(variable_value(v).shape)) for path, v in leaves if path[-1] in ("scale", "bias"))

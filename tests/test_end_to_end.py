@@ -18,13 +18,14 @@ import jaxgpt
 import sample
 from jaxgpt import checkpoint, training
 from jaxgpt.config import ConfigError
+from jaxgpt.layout import variable_value
 from tests.test_training import tiny_config, tiny_text
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _params(model: nnx.Module) -> dict:
-    return {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {path: np.asarray(variable_value(v)) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 @pytest.mark.slow  # a Python subprocess

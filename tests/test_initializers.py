@@ -82,8 +82,12 @@ def _count(jaxpr: jax.extend.core.Jaxpr, name: str) -> int:
     n = 0
     for eqn in jaxpr.eqns:
         n += eqn.primitive.name == name
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            n += _count(sub, name)
+        for value in eqn.params.values():  # its jaxprs (jax 0.7 has no jax.extend.core.jaxprs_in_params)
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    sub = sub.jaxpr
+                if isinstance(sub, jax.extend.core.Jaxpr):
+                    n += _count(sub, name)
     return n
 
 

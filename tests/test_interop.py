@@ -16,6 +16,7 @@ from flax import nnx
 import jaxgpt
 from jaxgpt import optim
 from jaxgpt.convert import load_gpt2_pretrained, load_init_from, load_nanogpt_checkpoint, save_nanogpt_checkpoint
+from jaxgpt.layout import variable_value
 from tests.reference.torch_gpt import GPT as TorchGPT
 from tests.reference.torch_gpt import TorchGPTConfig, configure_optimizers
 
@@ -58,7 +59,7 @@ def _logits(model: jaxgpt.GPT, idx_BT: jax.Array) -> jax.Array:
 
 
 def _params(model: nnx.Module) -> dict:
-    return {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {path: np.asarray(variable_value(v)) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def _nanogpt_ckpt(ref: TorchGPT, *, compiled: bool, dataset: str = "shakespeare_char") -> dict:
@@ -214,11 +215,11 @@ def test_saved_ckpt_loads_the_way_nanogpt_sample_and_resume_do(tmp_path):
     adam = jaxgpt.convert.nanogpt._adam_state(opt_state)
     c_fc = ref.transformer.h[1].mlp.c_fc.weight
     np.testing.assert_array_equal(
-        torch_opt.state[c_fc]["exp_avg"].numpy(), np.asarray(adam.mu["h"][1]["mlp"]["c_fc"]["kernel"].get_value()).T
+        torch_opt.state[c_fc]["exp_avg"].numpy(), np.asarray(variable_value(adam.mu["h"][1]["mlp"]["c_fc"]["kernel"])).T
     )
     np.testing.assert_array_equal(
         torch_opt.state[ref.transformer.ln_f.bias]["exp_avg_sq"].numpy(),
-        np.asarray(adam.nu["ln_f"]["bias"].get_value()),
+        np.asarray(variable_value(adam.nu["ln_f"]["bias"])),
     )
     assert float(torch_opt.state[c_fc]["step"]) == 3
 
@@ -286,7 +287,7 @@ def test_gpt2_safetensors_folder_loads_with_same_logits(tmp_path):
     _bits_equal(model, jaxgpt.load_gpt2_pretrained(tmp_path / "sharded"))
 
     cropped = jaxgpt.load_gpt2_pretrained(tmp_path, block_size=16)  # nanoGPT's crop_block_size
-    assert cropped.wpe.embedding.get_value().shape == (16, 32)
+    assert variable_value(cropped.wpe.embedding).shape == (16, 32)
     np.testing.assert_allclose(
         np.asarray(_logits(cropped, idx[:, :16])), _hf_logits(hf, idx[:, :16]), rtol=1e-4, atol=1e-4
     )

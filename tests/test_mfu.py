@@ -1,9 +1,12 @@
 """MFU: nanoGPT's FLOP formula and the peak-FLOP/s lookup by device kind."""
 
+import types
+
+import jax
 import pytest
 from flax import nnx
 
-from jaxgpt.mfu import PEAK_BF16_FLOPS, flops_per_token, mfu, peak_flops
+from jaxgpt.mfu import PEAK_BF16_FLOPS, flops_per_token, has_bf16, mfu, peak_flops
 from jaxgpt.model import GPT, GPTConfig
 from tests.matmul_flops import training_matmul_flops_per_token, vector_params
 
@@ -111,3 +114,14 @@ def test_mfu_is_logged_per_step_and_shown_on_the_bar(tmp_path, shakespeare_path,
     for r in steps:
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / 1e9)
     assert "mfu=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("platform, capability, bf16", [
+    ("tpu", None, True), ("gpu", "7.5", False), ("gpu", "7.0", False), ("gpu", "8.0", True), ("gpu", "9.0", True),
+    ("gpu", "gfx90a", False), ("cpu", None, False),
+])
+def test_bf16_only_where_the_hardware_has_it(platform, capability, bf16):
+    """The Colab notebook computes in bf16 on a TPU or an A100 / L4 / H100, not on a T4 (7.5) or a CPU."""
+    device = types.SimpleNamespace(platform=platform, compute_capability=capability)
+    assert has_bf16(device) is bf16
+    assert has_bf16(jax.devices("cpu")[0]) is False  # a real device, its attributes as JAX gives them

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgpt.layout import unstack_layers, with_layout
+from jaxgpt.layout import unstack_layers, variable_value, with_layout
 from jaxgpt.model import GPT, GPTConfig
 
 _LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
@@ -118,7 +118,7 @@ def torch_named(tree, config: GPTConfig) -> dict[str, np.ndarray]:
     out = {}
     for path, leaf in nnx.to_flat_state(state):
         name, transpose = torch_name(path)
-        value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+        value = variable_value(leaf)
         if isinstance(value, jax.ShapeDtypeStruct):
             out[name] = value
             continue
