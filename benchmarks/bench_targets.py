@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     info = (f"jax {jax.__version__}; peaks per chip (TFLOP/s bf16 / float32, GB/s): "
-            + "; ".join(f"{t.name} {t.peak_bf16 and t.peak_bf16 / 1e12:g} / {t.peak_f32 / 1e12:g}, "
+            + "; ".join(f"{t.name} {f'{t.peak_bf16 / 1e12:g}' if t.peak_bf16 else 'no bf16'} / {t.peak_f32 / 1e12:g}, "
                         f"{t.bandwidth / 1e9:g}" for t in targets_lib.TARGETS.values() if t.name in names))
     print(info + "\n\n" + table(rows))
     failed = [r for r in rows if not r["compiled"]]
