@@ -238,7 +238,7 @@ def load_prepared(data_dir: str | os.PathLike) -> PreparedData:
     missing = [name for name in ("train.bin", "val.bin") if not (data_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{data_dir} has no {missing}: run python -m jaxgpt.prepare --out {data_dir} first")
-    from jaxgpt.data import check_meta  # data imports JAX: only reading a folder back needs it
+    from jaxgpt.data_meta import check_meta
 
     meta_path = data_dir / "meta.pkl"
     meta = load_pickle(meta_path) if meta_path.is_file() else {}  # plain values only: nothing in a folder runs

@@ -260,9 +260,9 @@ def tokenizer_from_meta(path: str | os.PathLike, *, meta: dict | None = None) ->
 
     jaxgpt's prepare stores `tokenizer` (a `to_dict()`); nanoGPT's char datasets store `itos`
     (id -> character) and `vocab_size`, which make a `CharTokenizer` with the same ids. Every value is
-    checked first (`jaxgpt.data.check_meta`); a meta with neither raises, unless `meta` was given (None then).
+    checked first (`jaxgpt.data_meta.check_meta`); a meta with neither raises, unless `meta` was given (None then).
     """
-    from jaxgpt.data import DataError, check_meta
+    from jaxgpt.data_meta import DataError, check_meta
     from jaxgpt.safe_pickle import load_pickle
 
     given = meta is not None
