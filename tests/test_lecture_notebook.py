@@ -1,14 +1,17 @@
 """notebooks/lets_build_gpt.ipynb runs top to bottom on CPU and prints the lecture notes' own numbers.
 
-The notebook's code cells (all but the one tagged 'install') run once in a fresh Python. Where the notes print
-numbers that do not come from PyTorch's random generator (the corpus statistics, the encodings, their printed input
-tensors and what the averaging ladder and the attention scores make of them), the numbers the notebook prints must
-be the notes' to the printed digits; the expected values below are copied from the notes' printed outputs.
+The notebook's code cells (all but the one tagged 'install') run once in a fresh Python, in the notebook's smoke
+mode (JAXGPT_NOTEBOOK_SMOKE=1: each rung of the build and the compiled run train a few steps; the bigram model
+trains in full, its steps being cheap). Where the notes print numbers that do not come from PyTorch's random
+generator (the corpus statistics, the encodings, their printed input tensors and what the averaging ladder and the
+attention scores make of them), the numbers the notebook prints must be the notes' to the printed digits; the
+expected values below are copied from the notes' printed outputs.
 """
 
 import json
 import math
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -26,9 +29,12 @@ DUMP = """
 print("LECTURE-NOTEBOOK-STATE", json.dumps({
     "bigram_initial_loss": bigram_initial_loss,
     "bigram_val_loss": bigram_val_loss,
-    "gpt_losses": gpt_losses,
-    "gpt_val_loss": gpt_val_loss,
+    "rungs": rungs,
+    "rung_iters": rung_iters,
     "gpt_sample": gpt_sample,
+    "summary": {k: v for k, v in summary.items() if k != "sample"},
+    "max_iters": config.max_iters,
+    "out_dir": str(pathlib.Path(config.out_dir).resolve()),
     "x_lecture": np.asarray(x_lecture).tolist(),
     "inputs": np.asarray(inputs).tolist(),
     "encoder_last_equal": bool(jnp.allclose(enc[:, -1], dec[:, -1], atol=1e-5)),
@@ -41,7 +47,9 @@ print("LECTURE-NOTEBOOK-STATE", json.dumps({
 def run(tmp_path_factory, shakespeare_path):
     """(stdout, state) of one run of the notebook; cwd is an empty folder, so nothing is read from it."""
     cwd = tmp_path_factory.mktemp("lecture")
-    env = dict(os.environ, JAXGPT_SHAKESPEARE=str(shakespeare_path), JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
+    env = dict(os.environ, JAXGPT_SHAKESPEARE=str(shakespeare_path), JAX_PLATFORMS="cpu", MPLBACKEND="Agg",
+               JAXGPT_NOTEBOOK_SMOKE="1")
+    env.pop("JAXGPT_DIR", None)  # the notebook finds configs/ beside the jaxgpt it imports
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     script = "import json\n\n" + notebook_code(NOTEBOOK) + "\n" + DUMP
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=400, cwd=cwd)
@@ -80,6 +88,7 @@ def test_install_cell_is_tagged_and_outputs_are_stripped():
     assert code and all(c["outputs"] == [] and c["execution_count"] is None for c in code)
 
 
+@pytest.mark.slow  # the notebook in a Python subprocess
 def test_corpus_vocabulary_and_encoding(run, shakespeare_path):
     stdout, _ = run
     assert "Length of dataset in characters: 1115394\n" in stdout
@@ -96,6 +105,7 @@ def test_corpus_vocabulary_and_encoding(run, shakespeare_path):
     assert count_printed(stdout, [1003854, 111540]) == 1
 
 
+@pytest.mark.slow  # the notebook in a Python subprocess
 def test_blocks_and_batches(run):
     stdout, _ = run
     assert count_printed(stdout, [18, 47, 56, 57, 58, 1, 15, 47, 58]) >= 1
@@ -114,14 +124,19 @@ def test_blocks_and_batches(run):
             assert f"when input is {x[: t + 1]} the target: {y[t]}\n" in stdout
 
 
+@pytest.mark.slow  # the notebook in a Python subprocess
 def test_bigram_model_learns(run):
     _, state = run
     # N(0, 1) logits cost more than the uniform guess ln(65) ~ 4.17 (the notes print 4.8786 on their batch).
     assert math.log(65) < state["bigram_initial_loss"] < 5.5
-    # A bigram table cannot go much below ~2.45 on tiny Shakespeare; the notes end near 2.5.
-    assert 2.35 < state["bigram_val_loss"] < 2.6
+    history = state["rungs"]["bigram"]
+    assert [h["step"] for h in history] == list(range(0, 3001, 300))
+    assert history[0]["val"] > math.log(65)  # the plain loop starts from the untrained table ...
+    # ... and lowers the loss: a bigram table cannot go much below ~2.45 on tiny Shakespeare; the notes end near 2.5.
+    assert 2.35 < state["bigram_val_loss"] < 2.6 and state["bigram_val_loss"] == history[-1]["val"]
 
 
+@pytest.mark.slow  # the notebook in a Python subprocess
 def test_averaging_ladder_on_the_notes_inputs(run):
     stdout, _ = run
     assert count_printed(stdout, [[2, 7], [8, 11], [14, 16]]) == 1
@@ -165,6 +180,7 @@ def test_averaging_ladder_on_the_notes_inputs(run):
     assert count_printed(stdout, [0.03, 0.00, 0.16, 0.00, 0.80]) == 1
 
 
+@pytest.mark.slow  # the notebook in a Python subprocess
 def test_attention_scores_on_the_notes_inputs(run):
     stdout, _ = run
     assert count_printed(stdout, [0.2961, 0.5166, 0.2517]) >= 1
@@ -193,6 +209,7 @@ def test_attention_scores_on_the_notes_inputs(run):
     assert count_printed(stdout, np.transpose(weights)) == 1  # the row softmax: each query's weights
 
 
+@pytest.mark.slow  # the notebook in a Python subprocess
 def test_notebook_tensors_are_the_notes_seeded_draws(run):
     import torch
 
@@ -203,10 +220,51 @@ def test_notebook_tensors_are_the_notes_seeded_draws(run):
     np.testing.assert_array_equal(np.float32(state["inputs"]), torch.rand(6, 3).numpy())
 
 
-def test_encoder_and_small_gpt(run):
+RUNGS = ["bigram", "one head", "multi-head", "+ feed-forward", "blocks + residual", "+ LayerNorm",
+         "+ dropout (GPT)"]
+
+
+@pytest.mark.slow  # the notebook in a Python subprocess
+def test_each_rung_of_the_build_trains_and_is_tabled(run):
+    stdout, state = run
+    rungs = state["rungs"]
+    assert list(rungs) == RUNGS
+    assert state["rung_iters"] == 50  # smoke mode
+    for name in RUNGS[1:]:
+        history = rungs[name]
+        assert [h["step"] for h in history] == [0, 50]
+        first, last = history[0], history[-1]
+        assert all(math.isfinite(h[split]) for h in history for split in ("train", "val")), name
+        # Untrained, a rung guesses about uniformly; 50 steps take it well below that guess.
+        assert abs(first["val"] - math.log(65)) < 0.7, name
+        assert last["val"] < math.log(65) - 0.3 and last["train"] < first["train"] - 0.3, name
+        row = re.search(rf"^{re.escape(name)} +50 +(\d+\.\d{{4}}) +(\d+\.\d{{4}}) ", stdout, re.M)
+        assert row and float(row[2]) == round(last["val"], 4), name  # the table prints what the loop measured
+    # The blocks rungs see more than the one-head rung after the same steps: depth helps from the start.
+    assert rungs["+ LayerNorm"][-1]["val"] < rungs["one head"][-1]["val"]
+
+
+@pytest.mark.slow  # the notebook in a Python subprocess
+def test_the_gpt_samples_the_requested_length(run):
+    _, state = run
+    sample = state["gpt_sample"]
+    assert len(sample) == 301  # the start token and 300 new characters
+    assert set(sample) <= set("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+@pytest.mark.slow  # the notebook in a Python subprocess
+def test_encoder_form(run):
     _, state = run
     assert state["encoder_last_equal"] and not state["encoder_first_equal"]
-    losses = state["gpt_losses"]
-    assert len(losses) == 3 and losses[0] > losses[-1]
-    assert state["gpt_val_loss"] < state["bigram_val_loss"]
-    assert len(state["gpt_sample"]) == 301  # the start token and 300 new characters
+
+
+@pytest.mark.slow  # the notebook in a Python subprocess
+def test_the_compiled_run_of_the_lecture_config(run):
+    stdout, state = run
+    summary = state["summary"]
+    assert summary["step"] == state["max_iters"] == 20 and not summary["interrupted"]
+    assert math.isfinite(summary["best_val_loss"]) and summary["best_val_loss"] < math.log(65) - 0.3
+    out_dir = pathlib.Path(state["out_dir"])
+    evals = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals if "val_loss" in r] == [0, 10, 20]
+    assert "done: step 20, best val loss" in stdout
