@@ -240,8 +240,6 @@ def test_each_rung_of_the_build_trains_and_is_tabled(run):
         assert last["val"] < math.log(65) - 0.3 and last["train"] < first["train"] - 0.3, name
         row = re.search(rf"^{re.escape(name)} +50 +(\d+\.\d{{4}}) +(\d+\.\d{{4}}) ", stdout, re.M)
         assert row and float(row[2]) == round(last["val"], 4), name  # the table prints what the loop measured
-    # The blocks rungs see more than the one-head rung after the same steps: depth helps from the start.
-    assert rungs["+ LayerNorm"][-1]["val"] < rungs["one head"][-1]["val"]
 
 
 @pytest.mark.slow  # the notebook in a Python subprocess
