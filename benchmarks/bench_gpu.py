@@ -1,4 +1,4 @@
-"""Accelerator benchmark: jaxgpt against the PyTorch reference on one GPU, every measurement of issue 13 at once.
+"""Accelerator benchmark: jaxgpt against the PyTorch reference on one GPU, every GPU measurement in one run.
 
 One command, one table (markdown on stdout) and, with `--json PATH`, the same rows as JSON. Sections:
 
@@ -52,6 +52,8 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # common.py, when run by path
 
 from common import DEFAULT_DATA, ROOT, TrainShape, cpu_name, flops_per_token, load_corpus, measure, timed, window_stats
 from gpu_programs import FULL, TINY, JaxTrainer, Plan, TorchTrainer, use_sdpa

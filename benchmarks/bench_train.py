@@ -46,6 +46,8 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # common.py, when run by path
+
 from common import (
     DEFAULT_DATA,
     ROOT,
@@ -305,12 +307,12 @@ def fmt_table(name: str, rows: list[dict]) -> str:
 
 
 def versions() -> str:
-    """The machine, jax and torch versions and XLA_FLAGS: the line above every table."""
+    """The machine, jax and torch versions, XLA_FLAGS and the date: the line above every table."""
     import jax
     import torch
 
     return (f"{machine()}, {platform.system()}; jax {jax.__version__}, torch {torch.__version__} (2 threads); "
-            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {time.strftime('%Y-%m-%d')}")
 
 
 def matmul_gflops(m: int, k: int, n: int, repeats: int = 20, dtype: str = "float32") -> dict[str, float]:

@@ -119,6 +119,20 @@ def load_corpus(path: str | os.PathLike) -> tuple:
     return dataset.train, dataset.val, dataset.vocab_size
 
 
+def config_with(path: str | os.PathLike, overrides: dict) -> object:
+    """A config file (`jaxgpt.config.load_config_file`) with dotted overrides applied: {"model.n_layer": 2}."""
+    from jaxgpt import config as config_lib
+
+    config = config_lib.load_config_file(path)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
 def flops_per_token(shape: TrainShape, vocab_size: int) -> float:
     """nanoGPT's training FLOPs per token (`jaxgpt.mfu.flops_per_token`) for the shape's model."""
     from flax import nnx
