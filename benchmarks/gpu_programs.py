@@ -55,6 +55,17 @@ TINY = Plan(
 )
 
 
+def timed_eval(losses: Callable[[], list[float]]) -> float:
+    """Seconds one evaluation takes (`losses()` returns host floats, so it has waited for the device); raises on a
+    non-finite loss, which would make the timing meaningless."""
+    t0 = time.perf_counter()
+    values = losses()
+    dt = time.perf_counter() - t0
+    if not all(map(math.isfinite, values)):
+        raise FloatingPointError(f"non-finite eval loss {values}")
+    return dt
+
+
 class JaxTrainer:
     """jaxgpt's training step on `shape`, as `jaxgpt.training.train` builds it on one device.
 
@@ -120,12 +131,7 @@ class JaxTrainer:
 
         def evaluate() -> float:
             step = jnp.int32(next(counter))
-            t0 = time.perf_counter()
-            losses = [float(x) for x in estimate(self.params, splits, self.key, step)]
-            dt = time.perf_counter() - t0
-            if not all(map(math.isfinite, losses)):
-                raise FloatingPointError(f"non-finite eval loss {losses}")
-            return dt
+            return timed_eval(lambda: [float(x) for x in estimate(self.params, splits, self.key, step)])
 
         return evaluate
 
@@ -202,16 +208,12 @@ class TorchTrainer:
 
         val = self.torch.from_numpy(np.asarray(val_ids, np.int64)).to(self.device)
 
-        def evaluate() -> float:
-            t0 = time.perf_counter()
+        def losses() -> list[float]:
             self.model.eval()
             with self.torch.no_grad(), self.autocast:
                 means = [self.torch.stack([self.fwd(*self.batch(d))[1] for _ in range(eval_iters)]).mean().item()
                          for d in (self.train_ids, val)]
             self.model.train()
-            dt = time.perf_counter() - t0
-            if not all(map(math.isfinite, means)):
-                raise FloatingPointError(f"non-finite eval loss {means}")
-            return dt
+            return means
 
-        return evaluate
+        return lambda: timed_eval(losses)

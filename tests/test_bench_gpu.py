@@ -121,6 +121,22 @@ def test_xla_dump_is_set_before_jax_starts(tmp_path, shakespeare_path):
     assert any("decode" in n and n.endswith("after_optimizations.txt") for n in names), names[:20]
 
 
+@pytest.mark.slow
+def test_gpu_check_script_runs_the_benchmark_the_trace_and_the_recipe(tmp_path, shakespeare_path):
+    """`gpu_check.sh --recipe` end to end with tiny shapes on this CPU (its GPU tests fail here, and it goes on)."""
+    env = dict(os.environ, OUT=str(tmp_path), BENCH_ARGS="--tiny", PYTEST_TIMEOUT_S="1", BUDGET_S="900",
+               PYTHON=sys.executable, JAXGPT_SHAKESPEARE=str(shakespeare_path))
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--recipe"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bench = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert bench["complete"] and bench["rows"] and not [r for r in bench["rows"] if "error" in r]
+    (recipe,) = json.loads((tmp_path / "recipe.json").read_text())["rows"]
+    assert recipe["section"].startswith("recipe") and "error" not in recipe
+    assert any(p.name.endswith(".xplane.pb.gz") for p in (tmp_path / "trace").iterdir())
+    assert "=== " in (tmp_path / "log.txt").read_text() and "recipe exit status: 0" in proc.stdout
+
+
 def test_use_sdpa_is_the_reference_attention():
     import torch
 
