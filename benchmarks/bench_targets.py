@@ -37,6 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import targets as targets_lib  # noqa: E402
+from common import config_with  # noqa: E402
 
 SHAKESPEARE_TRAIN_TOKENS = 1_003_854  # tiny Shakespeare's train split (90 % of 1,115,394 characters)
 
@@ -52,15 +53,8 @@ class Job:
 
 
 def load(name: str, **overrides):
-    from jaxgpt import config as config_lib
-
-    c = config_lib.load_config_file(ROOT / "configs" / f"{name}.py")
-    for dotted, value in overrides.items():
-        node = c
-        *parents, leaf = dotted.split("__")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    """configs/<name>.py with `overrides` (`model__n_layer=2` for model.n_layer) and the corpus's vocabulary."""
+    c = config_with(ROOT / "configs" / f"{name}.py", {k.replace("__", "."): v for k, v in overrides.items()})
     if c.model.vocab_size is None:
         c.model.vocab_size = 65  # tiny Shakespeare's characters
     return c
