@@ -255,9 +255,10 @@ def test_bad_muon_settings_are_one_config_error(key, value):
 
 def test_training_with_muon_lowers_the_loss_and_resumes_bit_exact(tmp_path, shakespeare_path):
     """8 Muon steps straight equal 4 steps + resume + 4 steps, bit for bit, and lower the loss; a resume that
-    switches the optimizer stops with one line instead of restoring the wrong state."""
+    switches the optimizer stops with one line instead of restoring the wrong state. Scanned layers: each block
+    kernel a stack of two matrices through the loop and the checkpoints."""
     text_path = tiny_text(tmp_path, shakespeare_path)
-    muon = dict(optimizer="muon", muon_learning_rate=0.05)
+    muon = {"optimizer": "muon", "muon_learning_rate": 0.05, "model.n_layer": 2, "model.scan_layers": True}
     one, two = tmp_path / "one", tmp_path / "two"
     training.train(tiny_config(text_path, one, **muon))
     training.train(tiny_config(text_path, two, max_iters=4, **muon))
@@ -283,5 +284,6 @@ def test_training_with_muon_lowers_the_loss_and_resumes_bit_exact(tmp_path, shak
     assert np.mean(losses[0][-2:]) < np.mean(losses[0][:2]) - 0.2
 
     with pytest.raises(training.TrainingError) as error:
-        training.train(tiny_config(text_path, two, resume=True, max_iters=12))  # optimizer='adamw'
+        training.train(tiny_config(text_path, two, resume=True, max_iters=12, **{**muon, "optimizer": "adamw"}))
     assert str(error.value).startswith("resume: ") and "\n" not in str(error.value)
+    assert "model." not in str(error.value)  # not the model's check: the model is the checkpoint's
