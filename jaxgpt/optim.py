@@ -167,11 +167,12 @@ def make_optimizer(config, numbers: Mapping | None = None) -> optax.GradientTran
     if optimizer_name(config) == "adamw":
         return adamw(schedule_from_config(config, numbers), weight_decay=n["weight_decay"], beta1=n["beta1"],
                      beta2=n["beta2"], grad_clip=grad_clip)
-    schedule = schedule_from_config(config, numbers)
+    # Muon's learning rate on AdamW's warm-up and decay, peaking at its own, with min_lr scaled in the same ratio.
     ratio = n["muon_learning_rate"] / n["learning_rate"]
     muon_schedule = lr_schedule(n["muon_learning_rate"], decay_lr=config.decay_lr, warmup_iters=n["warmup_iters"],
                                 lr_decay_iters=n["lr_decay_iters"], min_lr=n["min_lr"] * ratio)
-    return muon(muon_schedule, schedule, momentum=n["muon_momentum"], nesterov=config.muon_nesterov,
+    return muon(muon_schedule, schedule_from_config(config, numbers), momentum=n["muon_momentum"],
+                nesterov=config.muon_nesterov,
                 ns_steps=config.muon_ns_steps, muon_weight_decay=n["muon_weight_decay"],
                 weight_decay=n["weight_decay"], beta1=n["beta1"], beta2=n["beta2"], grad_clip=grad_clip)
 
