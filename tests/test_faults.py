@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import http.server
+import inspect
 import io
 import json
 import multiprocessing
@@ -32,11 +33,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
 from jaxgpt import checkpoint as ckpt_lib
 from jaxgpt import config as config_lib
 from jaxgpt import data, train_step, training
+from jaxgpt.run_dir import CHECKPOINT_KINDS
 from tests.test_training import tiny_config, tiny_text
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -100,21 +101,28 @@ def _arm(kind: str, n: int, delay: float) -> None:
     step, its manifest is not written; 'prune': the new step is whole, the old ones not yet deleted;
     'timer': `delay` seconds after the n-th save starts (inside or after it: any moment).
     """
-    targets = {"orbax": (json_checkpoint_handler.JsonCheckpointHandler, "_save_fn"),
+    targets = {"orbax": (ocp.JsonCheckpointHandler, "async_save"),
                "manifest": (ckpt_lib, "write_manifest"), "prune": (ocp.CheckpointManager, "delete"),
                "timer": (ckpt_lib.Checkpointer, "save")}
     owner, name = targets[kind]
     real, calls = getattr(owner, name), [0]
 
-    def hooked(*args, **kwargs):
+    def reached() -> None:
         calls[0] += 1
         if calls[0] == n:
             if kind != "timer":
                 _die()
             threading.Timer(delay, _die).start()
+
+    def hooked(*args, **kwargs):
+        reached()
         return real(*args, **kwargs)
 
-    setattr(owner, name, hooked)
+    async def hooked_async(*args, **kwargs):  # Orbax's: dies when the item's write runs, not when it is scheduled
+        reached()
+        return await real(*args, **kwargs)
+
+    setattr(owner, name, hooked_async if inspect.iscoroutinefunction(real) else hooked)
 
 
 def _child(cache: str, log: str, config: dict | None = None, kill: tuple | None = None,
@@ -143,7 +151,7 @@ def _run_child(cache, log, **kwargs) -> multiprocessing.Process:
 def _leftovers(out: pathlib.Path) -> int:
     """Half-written steps on disk: Orbax temp dirs and committed steps without a manifest."""
     n = 0
-    for which in ckpt_lib.WHICH:
+    for which in CHECKPOINT_KINDS:
         d = out / "checkpoints" / which
         for p in d.iterdir() if d.is_dir() else []:
             n += "tmp" in p.name or (p.name.isdigit() and not (p / ckpt_lib.MANIFEST).exists())
@@ -319,11 +327,20 @@ def test_full_disk_while_saving_is_one_error_and_keeps_the_previous_checkpoint(r
     half-written step gone, step 6 intact; with space again the run resumes from step 6 and finishes."""
     out = _copy(run6, tmp_path)
 
-    def half_then_full(self, x, directory):
-        (directory / self._filename).write_text(json.dumps(x)[:10])
-        _enospc()
+    class FullDisk:  # the folder Orbax's JSON handler writes its file into: the write stops after 10 characters
+        def __init__(self, directory):
+            self.directory = directory
 
-    monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", half_then_full)
+        def __truediv__(self, name):
+            return self
+
+        def write_text(self, text):
+            (self.directory / "metadata").write_text(text[:10])
+            _enospc()
+
+    real_save = ocp.JsonCheckpointHandler.async_save
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save",
+                        lambda self, directory, *a, **k: real_save(self, FullDisk(directory), *a, **k))
     with pytest.raises(training.TrainingError) as e:
         training.train(_config(text, out, max_iters=8, resume=True))
     message = str(e.value)
@@ -343,7 +360,7 @@ def test_full_disk_while_writing_the_manifest_removes_the_step(run6, tmp_path, t
     out = _copy(run6, tmp_path)
     state = _state(out, text)
     ckptr = ckpt_lib.Checkpointer(out)
-    monkeypatch.setattr(ckpt_lib.os, "fsync", _enospc)
+    monkeypatch.setattr(os, "fsync", _enospc)
     with pytest.raises(ckpt_lib.CheckpointError, match=r"latest checkpoint at step 7 .*No space left on device.*"
                                                        r"previous checkpoint \(step 6\) is kept$"):
         ckptr.save("latest", 7, params=state["params"], opt_state=state["opt_state"], key=state["train"]["key"],
@@ -460,25 +477,30 @@ def _poison(monkeypatch, bad_step: int | None, kind: str) -> None:
     """Makes training step `bad_step` (None: every step) non-finite: its loss ('loss') or only its gradients
     ('grad')."""
     current = {}
-    real_keys, real_loss = train_step.step_keys, train_step._loss
+    real_keys, real_eval_key, real_loss = train_step.step_keys, train_step.eval_key, train_step.loss_fn
 
     def step_keys(base_key, step, n):
         current["step"] = step  # the traced step number, used below in the same trace
         return real_keys(base_key, step, n)
 
-    def loss(graphdef, params, x, y, key, use_dropout):
-        value = real_loss(graphdef, params, x, y, key, use_dropout)
-        if key is None:  # evaluation: leave it alone
+    def eval_key(base_key, step, split_index):
+        current["step"] = None  # an evaluation follows: leave its loss alone
+        return real_eval_key(base_key, step, split_index)
+
+    def loss(logits, targets):
+        value = real_loss(logits, targets)
+        if current.get("step") is None:
             return value
         hit = True if bad_step is None else current["step"] == bad_step
         if kind == "loss":
             return value * jnp.where(hit, jnp.nan, 1.0)
         # 0 * sqrt(s) is 0, but its gradient at s = 0 is 0 * inf = NaN
-        s = jnp.where(hit, 0.0 * jax.tree.leaves(params)[0].sum(), 1.0)
+        s = jnp.where(hit, 0.0 * logits.sum(), 1.0)
         return value + 0.0 * jnp.sqrt(s)
 
     monkeypatch.setattr(train_step, "step_keys", step_keys)
-    monkeypatch.setattr(train_step, "_loss", loss)
+    monkeypatch.setattr(train_step, "eval_key", eval_key)
+    monkeypatch.setattr(train_step, "loss_fn", loss)
 
 
 def test_a_bad_token_in_the_data_is_refused_before_training(tmp_path, text):
@@ -575,19 +597,19 @@ def test_load_model_rereads_when_the_trainer_prunes_the_step_it_is_reading(run6,
     """Reading while a run trains: the step being read is pruned midway (here latest/6, as the trainer's clean-up
     would): load_model reads the newest whole step again instead of failing with Orbax's 'Item not found'."""
     out = _copy(run6, tmp_path)
-    real, pruned = ckpt_lib.Checkpointer._restore, []
+    real, pruned = ckpt_lib.Checkpointer.restore_params, []
 
-    def restore_while_pruned(self, which, step, args):
+    def restore_while_pruned(self, which, step=None, **kwargs):
         if not pruned:
             pruned.append(step)
             shutil.rmtree(self.step_dir(which, step))
-        return real(self, which, step, args)
+        return real(self, which, step, **kwargs)
 
-    monkeypatch.setattr(ckpt_lib.Checkpointer, "_restore", restore_while_pruned)
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "restore_params", restore_while_pruned)
     _, _, info = ckpt_lib.load_model(out, "latest")
     assert pruned == [6] and info["step"] == 4
     assert "Traceback" not in capfd.readouterr().err
-    monkeypatch.setattr(ckpt_lib.Checkpointer, "_restore", real)
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "restore_params", real)
     (out / "checkpoints" / "latest" / "4" / ckpt_lib.MANIFEST).unlink()  # damaged, nothing changing: no retry
     with pytest.raises(ckpt_lib.CheckpointError, match="no usable checkpoint"):
         ckpt_lib.load_model(out, "latest")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
+import warnings
 
 from jaxgpt.run_dir import Interrupt
 
@@ -24,8 +26,8 @@ class _Owner:
 
 def test_interrupt_ends_its_watcher_thread_on_exit_and_the_run_is_freed_in_the_main_thread():
     """The watcher thread holds the Interrupt, hence the run's arrays. Were it still alive after `with` and drop
-    the last reference, the arrays would be freed in that thread, possibly while the interpreter shuts down:
-    that aborted the process ("FATAL: exception not rethrown")."""
+    the last reference, the arrays would be freed in that thread, possibly while the interpreter shuts down,
+    which aborts the process ("FATAL: exception not rethrown")."""
     for _ in range(20):  # the watcher, left to itself, ends at a moment of the scheduler's choosing
         _Owner.freed_in.clear()
         owner = _Owner()
@@ -45,13 +47,19 @@ def test_interrupt_ends_its_watcher_even_while_a_copy_of_its_pipe_lives_on():
 
     old = signal.signal(signal.SIGALRM, too_long)
     signal.alarm(20)
-    copy = None
+    child = None
     try:
-        with Interrupt(log=lambda _: None) as interrupt:
-            copy = os.dup(interrupt._pipe[1])  # what a forked child holds
+        with Interrupt(log=lambda _: None):
+            with warnings.catch_warnings():  # fork() in a process with threads: the child only sleeps
+                warnings.simplefilter("ignore", DeprecationWarning)
+                child = os.fork()
+            if child == 0:  # holds a copy of every descriptor, the pipe's write end among them
+                time.sleep(60)
+                os._exit(0)
         assert not any(t.name == "jaxgpt-interrupt" for t in threading.enumerate())
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-        if copy is not None:
-            os.close(copy)
+        if child:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
