@@ -50,8 +50,9 @@ def test_interrupt_ends_its_watcher_even_while_a_copy_of_its_pipe_lives_on():
     child = None
     try:
         with Interrupt(log=lambda _: None):
-            with warnings.catch_warnings():  # fork() in a process with threads: the child only sleeps
+            with warnings.catch_warnings():  # fork() in a process with threads (JAX's, too): the child only sleeps
                 warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", RuntimeWarning)
                 child = os.fork()
             if child == 0:  # holds a copy of every descriptor, the pipe's write end among them
                 time.sleep(60)
