@@ -476,22 +476,23 @@ def test_download_dying_mid_copy_leaves_nothing(tmp_path, monkeypatch):
 def _poison(monkeypatch, bad_step: int | None, kind: str) -> None:
     """Makes training step `bad_step` (None: every step) non-finite: its loss ('loss') or only its gradients
     ('grad')."""
-    current = {}
+    current = threading.local()  # programs may be traced in a background thread, one trace per thread at a time
     real_keys, real_eval_key, real_loss = train_step.step_keys, train_step.eval_key, train_step.loss_fn
 
     def step_keys(base_key, step, n):
-        current["step"] = step  # the traced step number, used below in the same trace
+        current.step = step  # the traced step number, used below in the same trace
         return real_keys(base_key, step, n)
 
     def eval_key(base_key, step, split_index):
-        current["step"] = None  # an evaluation follows: leave its loss alone
+        current.step = None  # an evaluation follows: leave its loss alone
         return real_eval_key(base_key, step, split_index)
 
     def loss(logits, targets):
         value = real_loss(logits, targets)
-        if current.get("step") is None:
+        step = getattr(current, "step", None)
+        if step is None:
             return value
-        hit = True if bad_step is None else current["step"] == bad_step
+        hit = True if bad_step is None else step == bad_step
         if kind == "loss":
             return value * jnp.where(hit, jnp.nan, 1.0)
         # 0 * sqrt(s) is 0, but its gradient at s = 0 is 0 * inf = NaN
