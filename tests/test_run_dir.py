@@ -1,15 +1,21 @@
-"""`jaxgpt.run_dir.Interrupt` leaves nothing running behind it (its signal handling is tested with real signals
-in test_train_cli and test_faults)."""
+"""`jaxgpt.run_dir`: `RunLock` takes over only a lock that is safe to take, and `Interrupt` leaves nothing running
+behind it (its signal handling is tested with real signals in test_train_cli and test_interruptions)."""
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import signal
+import socket
+import subprocess
 import threading
 import time
 import warnings
 
-from jaxgpt.run_dir import Interrupt
+import pytest
+
+from jaxgpt.run_dir import LOCK_NAME, Interrupt, RunLock, TrainingError
 
 
 class _Owner:
@@ -64,3 +70,33 @@ def test_interrupt_ends_its_watcher_even_while_a_copy_of_its_pipe_lives_on():
         if child:
             os.kill(child, signal.SIGKILL)
             os.waitpid(child, 0)
+
+
+def _write_lock(out: pathlib.Path, pid: int, host: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": host}))
+
+
+def test_lock_of_another_host_needs_take_over(tmp_path):
+    _write_lock(tmp_path, 1, "some-other-host")  # its pid cannot be checked from here
+    with pytest.raises(TrainingError, match="pid 1 on some-other-host.*--config.take_over_lock=True"):
+        RunLock(tmp_path).__enter__()
+    logs = []
+    with RunLock(tmp_path, take_over=True, log=logs.append):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+        with pytest.raises(TrainingError, match=f"in use by pid {os.getpid()}"):
+            RunLock(tmp_path).__enter__()  # the same process, a second run: refused too
+    assert "taking over" in logs[0] and "some-other-host (take_over_lock=True)" in logs[0]
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    _write_lock(tmp_path, dead.pid, socket.gethostname())
+    logs = []
+    with RunLock(tmp_path, log=logs.append):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert logs == [f"warning: taking over {tmp_path / LOCK_NAME} from pid {dead.pid} on "
+                    f"{socket.gethostname()} (that process is gone)"]
+    assert not (tmp_path / LOCK_NAME).exists()
