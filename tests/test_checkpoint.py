@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -111,10 +115,12 @@ def test_a_link_that_fails_is_one_line_and_keeps_the_older_step(run, tmp_path, m
     ckptr.link("latest", 3, source="best")
     ckptr.save("best", 5, **state)
 
-    def full_disk(src, dst):
+    def full_disk(src, dst, **kwargs):  # the copy stops after its first file
+        os.makedirs(dst)
+        (pathlib.Path(dst) / "partial").write_bytes(b"x")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "_clone_or_copy", full_disk)
+    monkeypatch.setattr(shutil, "copytree", full_disk)
     with pytest.raises(checkpoint.CheckpointError, match=r"could not save the latest checkpoint at step 5 .*No space "
                                                          r"left on device.*previous checkpoint \(step 3\) is kept"):
         ckptr.link("latest", 5, source="best")
