@@ -131,11 +131,11 @@ TINY = Plan(
 
 def import_training() -> types.SimpleNamespace:
     """jaxgpt's step functions (`jaxgpt.train_step`, `jaxgpt.optim`); none of them needs ml_collections."""
-    from jaxgpt import optim, train_step
+    from jaxgpt import host_feed, optim, train_step
 
     return types.SimpleNamespace(make_optimizer=optim.make_optimizer, make_train_chunk=train_step.make_train_chunk,
-                                 make_estimate_loss=train_step.make_estimate_loss, step_offsets=train_step.step_offsets,
-                                 host_fed_batches=train_step.host_fed_batches)
+                                 make_estimate_loss=train_step.make_estimate_loss, step_offsets=host_feed.step_offsets,
+                                 host_fed_batches=host_feed.host_fed_batches)
 
 
 def load_corpus(path: pathlib.Path):

@@ -140,7 +140,7 @@ def build_jax_steps(shape: Shape, tokens, *, remat: bool = False, dtype: str = "
     from flax import nnx
 
     import jaxgpt
-    from jaxgpt import optim, sharding, training
+    from jaxgpt import optim, sharding, train_step
 
     config = jaxgpt.GPTConfig(**shape.model_args(), scan_layers=remat, remat=remat, dtype=dtype,
                               attention_impl=attention_impl or shape.attention_impl)
@@ -160,8 +160,8 @@ def build_jax_steps(shape: Shape, tokens, *, remat: bool = False, dtype: str = "
         mesh = sharding.make_mesh(data=cpu_devices, devices=jax.devices("cpu")[:cpu_devices])
         params, opt_state = sharding.shard_params((params, opt_state), mesh, remat)
         data = jax.device_put(data, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    train_chunk = training.make_train_chunk(graphdef, tx, batch_size=shape.batch_size, block_size=shape.block_size,
-                                            use_dropout=shape.dropout > 0, scan_layers=remat, mesh=mesh)
+    train_chunk = train_step.make_train_chunk(graphdef, tx, batch_size=shape.batch_size, block_size=shape.block_size,
+                                              use_dropout=shape.dropout > 0, scan_layers=remat, mesh=mesh)
     return params, opt_state, train_chunk, data
 
 

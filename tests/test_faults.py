@@ -36,7 +36,7 @@ from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
 from jaxgpt import checkpoint as ckpt_lib
 from jaxgpt import config as config_lib
-from jaxgpt import data, train_step, training
+from jaxgpt import data, optim, run_dir, train_step, training
 from tests.test_training import tiny_config, tiny_text
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def _state(out: pathlib.Path, text, which: str = "latest", step: int | None = No
     """The restored params, opt_state and train items of one checkpoint of a tiny run."""
     cfg = _config(text, out, **overrides)
     graphdef, params = nnx.split(config_lib.build_model(cfg, data.load_dataset(text).vocab_size, 0))
-    opt_state = training.make_optimizer(cfg).init(params)
+    opt_state = optim.make_optimizer(cfg).init(params)
     c = ckpt_lib.Checkpointer(out, read_only=True)
     try:
         return c.restore(which, step=step, params=params, opt_state=opt_state, key=jax.random.PRNGKey(0))
@@ -209,7 +209,7 @@ def test_sigterm_checkpoints_and_exits_0_and_a_second_run_is_refused(tmp_path, t
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and '"loss"' in
                                           (out / "metrics.jsonl").read_text()):
         time.sleep(0.1)
-    lock = json.loads((out / training.LOCK_NAME).read_text())
+    lock = json.loads((out / run_dir.LOCK_NAME).read_text())
     assert lock["pid"] == p.pid and lock["host"] == socket.gethostname()
     with pytest.raises(training.TrainingError, match=rf"in use by pid {p.pid} on {socket.gethostname()}.*"
                                                      "take_over_lock"):
@@ -221,7 +221,7 @@ def test_sigterm_checkpoints_and_exits_0_and_a_second_run_is_refused(tmp_path, t
     assert time.time() - t0 < 30
     assert f"interrupted ({signal.Signals(sig).name})" in log.read_text()
     assert ckpt_lib.load_model(out, "latest")[2]["step"] > 0
-    assert not (out / training.LOCK_NAME).exists()
+    assert not (out / run_dir.LOCK_NAME).exists()
 
 
 # ------------------------------------------------------------------------ corrupt checkpoints
@@ -360,7 +360,7 @@ def test_full_disk_while_writing_the_manifest_removes_the_step(run6, tmp_path, t
 
 def _write_lock(out: pathlib.Path, pid: int, host: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / training.LOCK_NAME).write_text(json.dumps({"pid": pid, "host": host}))
+    (out / run_dir.LOCK_NAME).write_text(json.dumps({"pid": pid, "host": host}))
 
 
 def test_a_live_lock_refuses_a_second_run(tmp_path, text):
@@ -372,21 +372,21 @@ def test_a_live_lock_refuses_a_second_run(tmp_path, text):
                 training.train(_config(text, out, max_iters=2))
         finally:
             alive.kill()
-    assert json.loads((out / training.LOCK_NAME).read_text())["pid"] == alive.pid  # left alone
+    assert json.loads((out / run_dir.LOCK_NAME).read_text())["pid"] == alive.pid  # left alone
     assert not (out / "checkpoints").exists()
 
 
 def test_lock_of_another_host_needs_take_over(tmp_path):
     _write_lock(tmp_path, 1, "some-other-host")  # its pid cannot be checked from here
     with pytest.raises(training.TrainingError, match="pid 1 on some-other-host.*--config.take_over_lock=True"):
-        training.RunLock(tmp_path).__enter__()
+        run_dir.RunLock(tmp_path).__enter__()
     logs = []
-    with training.RunLock(tmp_path, take_over=True, log=logs.append):
-        assert json.loads((tmp_path / training.LOCK_NAME).read_text())["pid"] == os.getpid()
+    with run_dir.RunLock(tmp_path, take_over=True, log=logs.append):
+        assert json.loads((tmp_path / run_dir.LOCK_NAME).read_text())["pid"] == os.getpid()
         with pytest.raises(training.TrainingError, match=f"in use by pid {os.getpid()}"):
-            training.RunLock(tmp_path).__enter__()  # the same process, a second run: refused too
+            run_dir.RunLock(tmp_path).__enter__()  # the same process, a second run: refused too
     assert "taking over" in logs[0] and "some-other-host (take_over_lock=True)" in logs[0]
-    assert not (tmp_path / training.LOCK_NAME).exists()
+    assert not (tmp_path / run_dir.LOCK_NAME).exists()
 
 
 def test_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
@@ -394,11 +394,11 @@ def test_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
     dead.wait()
     _write_lock(tmp_path, dead.pid, socket.gethostname())
     logs = []
-    with training.RunLock(tmp_path, log=logs.append):
-        assert json.loads((tmp_path / training.LOCK_NAME).read_text())["pid"] == os.getpid()
-    assert logs == [f"warning: taking over {tmp_path / training.LOCK_NAME} from pid {dead.pid} on "
+    with run_dir.RunLock(tmp_path, log=logs.append):
+        assert json.loads((tmp_path / run_dir.LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert logs == [f"warning: taking over {tmp_path / run_dir.LOCK_NAME} from pid {dead.pid} on "
                     f"{socket.gethostname()} (that process is gone)"]
-    assert not (tmp_path / training.LOCK_NAME).exists()
+    assert not (tmp_path / run_dir.LOCK_NAME).exists()
 
 
 # ------------------------------------------------------------------------ interrupted downloads
@@ -460,7 +460,7 @@ def _poison(monkeypatch, bad_step: int | None, kind: str) -> None:
     """Makes training step `bad_step` (None: every step) non-finite: its loss ('loss') or only its gradients
     ('grad')."""
     current = {}
-    real_keys, real_loss = train_step.step_keys, train_step._loss
+    real_keys, real_loss = train_step.step_keys, train_step.model_loss
 
     def step_keys(base_key, step, n):
         current["step"] = step  # the traced step number, used below in the same trace

@@ -239,7 +239,7 @@ import jax.numpy as jnp
 
 from jaxgpt import train_step
 
-_real = train_step._loss
+_real = train_step.model_loss
 
 
 def _loss(graphdef, params, x, y, key, use_dropout):
@@ -249,7 +249,7 @@ def _loss(graphdef, params, x, y, key, use_dropout):
     return value + 0.0 * jnp.sqrt(0.0 * jax.tree.leaves(params)[0].sum())  # d/ds sqrt(s) at 0: NaN
 
 
-train_step._loss = _loss
+train_step.model_loss = _loss
 
 
 def get_config():

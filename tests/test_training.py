@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt import checkpoint, data, optim, train_step, training
+from jaxgpt import checkpoint, data, host_feed, optim, train_loop, train_step, training
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 
@@ -86,13 +86,13 @@ def _setup(vocab=11, block_size=8, dropout=0.0):
 
 
 def test_boundaries_never_cross_an_evaluation():
-    chunks = training.chunk_boundaries(0, 23, eval_interval=10, steps_per_call=4)
+    chunks = train_loop.chunk_boundaries(0, 23, eval_interval=10, steps_per_call=4)
     assert chunks[0] == (0, 4) and chunks[-1][1] == 23
     assert all(b0 == a1 for (_, b0), (a1, _) in zip(chunks, chunks[1:]))  # contiguous
     assert all(a // 10 == (b - 1) // 10 for a, b in chunks)  # no chunk spans a multiple of 10
-    assert training.chunk_boundaries(10, 10, 10, 4) == []
+    assert train_loop.chunk_boundaries(10, 10, 10, 4) == []
     # A short first call, so that progress shows within seconds of the compile.
-    assert training.chunk_boundaries(0, 300, 250, 125, first_call=8) == [(0, 8), (8, 133), (133, 250), (250, 300)]
+    assert train_loop.chunk_boundaries(0, 300, 250, 125, first_call=8) == [(0, 8), (8, 133), (133, 250), (250, 300)]
 
 
 def test_chunks_of_any_length_share_one_program_and_equal_one_long_chunk():
@@ -100,19 +100,18 @@ def test_chunks_of_any_length_share_one_program_and_equal_one_long_chunk():
     graphdef, params, tx = _setup(dropout=0.1)
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 11, 400), jnp.int32)
     key = jax.random.PRNGKey(4)
-    chunk = training.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, use_dropout=True, max_steps=8)
+    chunk = train_step.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, use_dropout=True, max_steps=8)
     p, o = jax.tree.map(jnp.copy, params), tx.init(params)
-    p, o, m1 = chunk(p, o, tokens, key, jnp.int32(0), n_steps=3)
-    p, o, m2 = chunk(p, o, tokens, key, jnp.int32(3), n_steps=5)
-    q, _, m = chunk(jax.tree.map(jnp.copy, params), tx.init(params), tokens, key, jnp.int32(0), n_steps=8)
-    assert m1["loss"].shape == (3,) and m2["loss"].shape == (5,)
-    np.testing.assert_array_equal(np.concatenate([m1["loss"], m2["loss"]]), m["loss"])
+    p, o, m1 = chunk(p, o, tokens, key, jnp.int32(0), 3)
+    p, o, m2 = chunk(p, o, tokens, key, jnp.int32(3), 5)
+    q, _, m = chunk(jax.tree.map(jnp.copy, params), tx.init(params), tokens, key, jnp.int32(0), 8)
+    assert m1["loss"].shape == m2["loss"].shape == (8,)  # max_steps entries, the first n_steps filled
+    assert not np.asarray(m1["loss"][3:]).any()
+    np.testing.assert_array_equal(np.concatenate([m1["loss"][:3], m2["loss"][:5]]), m["loss"])
     for a, b in zip(_leaves(p), _leaves(q)):
         np.testing.assert_array_equal(a, b)
-    assert chunk.lower(p, o, tokens, key, jnp.int32(0), n_steps=3).as_text() == \
-        chunk.lower(p, o, tokens, key, jnp.int32(0), n_steps=8).as_text()  # one program for both lengths
-    with pytest.raises(ValueError, match="more than this train_chunk's max_steps=8"):
-        chunk(p, o, tokens, key, jnp.int32(0), n_steps=9)
+    assert chunk.lower(p, o, tokens, key, jnp.int32(0), 3).as_text() == \
+        chunk.lower(p, o, tokens, key, jnp.int32(0), 8).as_text()  # one program for both lengths
 
 
 def test_recipes_that_differ_only_in_their_numbers_share_one_program():
@@ -133,10 +132,10 @@ def test_recipes_that_differ_only_in_their_numbers_share_one_program():
     for c in (a, b):
         kw = dict(batch_size=3, block_size=8, max_steps=8)
         tx = optim.make_optimizer(c)
-        as_numbers = training.make_train_chunk(graphdef, partial(optim.make_optimizer, c), **kw,
+        as_numbers = train_step.make_train_chunk(graphdef, partial(optim.make_optimizer, c), **kw,
                                                lr_schedule=partial(optim.schedule_from_config, c),
                                                numbers=optim.recipe_numbers(c))
-        as_constants = training.make_train_chunk(graphdef, tx, **kw, lr_schedule=optim.schedule_from_config(c))
+        as_constants = train_step.make_train_chunk(graphdef, tx, **kw, lr_schedule=optim.schedule_from_config(c))
         runs = [f(jax.tree.map(jnp.copy, params), tx.init(params), tokens, key, jnp.int32(0), n_steps=8)
                 for f in (as_numbers, as_constants)]
         (p, _, m), (q, _, n) = runs
@@ -160,8 +159,8 @@ def test_a_step_compiled_ahead_is_the_step_compiled_on_call(jax_compile_events):
     x, y = training.host_batches(np.asarray(tokens), jax.random.split(jax.random.PRNGKey(2), 3)[:, None], 3, 8)
     key = jax.random.PRNGKey(6)
     for batches in (tokens, (x, y)):
-        ahead = training.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, use_dropout=True, max_steps=3)
-        on_call = training.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, use_dropout=True, max_steps=3)
+        ahead = train_step.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, use_dropout=True, max_steps=3)
+        on_call = train_step.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, use_dropout=True, max_steps=3)
         p, o = jax.tree.map(jnp.copy, params), tx.init(params)
         thread = ahead.prepare(p, o, batches, key, jnp.int32(0), n_steps=3)
         assert ahead.compiling()  # tracing a model alone takes longer than getting here
@@ -193,8 +192,8 @@ def test_grad_accumulation_equals_one_big_batch():
     x = rng.integers(0, 11, (1, 2, 3, 8)).astype(np.int32)
     y = rng.integers(0, 11, (1, 2, 3, 8)).astype(np.int32)
     key = jax.random.PRNGKey(0)
-    accum = training.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, grad_accum_steps=2)
-    whole = training.make_train_chunk(graphdef, tx, batch_size=6, block_size=8, grad_accum_steps=1)
+    accum = train_step.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, grad_accum_steps=2)
+    whole = train_step.make_train_chunk(graphdef, tx, batch_size=6, block_size=8, grad_accum_steps=1)
     pa, _, ma = accum(jax.tree.map(jnp.copy, params), tx.init(params), (x, y), key, jnp.int32(0), n_steps=1)
     pw, _, mw = whole(jax.tree.map(jnp.copy, params), tx.init(params),
                       (x.reshape(1, 1, 6, 8), y.reshape(1, 1, 6, 8)), key, jnp.int32(0), n_steps=1)
@@ -207,7 +206,8 @@ def test_grad_accumulation_equals_one_big_batch():
 def test_host_batches_are_the_device_batches():
     tokens = np.random.default_rng(2).integers(0, 50, 300).astype(np.uint16)
     keys = jax.random.split(jax.random.PRNGKey(5), 6).reshape(2, 3, 2)
-    x, y = training.host_batches(tokens, keys, batch_size=4, block_size=7)
+    x, y = data.windows(tokens, host_feed.batch_offsets(keys, batch_size=4, block_size=7, n_tokens=300), 7)
+    assert isinstance(x, np.ndarray) and x.dtype == np.int32
     assert x.shape == y.shape == (2, 3, 4, 7)
     for i in range(2):
         for j in range(3):
@@ -219,7 +219,7 @@ def test_host_batches_are_the_device_batches():
 def test_estimate_loss_is_the_mean_eval_loss_without_dropout():
     graphdef, params, _ = _setup(dropout=0.5)
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 11, 400), jnp.int32)
-    est = training.make_estimate_loss(graphdef, batch_size=2, block_size=8, eval_iters=3)
+    est = train_step.make_estimate_loss(graphdef, batch_size=2, block_size=8, eval_iters=3)
     base_key, step = jax.random.PRNGKey(9), 250
     model = nnx.merge(graphdef, params)
 
@@ -229,8 +229,8 @@ def test_estimate_loss_is_the_mean_eval_loss_without_dropout():
 
     train, val = est(params, (tokens, tokens), base_key, np.int32(step))
     # Each split draws with its own key of this step (here both splits read the same tokens).
-    assert float(train) == pytest.approx(mean_loss(training.eval_key(base_key, step, 0)), rel=1e-5)
-    assert float(val) == pytest.approx(mean_loss(training.eval_key(base_key, step, 1)), rel=1e-5)
+    assert float(train) == pytest.approx(mean_loss(train_step.eval_key(base_key, step, 0)), rel=1e-5)
+    assert float(val) == pytest.approx(mean_loss(train_step.eval_key(base_key, step, 1)), rel=1e-5)
     assert float(train) != float(val)
     again = est(params, (tokens, tokens), base_key, step)  # a Python int step draws the same batches
     assert (float(again[0]), float(again[1])) == (float(train), float(val))  # no dropout: deterministic
@@ -239,13 +239,13 @@ def test_estimate_loss_is_the_mean_eval_loss_without_dropout():
 def test_an_evaluation_compiled_ahead_runs_without_compiling(jax_compile_events):
     graphdef, params, _ = _setup(dropout=0.0)
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, 11, 300), jnp.int32)
-    est = training.make_estimate_loss(graphdef, batch_size=2, block_size=8, eval_iters=3)
+    est = train_step.make_estimate_loss(graphdef, batch_size=2, block_size=8, eval_iters=3)
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
     est.prepare(shapes, (tokens, tokens), jax.random.PRNGKey(0), np.int32(0)).join()
     with jax_compile_events() as events:
         got = est(params, (tokens, tokens), jax.random.PRNGKey(1), np.int32(7))
     assert events == []
-    on_call = training.make_estimate_loss(graphdef, batch_size=2, block_size=8, eval_iters=3)
+    on_call = train_step.make_estimate_loss(graphdef, batch_size=2, block_size=8, eval_iters=3)
     assert got == on_call(params, (tokens, tokens), jax.random.PRNGKey(1), np.int32(7))
 
 
@@ -273,7 +273,7 @@ def test_run_writes_metrics_plot_and_checkpoints(tmp_path, text_path):
     assert len(summary["sample"]) == 21  # the newline prompt + 20 characters
     # Its programs were compiled ahead, during training, on other parameters: the text is the final model's.
     model, tokenizer, _ = checkpoint.load_model(out, "latest")
-    assert summary["sample"] == training.sample_text(model, tokenizer, 20, seed=tiny_config(text_path, out).seed)
+    assert summary["sample"] == train_loop.sample_text(model, tokenizer, 20, seed=tiny_config(text_path, out).seed)
     _, _, latest = checkpoint.load_model(out, "latest")
     assert latest["step"] == 8
     # The host path (data kept off the device, batches gathered from a memmap) trains on the same windows.
@@ -298,7 +298,7 @@ def test_resume_is_bit_exact(tmp_path, text_path):
         cfg = tiny_config(text_path, out)
         vocab_size = data.load_dataset(text_path).vocab_size
         graphdef, params = nnx.split(config_lib.build_model(cfg, vocab_size, 0))
-        opt_state = training.make_optimizer(cfg).init(params)
+        opt_state = optim.make_optimizer(cfg).init(params)
         restored = c.restore("latest", params=params, opt_state=opt_state, key=jax.random.PRNGKey(0))
         c.close()
         return restored
@@ -339,7 +339,7 @@ def test_a_sample_compiled_ahead_is_the_final_models(tmp_path, text_path, monkey
     summary = training.train(config)
     assert recorder.events == []
     model, tokenizer, _ = checkpoint.load_model(out, "latest")
-    assert summary["sample"] == training.sample_text(model, tokenizer, 24, seed=config.seed)
+    assert summary["sample"] == train_loop.sample_text(model, tokenizer, 24, seed=config.seed)
 
 
 class _CompileRecorder:
@@ -355,16 +355,21 @@ class _CompileRecorder:
         return out
 
 
-def test_eval_only_evaluates_the_checkpoint_and_compiles_no_training_step(tmp_path, text_path, monkeypatch):
-    started = []
-    real = train_step.in_background
-    monkeypatch.setattr(train_step, "in_background", lambda fn, *, name: started.append(name) or real(fn, name=name))
+def test_eval_only_evaluates_the_checkpoint_and_runs_no_training_step(tmp_path, text_path, monkeypatch):
+    calls = []
+    real = train_loop.make_train_chunk
+
+    def recording(*args, **kwargs):
+        chunk = real(*args, **kwargs)
+        return lambda *a, **kw: calls.append(a[4]) or chunk(*a, **kw)
+
+    monkeypatch.setattr(train_loop, "make_train_chunk", recording)
     out = tmp_path / "run"
     trained = training.train(tiny_config(text_path, out))
-    assert "jaxgpt-compile-train-step" in started  # a training run compiles its step ahead
-    started.clear()
+    assert len(calls) == 4  # 8 steps, 2 per call
+    calls.clear()
     summary = training.train(tiny_config(text_path, out, resume=True, eval_only=True))
-    assert started == []
+    assert calls == []
     assert summary["step"] == 8 and summary["best_val_loss"] == trained["best_val_loss"]
 
 
