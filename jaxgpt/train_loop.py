@@ -34,7 +34,7 @@ from jaxgpt import mfu as mfu_lib
 from jaxgpt import run_dir as run_dir_lib
 from jaxgpt import sharding as sharding_lib
 from jaxgpt.run_dir import Interrupt, TrainingError, read_metrics
-from jaxgpt.train_step import make_estimate_loss, make_train_chunk
+from jaxgpt.train_step import make_estimate_loss, train_chunk_fn
 
 FIRST_CALL_STEPS = 8  # the first compiled call of a run trains this many steps at most, so progress shows early
 
@@ -63,6 +63,29 @@ def chunk_boundaries(start: int, max_iters: int, eval_interval: int, steps_per_c
         chunks.append((a, b))
         a = b
     return chunks
+
+
+def recipe_train_chunk(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, mesh: Mesh | None) -> Callable:
+    """The jitted training chunk of a config: `train_chunk(params, opt_state, data, base_key, step0, n_steps,
+    numbers)`, `numbers` the optimizer's (`optim.recipe_numbers(config)`).
+
+    The numbers (learning rates, schedule lengths, weight decay, betas, clip) are the program's arguments, not
+    constants: a rerun that changes only one of them finds the program in the compilation cache.
+    On the device one program runs every chunk length (a short first call shows progress early).
+    """
+    c = config
+    max_steps = c.steps_per_call if c.data.on_device else None
+
+    def train_chunk(params, opt_state, data, base_key, step0, n_steps, numbers):
+        chunk = train_chunk_fn(
+            graphdef, optim.make_optimizer(c, numbers), batch_size=c.batch_size, block_size=c.model.block_size,
+            grad_accum_steps=c.grad_accum_steps, use_dropout=c.model.dropout > 0 and c.model.name == "gpt",
+            mesh=mesh, scan_layers=c.model.scan_layers, skip_nonfinite=c.skip_nonfinite, max_steps=max_steps,
+            lr_schedule=optim.schedule_from_config(c, numbers))
+        return chunk(params, opt_state, data, base_key, step0, n_steps)
+
+    static = () if max_steps is not None else ("n_steps",)
+    return jax.jit(train_chunk, donate_argnames=("params", "opt_state"), static_argnames=static)
 
 
 class Metrics:
@@ -103,12 +126,7 @@ class TrainLoop:
         # Replicated: the batches are drawn inside the step, on every device.
         put = lambda a: jax.device_put(np.asarray(a, np.int32), replicated) if self.on_device else a  # noqa: E731
         self.train_data, self.val_data = put(dataset.train), put(dataset.val)
-        self.train_chunk = make_train_chunk(
-            graphdef, optim.make_optimizer(c), batch_size=c.batch_size, block_size=block_size,
-            grad_accum_steps=c.grad_accum_steps, use_dropout=c.model.dropout > 0 and c.model.name == "gpt", mesh=mesh,
-            scan_layers=c.model.scan_layers, skip_nonfinite=c.skip_nonfinite,
-            # On the device one program runs every chunk length (a short first call shows progress early).
-            max_steps=c.steps_per_call if self.on_device else None, lr_schedule=optim.schedule_from_config(c))
+        self.train_chunk, self.numbers = recipe_train_chunk(graphdef, c, mesh), optim.recipe_numbers(c)
         self.estimate = make_estimate_loss(graphdef, batch_size=c.batch_size, block_size=block_size,
                                            eval_iters=c.eval_iters, mesh=mesh)
         n_params = nnx.merge(graphdef, state.params).num_params()
@@ -187,7 +205,8 @@ class TrainLoop:
             upcoming_offsets = host_feed.step_offsets(s.key, *upcoming, grad_accum_steps=c.grad_accum_steps,
                                                       batch_size=c.batch_size, block_size=c.model.block_size,
                                                       n_tokens=len(self.train_data))
-        s.params, s.opt_state, out = self.train_chunk(s.params, s.opt_state, data, s.key, jnp.int32(a), b - a)
+        s.params, s.opt_state, out = self.train_chunk(s.params, s.opt_state, data, s.key, jnp.int32(a), b - a,
+                                                      self.numbers)
         if upcoming_offsets is not None:
             self.prefetched[upcoming] = self.host_batches(*upcoming, offsets=upcoming_offsets)
         out = {k: v[:b - a] for k, v in jax.device_get(out).items()}  # the one host sync per chunk

@@ -56,7 +56,22 @@ def model_loss(graphdef: nnx.GraphDef, params: nnx.State, x_BT: jax.Array, y_BT:
     return loss_fn(model(x_BT, key=key if use_dropout else None), y_BT)
 
 
-def make_train_chunk(
+def make_train_chunk(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, max_steps: int | None = None,
+                     **kwargs) -> Callable:
+    """The jitted `train_chunk(params, opt_state, data, base_key, step0, n_steps) -> (params, opt_state, metrics)` of
+    `train_chunk_fn(graphdef, tx, max_steps=max_steps, **kwargs)` (which says what it computes), `params` and
+    `opt_state` donated.
+
+    With `max_steps`, `n_steps` (at most `max_steps`) is a traced loop bound: one compiled program runs chunks of
+    any length, and the metrics have `max_steps` entries, the first `n_steps` of them filled. Without it,
+    `n_steps` is static: a program per length, metrics of `n_steps` entries.
+    """
+    static = () if max_steps is not None else ("n_steps",)
+    return jax.jit(train_chunk_fn(graphdef, tx, max_steps=max_steps, **kwargs),
+                   donate_argnames=("params", "opt_state"), static_argnames=static)
+
+
+def train_chunk_fn(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     *,
@@ -70,7 +85,8 @@ def make_train_chunk(
     max_steps: int | None = None,
     lr_schedule: optax.Schedule | None = None,
 ) -> Callable:
-    """The jitted `train_chunk(params, opt_state, data, base_key, step0, n_steps) -> (params, opt_state, metrics)`.
+    """The pure `train_chunk(params, opt_state, data, base_key, step0, n_steps) -> (params, opt_state, metrics)`:
+    `n_steps` optimizer steps from step `step0`.
 
     `data` is either the whole token array on the device (batches are drawn inside, `data.gather_batch`) or a
     pair of pre-drawn host batches `(x, y)` of shape (n_steps, grad_accum_steps, batch_size, block_size).
@@ -79,9 +95,7 @@ def make_train_chunk(
     each step's learning rate. With `skip_nonfinite`, a step whose loss, gradients or updates are not finite
     changes neither the parameters nor the optimizer state.
 
-    With `max_steps`, `n_steps` (at most `max_steps`) is a traced loop bound: one compiled program runs chunks of
-    any length, and the metrics have `max_steps` entries, the first `n_steps` of them filled. Without it,
-    `n_steps` is static: a program per length, metrics of `n_steps` entries.
+    With `max_steps` the metrics have `max_steps` entries (`n_steps` may be traced), else `n_steps`.
 
     With a `mesh`, every batch is split over its ('data', 'fsdp') axes and params / opt_state keep the
     shardings of `jaxgpt.sharding.state_shardings` (`scan_layers`: the model stacks its blocks), in and out.
@@ -140,8 +154,7 @@ def make_train_chunk(
         params, opt_state = _constrain_state((params, opt_state), mesh, scan_layers)
         return params, opt_state, metrics
 
-    static = () if max_steps is not None else ("n_steps",)
-    return jax.jit(train_chunk, donate_argnames=("params", "opt_state"), static_argnames=static)
+    return train_chunk
 
 
 def _all_finite(tree) -> jax.Array:

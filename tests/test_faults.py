@@ -478,7 +478,7 @@ def _poison(monkeypatch, bad_step: int | None, kind: str) -> None:
         return value + 0.0 * jnp.sqrt(s)
 
     monkeypatch.setattr(train_step, "step_keys", step_keys)
-    monkeypatch.setattr(train_step, "_loss", loss)
+    monkeypatch.setattr(train_step, "model_loss", loss)
 
 
 def test_a_bad_token_in_the_data_is_refused_before_training(tmp_path, text):

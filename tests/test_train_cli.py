@@ -157,7 +157,7 @@ def test_ctrl_c_before_the_first_step_stops_in_one_line_leaving_nothing(env, tmp
         if moment == "importing":
             time.sleep(1.0)
         else:
-            _wait_for(log, "data:" if moment == "after the data" else "compiling the training step")
+            _wait_for(log, "data:" if moment == "after the data" else "step 0: evaluating")  # it compiles first
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
     finally:
@@ -172,7 +172,7 @@ def test_ctrl_c_before_the_first_step_stops_in_one_line_leaving_nothing(env, tmp
 def test_a_second_ctrl_c_before_any_checkpoint_says_there_is_none_and_leaves_no_lock(env, tmp_path, shakespeare_path):
     proc, log, out = _start(env, tmp_path, tiny_text(tmp_path, shakespeare_path))
     try:
-        _wait_for(log, "compiling the training step")
+        _wait_for(log, "step 0: evaluating")
         proc.send_signal(signal.SIGINT)
         _wait_for(log, "SIGINT: stopping before", timeout=5)
         proc.send_signal(signal.SIGINT)
