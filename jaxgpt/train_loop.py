@@ -331,7 +331,7 @@ class TrainLoop:
             raise TrainingError(str(e)) from None
 
 
-def run(loop: TrainLoop, interrupt: Interrupt) -> dict[str, Any]:
+def run_training(loop: TrainLoop, interrupt: Interrupt) -> dict[str, Any]:
     """Evaluates (eval_only) or trains with `loop`, then samples; returns the run's summary."""
     from tqdm.auto import tqdm
 

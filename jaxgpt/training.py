@@ -31,7 +31,7 @@ from jaxgpt import run_dir as run_dir_lib
 from jaxgpt import sharding as sharding_lib
 from jaxgpt.model import count_params
 from jaxgpt.run_dir import Interrupt, RunLock, TrainingError, check_out_dir, prepare_out_dir
-from jaxgpt.train_loop import Metrics, TrainLoop, TrainState, run
+from jaxgpt.train_loop import Metrics, TrainLoop, TrainState, run_training
 from jaxgpt.train_step import seed_keys
 
 
@@ -257,6 +257,6 @@ def _train(config: ml_collections.ConfigDict, out_dir: pathlib.Path, dataset: da
             log(f"mesh: data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} over {mesh.size} "
                 f"{jax.devices()[0].device_kind} devices")
         loop = TrainLoop(config, out_dir, dataset, graphdef, mesh, ckptr, metrics, state, seed_key, log)
-        return run(loop, interrupt)
+        return run_training(loop, interrupt)
     finally:
         ckptr.close()

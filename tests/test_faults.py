@@ -211,7 +211,7 @@ def test_sigterm_checkpoints_and_exits_0_and_a_second_run_is_refused(tmp_path, t
         time.sleep(0.1)
     lock = json.loads((out / run_dir.LOCK_NAME).read_text())
     assert lock["pid"] == p.pid and lock["host"] == socket.gethostname()
-    with pytest.raises(training.TrainingError, match=rf"in use by pid {p.pid} on {socket.gethostname()}.*"
+    with pytest.raises(run_dir.TrainingError, match=rf"in use by pid {p.pid} on {socket.gethostname()}.*"
                                                      "take_over_lock"):
         training.train(_config(text, out, overwrite=True))
     t0 = time.time()
@@ -324,7 +324,7 @@ def test_full_disk_while_saving_is_one_error_and_keeps_the_previous_checkpoint(r
         _enospc()
 
     monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", half_then_full)
-    with pytest.raises(training.TrainingError) as e:
+    with pytest.raises(run_dir.TrainingError) as e:
         training.train(_config(text, out, max_iters=8, resume=True))
     message = str(e.value)
     assert "\n" not in message and "No space left on device" in message and "at step 8" in message
@@ -368,7 +368,7 @@ def test_a_live_lock_refuses_a_second_run(tmp_path, text):
     with subprocess.Popen(["sleep", "60"]) as alive:  # another run, alive on this host
         try:
             _write_lock(out, alive.pid, socket.gethostname())
-            with pytest.raises(training.TrainingError, match=rf"in use by pid {alive.pid} on .*take_over_lock"):
+            with pytest.raises(run_dir.TrainingError, match=rf"in use by pid {alive.pid} on .*take_over_lock"):
                 training.train(_config(text, out, max_iters=2))
         finally:
             alive.kill()
@@ -378,12 +378,12 @@ def test_a_live_lock_refuses_a_second_run(tmp_path, text):
 
 def test_lock_of_another_host_needs_take_over(tmp_path):
     _write_lock(tmp_path, 1, "some-other-host")  # its pid cannot be checked from here
-    with pytest.raises(training.TrainingError, match="pid 1 on some-other-host.*--config.take_over_lock=True"):
+    with pytest.raises(run_dir.TrainingError, match="pid 1 on some-other-host.*--config.take_over_lock=True"):
         run_dir.RunLock(tmp_path).__enter__()
     logs = []
     with run_dir.RunLock(tmp_path, take_over=True, log=logs.append):
         assert json.loads((tmp_path / run_dir.LOCK_NAME).read_text())["pid"] == os.getpid()
-        with pytest.raises(training.TrainingError, match=f"in use by pid {os.getpid()}"):
+        with pytest.raises(run_dir.TrainingError, match=f"in use by pid {os.getpid()}"):
             run_dir.RunLock(tmp_path).__enter__()  # the same process, a second run: refused too
     assert "taking over" in logs[0] and "some-other-host (take_over_lock=True)" in logs[0]
     assert not (tmp_path / run_dir.LOCK_NAME).exists()
@@ -505,7 +505,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path, text, monkeypatch):
     """Step 5's loss is NaN: the run stops naming step 5 and keeps step 4's checkpoint."""
     _poison(monkeypatch, 5, "loss")
     cfg = _config(text, tmp_path / "out", max_iters=8, **{"model.name": "bigram"})
-    with pytest.raises(training.TrainingError, match=r"loss is nan at step 5: .*\(step 4\) is kept.*"
+    with pytest.raises(run_dir.TrainingError, match=r"loss is nan at step 5: .*\(step 4\) is kept.*"
                                                      r"skip_nonfinite=True skips such steps"):
         training.train(cfg)
     assert ckpt_lib.Checkpointer(cfg.out_dir, read_only=True).latest_step() == 4
@@ -536,7 +536,7 @@ def test_skip_nonfinite_with_every_step_skipped_is_an_error(tmp_path, text, monk
     """Every gradient NaN: the run does not end 'done' but says that nothing was learned, the checkpoint kept."""
     _poison(monkeypatch, None, "grad")
     out = tmp_path / "out"
-    with pytest.raises(training.TrainingError, match=r"all 4 steps of this run were skipped as non-finite"):
+    with pytest.raises(run_dir.TrainingError, match=r"all 4 steps of this run were skipped as non-finite"):
         training.train(_config(text, out, max_iters=4, skip_nonfinite=True, **{"model.name": "bigram"}))
     assert ckpt_lib.Checkpointer(out, read_only=True).latest_step() == 4
 

@@ -17,6 +17,7 @@ from flax import nnx
 from jaxgpt import checkpoint, data, host_feed, optim, train_loop, train_step, training
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
+from jaxgpt.run_dir import TrainingError
 
 
 def tiny_text(tmp_path: pathlib.Path, shakespeare_path: pathlib.Path, n_chars: int = 4000) -> pathlib.Path:
@@ -264,7 +265,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
     monkeypatch.setattr(optim, "lr_schedule", poisoned)
     out = tmp_path / "nan"
-    with pytest.raises(training.TrainingError, match=r"at step 7\b.*step 4"):
+    with pytest.raises(TrainingError, match=r"at step 7\b.*step 4"):
         training.train(tiny_config(text_path, out, max_iters=12, steps_per_call=4))
     model, _, info = checkpoint.load_model(out, "latest")
     assert info["step"] == 4
@@ -320,12 +321,12 @@ def test_bad_datasets_fail_before_anything_is_written(tmp_path, content, match):
 def test_unwritable_out_dir(tmp_path, text_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(training.TrainingError, match="not writable.*out_dir"):
+    with pytest.raises(TrainingError, match="not writable.*out_dir"):
         training.train(tiny_config(text_path, blocker / "run"))
 
 
 def test_resume_without_checkpoint(tmp_path, text_path):
-    with pytest.raises(training.TrainingError, match="no checkpoint"):
+    with pytest.raises(TrainingError, match="no checkpoint"):
         training.train(tiny_config(text_path, tmp_path / "empty", resume=True))
 
 
@@ -333,7 +334,7 @@ def test_existing_run_is_not_overwritten(tmp_path, text_path):
     out = tmp_path / "run"
     training.train(tiny_config(text_path, out, max_iters=4))
     before = (out / "metrics.jsonl").read_text()
-    with pytest.raises(training.TrainingError, match="already holds a run"):
+    with pytest.raises(TrainingError, match="already holds a run"):
         training.train(tiny_config(text_path, out, max_iters=4))
     assert (out / "metrics.jsonl").read_text() == before
     training.train(tiny_config(text_path, out, max_iters=4, overwrite=True, seed=7))
@@ -343,7 +344,7 @@ def test_existing_run_is_not_overwritten(tmp_path, text_path):
 def test_resume_with_a_different_model_is_refused(tmp_path, text_path):
     out = tmp_path / "run"
     training.train(tiny_config(text_path, out, max_iters=4))
-    with pytest.raises(training.TrainingError, match="model.block_size=8.*16"):
+    with pytest.raises(TrainingError, match="model.block_size=8.*16"):
         training.train(tiny_config(text_path, out, resume=True, **{"model.block_size": 16}))
 
 
