@@ -86,7 +86,7 @@ def host_batches(tokens, shape: TrainShape, n: int, seed: int = 0) -> list:
     """n fixed (x, y) int32 numpy batches, shared by every implementation."""
     import numpy as np
 
-    from jaxgpt.train_step import windows
+    from jaxgpt.data import windows
 
     rng = np.random.default_rng(seed)
     return [windows(tokens, rng.integers(0, len(tokens) - shape.block_size, shape.batch_size), shape.block_size)

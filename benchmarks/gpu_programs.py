@@ -95,14 +95,14 @@ class JaxTrainer:
 
     def call(self) -> None:
         """One compiled call, synchronised as train.py does (it reads the losses back)."""
-        from jaxgpt import train_step
+        from jaxgpt import host_feed
 
         a, data = self.step, self.data
         if self.host_fed:
-            offsets = train_step.step_offsets(self.key, a, a + self.k, grad_accum_steps=1,
+            offsets = host_feed.step_offsets(self.key, a, a + self.k, grad_accum_steps=1,
                                               batch_size=self.shape.batch_size, block_size=self.shape.block_size,
                                               n_tokens=len(self.host_ids))
-            data = train_step.host_fed_batches(self.host_ids, offsets, self.shape.block_size, self.mesh)
+            data = host_feed.host_fed_batches(self.host_ids, offsets, self.shape.block_size, self.mesh)
         self.params, self.opt_state, metrics = self.chunk(self.params, self.opt_state, data, self.key,
                                                           self.jax.numpy.int32(a), n_steps=self.k)
         losses = self.jax.device_get(metrics["loss"])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt import checkpoint, training
+from jaxgpt import checkpoint, optim, training
 from jaxgpt.model import GPT
 from jaxgpt.tokenizer import CharTokenizer
 from tests.test_training import tiny_config, tiny_text
@@ -45,7 +45,7 @@ def test_restore_gives_back_the_saved_arrays(run, tmp_path):
     out, text, _ = run
     model, _, info = checkpoint.load_model(out, "latest")
     graphdef, params = nnx.split(model)
-    tx = training.make_optimizer(tiny_config(text, out))
+    tx = optim.make_optimizer(tiny_config(text, out))
     opt_state = tx.init(params)
     copy = tmp_path / "copy"
     saver = checkpoint.Checkpointer(copy)
@@ -71,7 +71,7 @@ def _saveable_state(run) -> dict:
     out, text, _ = run
     model, _, info = checkpoint.load_model(out, "latest")
     _, params = nnx.split(model)
-    opt_state = training.make_optimizer(tiny_config(text, out)).init(params)
+    opt_state = optim.make_optimizer(tiny_config(text, out)).init(params)
     return dict(params=params, opt_state=opt_state, key=jax.random.PRNGKey(7), meta={"config": info["config"]})
 
 

@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxgpt import checkpoint as ckpt_lib
 from jaxgpt import config as config_lib
-from jaxgpt import data, train_step, training
+from jaxgpt import data, optim, run_dir, train_step, training
 from tests.test_training import tiny_config, tiny_text
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def restored_state(out: pathlib.Path, text, which: str = "latest", step: int | N
     """The restored params, opt_state and train items of one checkpoint of a tiny run."""
     cfg = run_config(text, out, **overrides)
     graphdef, params = nnx.split(config_lib.build_model(cfg, data.load_dataset(text).vocab_size, 0))
-    opt_state = training.make_optimizer(cfg).init(params)
+    opt_state = optim.make_optimizer(cfg).init(params)
     c = ckpt_lib.Checkpointer(out, read_only=True)
     try:
         return c.restore(which, step=step, params=params, opt_state=opt_state, key=jax.random.PRNGKey(0))
@@ -183,7 +183,7 @@ def test_full_disk_while_saving_is_one_error_and_keeps_the_previous_checkpoint(r
     real_save = ocp.JsonCheckpointHandler.async_save
     monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save",
                         lambda self, directory, *a, **k: real_save(self, FullDisk(directory), *a, **k))
-    with pytest.raises(training.TrainingError) as e:
+    with pytest.raises(run_dir.TrainingError) as e:
         training.train(run_config(text, out, max_iters=8, resume=True))
     message = str(e.value)
     assert "\n" not in message and "No space left on device" in message and "at step 8" in message
@@ -272,7 +272,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path, text, monkeypatch):
     """Step 5's loss is NaN: the run stops naming step 5 and keeps step 4's checkpoint."""
     _poison(monkeypatch, 5, "loss")
     cfg = run_config(text, tmp_path / "out", max_iters=8, **{"model.name": "bigram"})
-    with pytest.raises(training.TrainingError, match=r"loss is nan at step 5: .*\(step 4\) is kept.*"
+    with pytest.raises(run_dir.TrainingError, match=r"loss is nan at step 5: .*\(step 4\) is kept.*"
                                                      r"skip_nonfinite=True skips such steps"):
         training.train(cfg)
     assert ckpt_lib.Checkpointer(cfg.out_dir, read_only=True).latest_step() == 4
@@ -303,7 +303,7 @@ def test_skip_nonfinite_with_every_step_skipped_is_an_error(tmp_path, text, monk
     """Every gradient NaN: the run does not end 'done' but says that nothing was learned, the checkpoint kept."""
     _poison(monkeypatch, None, "grad")
     out = tmp_path / "out"
-    with pytest.raises(training.TrainingError, match=r"all 4 steps of this run were skipped as non-finite"):
+    with pytest.raises(run_dir.TrainingError, match=r"all 4 steps of this run were skipped as non-finite"):
         training.train(run_config(text, out, max_iters=4, skip_nonfinite=True, **{"model.name": "bigram"}))
     assert ckpt_lib.Checkpointer(out, read_only=True).latest_step() == 4
 

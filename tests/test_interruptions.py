@@ -30,7 +30,7 @@ import pytest
 
 from jaxgpt import checkpoint as ckpt_lib
 from jaxgpt import config as config_lib
-from jaxgpt import data, training
+from jaxgpt import data, run_dir, training
 from jaxgpt.run_dir import CHECKPOINT_KINDS
 from tests.test_faults import assert_same_state, metrics_records, restored_state, run_config, text, xla_cache
 
@@ -170,9 +170,9 @@ def test_sigterm_checkpoints_and_exits_0_and_a_second_run_is_refused(tmp_path, t
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and '"loss"' in
                                           (out / "metrics.jsonl").read_text()):
         time.sleep(0.1)
-    lock = json.loads((out / training.LOCK_NAME).read_text())
+    lock = json.loads((out / run_dir.LOCK_NAME).read_text())
     assert lock["pid"] == p.pid and lock["host"] == socket.gethostname()
-    with pytest.raises(training.TrainingError, match=rf"in use by pid {p.pid} on {socket.gethostname()}.*"
+    with pytest.raises(run_dir.TrainingError, match=rf"in use by pid {p.pid} on {socket.gethostname()}.*"
                                                      "take_over_lock"):
         training.train(run_config(text, out, overwrite=True))
     t0 = time.time()
@@ -182,7 +182,7 @@ def test_sigterm_checkpoints_and_exits_0_and_a_second_run_is_refused(tmp_path, t
     assert time.time() - t0 < 30
     assert f"interrupted ({signal.Signals(sig).name})" in log.read_text()
     assert ckpt_lib.load_model(out, "latest")[2]["step"] > 0
-    assert not (out / training.LOCK_NAME).exists()
+    assert not (out / run_dir.LOCK_NAME).exists()
 
 
 # ------------------------------------------------------------------------ two runs, one out_dir
@@ -190,7 +190,7 @@ def test_sigterm_checkpoints_and_exits_0_and_a_second_run_is_refused(tmp_path, t
 
 def _write_lock(out: pathlib.Path, pid: int, host: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / training.LOCK_NAME).write_text(json.dumps({"pid": pid, "host": host}))
+    (out / run_dir.LOCK_NAME).write_text(json.dumps({"pid": pid, "host": host}))
 
 
 def test_a_live_lock_refuses_a_second_run(tmp_path, text):
@@ -198,11 +198,11 @@ def test_a_live_lock_refuses_a_second_run(tmp_path, text):
     with subprocess.Popen(["sleep", "60"]) as alive:  # another run, alive on this host
         try:
             _write_lock(out, alive.pid, socket.gethostname())
-            with pytest.raises(training.TrainingError, match=rf"in use by pid {alive.pid} on .*take_over_lock"):
+            with pytest.raises(run_dir.TrainingError, match=rf"in use by pid {alive.pid} on .*take_over_lock"):
                 training.train(run_config(text, out, max_iters=2))
         finally:
             alive.kill()
-    assert json.loads((out / training.LOCK_NAME).read_text())["pid"] == alive.pid  # left alone
+    assert json.loads((out / run_dir.LOCK_NAME).read_text())["pid"] == alive.pid  # left alone
     assert not (out / "checkpoints").exists()
 
 

@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxgpt import GPT, GPTConfig, checkpoint, data, optim, training
+from jaxgpt import GPT, GPTConfig, checkpoint, data, optim, run_dir, training
 from jaxgpt import config as config_lib
 from jaxgpt.layout import stack_layers
 from tests.reference.torch_gpt import get_lr as torch_get_lr
@@ -268,7 +268,7 @@ def test_training_with_muon_lowers_the_loss_and_resumes_bit_exact(tmp_path, shak
         c = checkpoint.Checkpointer(out)
         cfg = tiny_config(text_path, out, **muon)
         params = nnx.state(config_lib.build_model(cfg, data.load_dataset(text_path).vocab_size, 0))
-        opt_state = training.make_optimizer(cfg).init(params)  # Muon's state: AdamW's would not restore
+        opt_state = optim.make_optimizer(cfg).init(params)  # Muon's state: AdamW's would not restore
         restored = c.restore("latest", params=params, opt_state=opt_state, key=jax.random.PRNGKey(0))
         c.close()
         return restored
@@ -283,7 +283,7 @@ def test_training_with_muon_lowers_the_loss_and_resumes_bit_exact(tmp_path, shak
     assert losses[0] == losses[1] and len(losses[0]) == 8
     assert np.mean(losses[0][-2:]) < np.mean(losses[0][:2]) - 0.2
 
-    with pytest.raises(training.TrainingError) as error:
+    with pytest.raises(run_dir.TrainingError, match=r"optimizer='muon'.* 'adamw'") as error:
         training.train(tiny_config(text_path, two, resume=True, max_iters=12, **{**muon, "optimizer": "adamw"}))
     assert str(error.value).startswith("resume: ") and "\n" not in str(error.value)
     assert "model." not in str(error.value)  # not the model's check: the model is the checkpoint's
