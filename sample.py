@@ -140,12 +140,12 @@ def _load_run(load_model: Callable, out_dir: str, which: str | None, err: TextIO
 
 def _load_init_from(spec: str):
     """(model, tokenizer) of a nanoGPT checkpoint or a local GPT-2 folder; UsageError when it cannot be read."""
-    from jaxgpt.convert import load_init_from
+    from jaxgpt.convert import InitFromError, load_init_from
 
     try:
         model, tokenizer, _ = load_init_from(spec)
-    except (OSError, ValueError, ImportError) as e:
-        raise UsageError(f"--init_from={spec!r}: {e}") from None
+    except InitFromError as e:
+        raise UsageError(f"--init_from={e.spec!r}: {e.reason}") from None
     return model, tokenizer
 
 

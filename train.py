@@ -16,7 +16,7 @@ import re
 import signal
 import sys
 
-from jaxgpt.run_dir import Interrupt, Interrupted  # the standard library only: quick to import
+from jaxgpt.run_dir import Interrupt, Interrupted, TrainingError  # the standard library only: quick to import
 
 # Ctrl-C / SIGTERM from the very start: a signal is recorded, never raised as a KeyboardInterrupt that the imports
 # below (JAX's among them) or a garbage-collection callback could swallow or turn into a long traceback;
@@ -247,10 +247,10 @@ def main(argv: list[str]) -> None:
     except Interrupted as e:  # Ctrl-C before the first step: said in one line, not an error
         print(str(e), file=sys.stderr)
         sys.exit(130)
-    except (ConfigError, DataError, training.TrainingError, FileNotFoundError) as e:
+    except (ConfigError, DataError, TrainingError, FileNotFoundError) as e:
         _fail(str(e))
     # Nothing is left to collect: without this the interpreter's last garbage collections walk every object
-    # JAX made, ~0.5 s between the last line and the prompt.
+    # JAX made, a wait between the last line and the prompt.
     gc.freeze()
 
 

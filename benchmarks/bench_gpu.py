@@ -1,4 +1,4 @@
-"""Accelerator benchmark: jaxgpt against the PyTorch reference on one GPU, every measurement of issue 13 at once.
+"""Accelerator benchmark: jaxgpt against the PyTorch reference on one GPU, every GPU measurement in one run.
 
 One command, one table (markdown on stdout) and, with `--json PATH`, the same rows as JSON. Sections:
 
@@ -40,10 +40,8 @@ XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 of the GPU here (unless set) so that torch f
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import platform
@@ -53,317 +51,16 @@ import sys
 import tempfile
 import time
 import traceback
-import types
 from collections.abc import Callable
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # common.py, when run by path
 
-DEFAULT_DATA = os.environ.get("JAXGPT_SHAKESPEARE") or str(ROOT.parent / "shared" / "data" / "tinyshakespeare"
-                                                             / "input.txt")
+from common import DEFAULT_DATA, ROOT, TrainShape, cpu_name, flops_per_token, load_corpus, measure, timed, window_stats
+from gpu_programs import FULL, TINY, JaxTrainer, Plan, TorchTrainer, use_sdpa
+
 TINY_XLA_FLAGS = "--xla_backend_optimization_level=0"
 SECTIONS = ("step", "eval", "gpt2", "sample", "recipe")
 ORIGINAL_ENV = dict(os.environ)  # the recipe subprocess runs in the user's environment, not the tweaks below
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainShape:
-    """A training benchmark shape and its optimiser recipe (nanoGPT's AdamW, schedule and clipping)."""
-
-    batch_size: int
-    block_size: int
-    n_layer: int
-    n_head: int
-    n_embd: int
-    dropout: float
-    vocab_size: int | None  # None: the corpus's character vocabulary
-    learning_rate: float
-    warmup_iters: int
-    lr_decay_iters: int
-    min_lr: float
-    beta2: float
-    steps_per_call: int  # jaxgpt's K steps per compiled call, and the torch window's length
-    beta1: float = 0.9
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """Every shape and count of one run; `--tiny` swaps in one that runs on a CPU in seconds."""
-
-    shakespeare: TrainShape
-    gpt2: TrainShape
-    eval_iters: int
-    sample_model: dict
-    sample_new_tokens: int
-    sample_batches: tuple[int, ...]
-    windows: int
-    recipe_overrides: tuple[str, ...]
-
-
-FULL = Plan(
-    shakespeare=TrainShape(64, 256, 6, 6, 384, 0.2, None, 1e-3, 100, 5000, 1e-4, 0.99, steps_per_call=50),
-    gpt2=TrainShape(12, 1024, 12, 12, 768, 0.0, 50304, 6e-4, 2000, 600000, 6e-5, 0.95, steps_per_call=10),
-    eval_iters=200,
-    sample_model=dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384),
-    sample_new_tokens=255,
-    sample_batches=(1, 8),
-    windows=5,
-    recipe_overrides=(),
-)
-TINY = Plan(
-    shakespeare=TrainShape(4, 32, 2, 2, 32, 0.2, None, 1e-3, 10, 100, 1e-4, 0.99, steps_per_call=4),
-    gpt2=TrainShape(2, 64, 2, 2, 64, 0.0, 512, 6e-4, 10, 100, 6e-5, 0.95, steps_per_call=3),
-    eval_iters=4,
-    sample_model=dict(vocab_size=65, block_size=64, n_layer=2, n_head=2, n_embd=32),
-    sample_new_tokens=15,
-    sample_batches=(1, 8),
-    windows=2,
-    recipe_overrides=("max_iters=20", "eval_interval=10", "eval_iters=2", "batch_size=4", "steps_per_call=5",
-                      "model.block_size=32", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
-                      "sample_tokens=8", "log_interval=5"),
-)
-
-
-# --------------------------------------------------------------------------------------------- helpers
-
-
-def import_training() -> types.SimpleNamespace:
-    """jaxgpt's step functions (`jaxgpt.train_step`, `jaxgpt.optim`); none of them needs ml_collections."""
-    from jaxgpt import optim, train_step
-
-    return types.SimpleNamespace(make_optimizer=optim.make_optimizer, make_train_chunk=train_step.make_train_chunk,
-                                 make_estimate_loss=train_step.make_estimate_loss, step_offsets=train_step.step_offsets,
-                                 host_fed_batches=train_step.host_fed_batches)
-
-
-def load_corpus(path: pathlib.Path):
-    """The corpus's character ids (uint16), split 90 / 10 as jaxgpt.data does: (train, val, vocab_size)."""
-    import numpy as np
-
-    text = path.read_text(encoding="utf-8")
-    stoi = {c: i for i, c in enumerate(sorted(set(text)))}
-    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
-    n = int(0.9 * len(ids))
-    return ids[:n], ids[n:], len(stoi)
-
-
-def window_stats(per_step: list[float]) -> dict:
-    """Median and spread (seconds per unit) of the timed windows."""
-    return {"median_s": statistics.median(per_step), "min_s": min(per_step), "max_s": max(per_step),
-            "windows": len(per_step)}
-
-
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def measure(window: Callable[[], float], windows: int, first: Callable[[], object] | None = None) -> dict:
-    """The first call's wall time (compile included), one warm-up window, then `windows` timed windows.
-
-    `window()` runs one window and returns its seconds per unit (per step, per token, per evaluation);
-    `first()` is the first call (default: one window).
-    """
-    first_s = timed(first or window)
-    window()
-    stats = window_stats([window() for _ in range(windows)])
-    stats["first_s"] = first_s
-    return stats
-
-
-# ----------------------------------------------------------------------------------------------- jax
-
-
-class JaxTrainer:
-    """jaxgpt's training step on `shape`, as `jaxgpt.training.train` builds it on one device.
-
-    `host_fed`: batches drawn on the host and sent with every call (`data.on_device=False`), one step
-    per call; otherwise the token array lives on the device and each call runs `shape.steps_per_call`
-    steps, drawing its batches inside.
-    """
-
-    def __init__(self, training, shape: TrainShape, train_ids, vocab_size: int, *, dtype: str,
-                 attention_impl: str = "auto", host_fed: bool = False):
-        import jax
-        import jax.numpy as jnp
-        import numpy as np
-        from flax import nnx
-
-        import jaxgpt
-        from jaxgpt import sharding
-
-        self.jax, self.training, self.shape, self.host_fed = jax, training, shape, host_fed
-        config = jaxgpt.GPTConfig(vocab_size=vocab_size, block_size=shape.block_size, n_layer=shape.n_layer,
-                                  n_head=shape.n_head, n_embd=shape.n_embd, dropout=shape.dropout, bias=False,
-                                  dtype=dtype, attention_impl=attention_impl)
-        model = jaxgpt.GPT(config, rngs=nnx.Rngs(0))
-        self.n_params = model.num_params()
-        self.graphdef, params = nnx.split(model)
-        recipe = types.SimpleNamespace(decay_lr=True, **{f.name: getattr(shape, f.name) for f in dataclasses.fields(
-            shape) if f.name in ("learning_rate", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay",
-                                 "beta1", "beta2", "grad_clip")})
-        tx = training.make_optimizer(recipe)  # reads only these attributes of a config
-        self.mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-        self.params = sharding.shard_params(params, self.mesh)
-        self.opt_state = sharding.shard_params(tx.init(params), self.mesh)
-        self.key = jax.random.fold_in(jax.random.PRNGKey(1337), 1)
-        self.k = 1 if host_fed else shape.steps_per_call
-        self.chunk = training.make_train_chunk(self.graphdef, tx, batch_size=shape.batch_size,
-                                               block_size=shape.block_size, use_dropout=shape.dropout > 0,
-                                               mesh=self.mesh)
-        self.host_ids = np.asarray(train_ids)
-        self.data = jnp.asarray(self.host_ids, jnp.int32)
-        self.step = 0
-
-    def call(self) -> None:
-        """One compiled call, synchronised as train.py does (it reads the losses back)."""
-        jnp, training, a = self.jax.numpy, self.training, self.step
-        data = self.data
-        if self.host_fed:
-            offsets = training.step_offsets(self.key, a, a + self.k, grad_accum_steps=1,
-                                            batch_size=self.shape.batch_size, block_size=self.shape.block_size,
-                                            n_tokens=len(self.host_ids))
-            data = training.host_fed_batches(self.host_ids, offsets, self.shape.block_size, self.mesh)
-        self.params, self.opt_state, metrics = self.chunk(self.params, self.opt_state, data, self.key, jnp.int32(a),
-                                                          n_steps=self.k)
-        losses = self.jax.device_get(metrics["loss"])
-        if not all(map(math.isfinite, losses.tolist())):
-            raise FloatingPointError(f"non-finite training loss {losses.tolist()}")
-        self.step += self.k
-
-    def window(self, steps: int) -> float:
-        """Runs at least `steps` steps (whole calls); seconds per step."""
-        calls = max(1, steps // self.k)
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            self.call()
-        return (time.perf_counter() - t0) / (calls * self.k)
-
-    def make_eval(self, train_ids, val_ids, eval_iters: int) -> Callable[[], float]:
-        """One evaluation as train.py runs it: both splits in one compiled call; seconds per evaluation."""
-        jnp = self.jax.numpy
-        estimate = self.training.make_estimate_loss(self.graphdef, batch_size=self.shape.batch_size,
-                                                    block_size=self.shape.block_size, eval_iters=eval_iters,
-                                                    mesh=self.mesh)
-        splits = (jnp.asarray(train_ids, jnp.int32), jnp.asarray(val_ids, jnp.int32))
-        counter = iter(range(1 << 30))
-
-        def evaluate() -> float:
-            step = jnp.int32(next(counter))
-            t0 = time.perf_counter()
-            losses = [float(x) for x in estimate(self.params, splits, self.key, step)]
-            dt = time.perf_counter() - t0
-            if not all(map(math.isfinite, losses)):
-                raise FloatingPointError(f"non-finite eval loss {losses}")
-            return dt
-
-        return evaluate
-
-
-# --------------------------------------------------------------------------------------------- torch
-
-
-def use_sdpa(model) -> None:
-    """Switches the reference GPT's attention to nanoGPT's flash path, in place.
-
-    nanoGPT's CausalSelfAttention calls `F.scaled_dot_product_attention(is_causal=True, dropout_p=...)`
-    when torch has it (flash attention on GPUs); the reference spells the masked softmax out for
-    readability. The same function of the same weights (the dropout masks differ), at nanoGPT's speed.
-    """
-    import torch.nn.functional as F
-
-    def forward(self, x):
-        B, T, C = x.size()
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in self.c_attn(x).split(self.n_embd, dim=2))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
-
-    for block in model.transformer.h:
-        block.attn.forward = types.MethodType(forward, block.attn)
-
-
-class TorchTrainer:
-    """The PyTorch reference trained as nanoGPT's train.py does: compiled model, bf16 autocast, AdamW
-    groups of `configure_optimizers` (fused on CUDA, as nanoGPT picks), the learning rate set each step,
-    gradient clipping; batches drawn on the device from the token array. `sdpa`: nanoGPT's attention."""
-
-    def __init__(self, shape: TrainShape, train_ids, vocab_size: int, device: str, compile_model: bool,
-                 sdpa: bool = True):
-        import numpy as np
-        import torch
-
-        from tests.reference import torch_gpt
-
-        torch.manual_seed(0)
-        self.torch, self.tg, self.shape, self.device = torch, torch_gpt, shape, device
-        config = torch_gpt.TorchGPTConfig(vocab_size=vocab_size, block_size=shape.block_size, n_layer=shape.n_layer,
-                                          n_head=shape.n_head, n_embd=shape.n_embd, dropout=shape.dropout, bias=False)
-        self.model = torch_gpt.GPT(config).to(device)
-        if sdpa:
-            use_sdpa(self.model)
-        self.n_params = self.model.get_num_params()
-        groups = torch_gpt.configure_optimizers(self.model, shape.weight_decay, shape.learning_rate,
-                                                (shape.beta1, shape.beta2)).param_groups
-        fused = {"fused": True} if device == "cuda" else {}
-        self.opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups],
-                                     lr=shape.learning_rate, betas=(shape.beta1, shape.beta2), **fused)
-        self.fwd = torch.compile(self.model) if compile_model else self.model
-        self.autocast = torch.autocast(device, dtype=torch.bfloat16)
-        self.train_ids = torch.from_numpy(np.asarray(train_ids, np.int64)).to(device)
-        self.offsets = torch.arange(shape.block_size + 1, device=device)
-        self.step = 0
-
-    def batch(self, data):
-        ix = self.torch.randint(len(data) - self.shape.block_size, (self.shape.batch_size,), device=self.device)
-        w = data[ix[:, None] + self.offsets]
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
-
-    def sync(self) -> None:
-        if self.device == "cuda":
-            self.torch.cuda.synchronize()
-
-    def window(self, steps: int) -> float:
-        """`steps` training steps, synchronised at the end; seconds per step."""
-        s, t0 = self.shape, time.perf_counter()
-        self.model.train()
-        for _ in range(steps):
-            lr = self.tg.get_lr(self.step, s.learning_rate, s.warmup_iters, s.lr_decay_iters, s.min_lr)
-            for group in self.opt.param_groups:
-                group["lr"] = lr
-            with self.autocast:
-                _, loss = self.fwd(*self.batch(self.train_ids))
-            loss.backward()
-            self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.step += 1
-        if not math.isfinite(loss.item()):  # .item() synchronises
-            raise FloatingPointError(f"non-finite training loss {loss.item()}")
-        return (time.perf_counter() - t0) / steps
-
-    def make_eval(self, val_ids, eval_iters: int) -> Callable[[], float]:
-        """nanoGPT's estimate_loss: eval mode, no_grad, autocast, `eval_iters` batches of each split."""
-        import numpy as np
-
-        val = self.torch.from_numpy(np.asarray(val_ids, np.int64)).to(self.device)
-
-        def evaluate() -> float:
-            t0 = time.perf_counter()
-            self.model.eval()
-            with self.torch.no_grad(), self.autocast:
-                means = [self.torch.stack([self.fwd(*self.batch(d))[1] for _ in range(eval_iters)]).mean().item()
-                         for d in (self.train_ids, val)]
-            self.model.train()
-            dt = time.perf_counter() - t0
-            if not all(map(math.isfinite, means)):
-                raise FloatingPointError(f"non-finite eval loss {means}")
-            return dt
-
-        return evaluate
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -425,7 +122,7 @@ class Bench:
             torch.backends.cudnn.allow_tf32 = True
         else:  # a CPU run checks the script on tiny shapes, where more threads only contend
             torch.set_num_threads(1)
-        self.compile = {"auto": self.device == "cuda", "yes": True, "no": False}[self.args.torch_compile]
+        self.compile = self.device == "cuda"  # torch.compile as nanoGPT uses it; on a CPU the tiny check skips it
         self.sdpa = self.args.torch_attention == "sdpa"
         self.train_ids, self.val_ids, self.vocab = load_corpus(self.args.data)
         self.on_gpu = jax.default_backend() == "gpu"
@@ -447,32 +144,23 @@ class Bench:
             "tiny": self.args.tiny,
         }
 
-    def training(self):
-        if not hasattr(self, "_training"):
-            self._training = import_training()
-        return self._training
-
-    def flops_per_token(self, shape: TrainShape, n_params: int) -> float:
-        return self.mfu.flops_per_token(n_params, shape.n_layer, shape.n_head, shape.n_embd // shape.n_head,
-                                        shape.block_size)
-
-    def step_fields(self, stats: dict, shape: TrainShape, n_params: int, device_kind: str | None, **extra) -> dict:
-        tokens = shape.batch_size * shape.block_size
-        tok_s = tokens / stats["median_s"]
-        peak_mfu = self.mfu.mfu(tok_s, self.flops_per_token(shape, n_params), device_kind=device_kind)
+    def step_fields(self, stats: dict, shape: TrainShape, vocab: int, device_kind: str | None, **extra) -> dict:
+        tok_s = shape.batch_size * shape.block_size / stats["median_s"]
+        peak_mfu = self.mfu.mfu(tok_s, flops_per_token(shape, vocab), device_kind=device_kind)
         return {**stats, "tokens_per_s": tok_s, **({} if peak_mfu is None else {"mfu": peak_mfu}), **extra}
 
-    def train_section(self, section: str, shape: TrainShape, jax_variants: list[tuple[str, dict]],
+    def train_section(self, section: str, shape: TrainShape, k: int, jax_variants: list[tuple[str, dict]],
                       torch_impl: str | None, vocab: int, train_ids) -> dict:
-        """Trains every variant (sequentially: one at a time on the device); returns the live trainers."""
-        windows, k = self.plan.windows, shape.steps_per_call
+        """Trains every variant (sequentially: one at a time on the device), `k` steps per window; returns the live
+        trainers."""
+        windows = self.plan.windows
         trainers: dict = {}
         for impl, kwargs in jax_variants:
             def run(impl=impl, kwargs=kwargs):
-                t = JaxTrainer(self.training(), shape, train_ids, vocab, **kwargs)
+                t = JaxTrainer(shape, k, train_ids, vocab, **kwargs)
                 stats = measure(lambda: t.window(k), windows, first=lambda: t.window(t.k))
                 trainers[impl] = t
-                return self.step_fields(stats, shape, t.n_params, None, steps_per_call=t.k)
+                return self.step_fields(stats, shape, vocab, None, steps_per_call=t.k)
 
             self.guarded(section, impl, "ms/step", run)
         if torch_impl:
@@ -481,7 +169,7 @@ class Bench:
                 stats = measure(lambda: t.window(k), windows, first=lambda: t.window(1))
                 trainers["torch"] = t
                 kind = self.info["torch_device"] if self.device == "cuda" else "cpu"
-                return self.step_fields(stats, shape, t.n_params, kind, steps_per_call=k)
+                return self.step_fields(stats, shape, vocab, kind, steps_per_call=k)
 
             self.guarded(section, torch_impl, "ms/step", run_torch)
         return trainers
@@ -496,8 +184,8 @@ class Bench:
         variants = [("jaxgpt float32", {"dtype": "float32"}), ("jaxgpt bfloat16", {"dtype": "bfloat16"})]
         if not want_step:  # eval only: float32 and torch are trained (their step rows dropped) to be evaluated
             variants = variants[:1]
-        trainers = self.train_section("shakespeare_char step", shape, variants, self.torch_label(), self.vocab,
-                                      self.train_ids)
+        trainers = self.train_section("shakespeare_char step", shape, self.plan.shakespeare_k, variants,
+                                      self.torch_label(), self.vocab, self.train_ids)
         if not want_step:
             self.rows = [r for r in self.rows if r["section"] != "shakespeare_char step"]
         if self.args.profile and "jaxgpt float32" in trainers:
@@ -535,9 +223,10 @@ class Bench:
         impl = "cudnn" if self.on_gpu else "xla"  # configs/gpt2_124m.py's choice
         variants = [(f"jaxgpt bf16 {impl}, host-fed, 1 step/call (as shipped)",
                      {"dtype": "bfloat16", "attention_impl": impl, "host_fed": True}),
-                    (f"jaxgpt bf16 {impl}, on-device, {shape.steps_per_call} steps/call",
+                    (f"jaxgpt bf16 {impl}, on-device, {self.plan.gpt2_k} steps/call",
                      {"dtype": "bfloat16", "attention_impl": impl})]
-        self.train_section("GPT-2 124M step", shape, variants, self.torch_label(), shape.vocab_size, tokens)
+        self.train_section("GPT-2 124M step", shape, self.plan.gpt2_k, variants, self.torch_label(), shape.vocab_size,
+                           tokens)
 
     def run_sample(self) -> None:
         import numpy as np
@@ -593,7 +282,7 @@ class Bench:
                 config = ROOT / "configs" / "shakespeare_char.py"
                 cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(config),
                        f"--config.data.path={self.args.data}", f"--config.out_dir={out_dir}",
-                       *(f"--config.{o}" for o in (*self.plan.recipe_overrides, *self.args.recipe_set))]
+                       *(f"--config.{o}" for o in self.plan.recipe_overrides)]
                 env = dict(ORIGINAL_ENV, JAXGPT_CACHE=str(pathlib.Path(tmp) / "cache"))
                 if self.args.tiny:
                     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + TINY_XLA_FLAGS).strip()
@@ -631,14 +320,6 @@ class Bench:
 
 
 # ------------------------------------------------------------------------------------------- output
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -696,8 +377,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help=f"comma-separated sections to run, of {', '.join(SECTIONS)} (default: all "
                                   "but recipe)")
     p.add_argument("--recipe", action="store_true", help="also run the whole train.py shakespeare_char recipe")
-    p.add_argument("--recipe-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config override for the recipe run, e.g. model.dtype=bfloat16 (repeatable)")
     p.add_argument("--recipe-timeout", type=float, default=420.0, help="seconds before the recipe run is stopped")
     p.add_argument("--budget", type=float, help="seconds: parts that would start later are skipped (marked so)")
     p.add_argument("--torch-attention", choices=("sdpa", "reference"), default="sdpa",
@@ -705,8 +384,6 @@ def main(argv: list[str] | None = None) -> int:
                         "default) or the reference's written-out softmax")
     p.add_argument("--tiny", action="store_true", help="tiny shapes for every section (a CPU check in seconds)")
     p.add_argument("--windows", type=int, help="timed windows per measurement (default 5; 2 with --tiny)")
-    p.add_argument("--torch-compile", choices=("auto", "yes", "no"), default="auto",
-                   help="torch.compile the reference (auto: on CUDA only)")
     p.add_argument("--profile", type=pathlib.Path, help="write a jax.profiler trace of shakespeare_char steps here")
     p.add_argument("--xla-dump", type=pathlib.Path, help="XLA_FLAGS=--xla_dump_to=DIR: every compiled module's HLO")
     args = p.parse_args(argv)
@@ -726,10 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.windows is not None and args.windows < 1:
         print(f"error: --windows must be a positive integer, got {args.windows}", file=sys.stderr)
         return 2
-    for path in (args.json,):
-        if path is not None and path.exists() and not path.is_file():
-            print(f"error: --json {path} is not a file: pass a file path", file=sys.stderr)
-            return 2
+    if args.json is not None and args.json.exists() and not args.json.is_file():
+        print(f"error: --json {args.json} is not a file: pass a file path", file=sys.stderr)
+        return 2
 
     # Before jax starts: the dump flag, and room on the accelerator for torch beside jax.
     if args.xla_dump:

@@ -30,9 +30,10 @@ import numpy as np
 from flax import nnx
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-import jaxgpt.config as config_lib  # noqa: E402
+from common import config_with  # noqa: E402
+
 import jaxgpt.data as data_lib  # noqa: E402
 from jaxgpt import checkpoint, training  # noqa: E402
 from jaxgpt.model import loss_fn  # noqa: E402
@@ -71,15 +72,8 @@ def _literal(text: str):
 
 
 def _config(config_path: str, overrides: dict):
-    """The config file with `overrides` (the CLI's dotted names: model.n_layer=2) applied."""
-    config = config_lib.load_config_file(config_path)
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        node[leaf] = _literal(value)
-    return config
+    """The config file with `overrides` (the CLI's dotted names and text values: model.n_layer=2) applied."""
+    return config_with(config_path, {k: _literal(v) for k, v in overrides.items()})
 
 
 def run_seed(config_path: str, data_path: str | None, seed: int, overrides: dict) -> dict:

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from flax import nnx
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # common.py, when run by path
+
+from common import ROOT, machine, timed  # noqa: E402
 
 import jaxgpt  # noqa: E402
 from tests.reference import torch_gpt  # noqa: E402
@@ -36,34 +37,16 @@ from tests.reference import torch_gpt  # noqa: E402
 SHAPE = dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384)
 
 
-def machine() -> str:
-    name = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
-
-
 def bandwidth_gbs(nbytes: int = 1 << 28, repeats: int = 5) -> float:
     """Memory bandwidth from a large numpy copy (read + write), best of `repeats`."""
     src = np.ones(nbytes // 4, np.float32)
     dst = np.empty_like(src)
-    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    best = min(timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
     return 2 * nbytes / best / 1e9
 
 
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def median_time(fn, repeats: int) -> float:
-    return statistics.median(_timed(fn) for _ in range(repeats))
+    return statistics.median(timed(fn) for _ in range(repeats))
 
 
 def matmul_loop_ms(model, batch_size: int, steps: int = 255, repeats: int = 3) -> float:
@@ -124,7 +107,7 @@ def run(args) -> str:
                 with torch.no_grad():
                     return torch_gpt.generate(torch_model, torch.zeros((B, 1), dtype=torch.long), new)
 
-            first = _timed(cached)  # compiles this (batch, length) shape
+            first = timed(cached)  # compiles this (batch, length) shape
             t_cached = median_time(cached, args.repeats)
             uncached()  # compile outside the timing; its steady state is what is compared
             slow_repeats = max(1, args.repeats // 3)
@@ -141,7 +124,8 @@ def run(args) -> str:
     header = [
         "## Sampling",
         "",
-        f"`python benchmarks/bench_sample.py` on {machine()}; jax {jax.__version__}, torch {torch.__version__} "
+        f"`python benchmarks/bench_sample.py` on {machine()}, {time.strftime('%Y-%m-%d')}; jax {jax.__version__}, "
+        f"torch {torch.__version__} "
         f"({args.torch_threads} threads). A shakespeare_char-shaped GPT (6 layers, 6 heads, 384 wide, block 256, "
         f"{param_bytes / 1e6:.1f} MB of float32 parameters), random weights shared by both frameworks; "
         f"multinomial sampling at temperature 1. Times in seconds, median of {args.repeats} repeats "

@@ -25,7 +25,6 @@ import argparse
 import itertools
 import os
 import pathlib
-import platform
 import shutil
 import statistics
 import subprocess
@@ -33,10 +32,9 @@ import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_DATA = pathlib.Path(
-    os.environ.get("JAXGPT_SHAKESPEARE", ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt")
-)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # common.py, when run by path
+
+from common import DEFAULT_DATA, ROOT, machine
 
 # Phase ends, by the first line that starts with each marker (jaxgpt's console, then nanoGPT's).
 MARKERS = {
@@ -148,11 +146,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(results: dict[tuple[str, int], list[dict]], args) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     med = {key: {k: statistics.median(run[k] for run in runs) for k in runs[0]} for key, runs in results.items()}
     with_cpu = all("cpu" in m for m in med.values())
-    lines = [f"{cpu}, {os.cpu_count()} cores; compile cache {args.cache}; median of {args.repeats} runs, "
+    lines = [f"{machine()}; compile cache {args.cache}; median of {args.repeats} runs, "
              "seconds since the process started" + ("; CPU: user + system seconds" if with_cpu else ""),
              "",
              "| command | steps | first line | model built | step-0 eval done | trained + last eval | sample done | "

@@ -31,12 +31,12 @@ import pathlib
 import subprocess
 import sys
 import time
-from functools import partial
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import targets as targets_lib  # noqa: E402
+from common import config_with  # noqa: E402
 
 SHAKESPEARE_TRAIN_TOKENS = 1_003_854  # tiny Shakespeare's train split (90 % of 1,115,394 characters)
 
@@ -52,15 +52,8 @@ class Job:
 
 
 def load(name: str, **overrides):
-    from jaxgpt import config as config_lib
-
-    c = config_lib.load_config_file(ROOT / "configs" / f"{name}.py")
-    for dotted, value in overrides.items():
-        node = c
-        *parents, leaf = dotted.split("__")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    """configs/<name>.py with `overrides` (`model__n_layer=2` for model.n_layer) and the corpus's vocabulary."""
+    c = config_with(ROOT / "configs" / f"{name}.py", {k.replace("__", "."): v for k, v in overrides.items()})
     if c.model.vocab_size is None:
         c.model.vocab_size = 65  # tiny Shakespeare's characters
     return c
@@ -99,7 +92,8 @@ def lowered_programs(job: Job, devs: list) -> dict:
     from jaxgpt import config as config_lib
     from jaxgpt import optim, sampling
     from jaxgpt import sharding as sharding_lib
-    from jaxgpt.train_step import make_estimate_loss, make_train_chunk
+    from jaxgpt.train_loop import recipe_train_chunk
+    from jaxgpt.train_step import make_estimate_loss
 
     c = job.config
     data, fsdp = job.mesh or (-1, 1)
@@ -118,21 +112,17 @@ def lowered_programs(job: Job, devs: list) -> dict:
                                    sharding=sharding_lib.batch_sharding(mesh, 3 if n_lead else 2, batch_axis=-2))
         return sds, sds
 
-    chunk = make_train_chunk(
-        graphdef, partial(optim.make_optimizer, c), batch_size=B, block_size=T, grad_accum_steps=c.grad_accum_steps,
-        use_dropout=c.model.dropout > 0, mesh=mesh, scan_layers=scan, skip_nonfinite=c.skip_nonfinite,
-        max_steps=c.steps_per_call if c.data.on_device else None,
-        lr_schedule=partial(optim.schedule_from_config, c), numbers=optim.recipe_numbers(c))
+    chunk, numbers = recipe_train_chunk(graphdef, c, mesh), optim.recipe_numbers(c)
     estimate = make_estimate_loss(graphdef, batch_size=B, block_size=T, eval_iters=c.eval_iters, mesh=mesh)
     out = {}
     if c.data.on_device:
         tokens = jax.ShapeDtypeStruct((job.train_tokens,), jnp.int32, sharding=rep)
-        out["train_chunk"] = chunk.lower(params, opt_state, tokens, key, step0, n_steps=c.steps_per_call)
+        out["train_chunk"] = chunk.lower(params, opt_state, tokens, key, step0, c.steps_per_call, numbers)
         out["evaluation"] = estimate.lower(params, (tokens, tokens), key, step0)
     else:  # the host feeds each step: (n_steps, grad_accum, B, T) and (eval_iters, B, T)
         x = jax.ShapeDtypeStruct((1, c.grad_accum_steps, B, T), jnp.int32,
                                  sharding=sharding_lib.batch_sharding(mesh, 4, batch_axis=-2))
-        out["train_chunk"] = chunk.lower(params, opt_state, (x, x), key, step0, n_steps=1)
+        out["train_chunk"] = chunk.lower(params, opt_state, (x, x), key, step0, 1, numbers)
         out["evaluation"] = estimate.lower(params, (batches(c.eval_iters),) * 2, key, step0)
 
     # Sampling: one chip, batch 1, the blocks kept per layer (the cache is per layer).

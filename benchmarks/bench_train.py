@@ -4,7 +4,7 @@ One process, alternating rounds, same config, same batches, same optimiser recip
 warmup + cosine learning rate, weight decay 0.1 on >= 2-D parameters, betas (0.9, 0.99), global-norm
 clip 1.0). Implementations:
 
-    jax        jaxgpt's training step (`jaxgpt.training.make_train_chunk`), one step per call, host batches
+    jax        jaxgpt's training step (`jaxgpt.train_step.make_train_chunk`), one step per call, host batches
     jax_scan   the same function running K steps per call (`lax.scan`) with batches drawn on the device
                from the whole token array (what train.py does)
     jax_remat  as jax, with `model.scan_layers` + `model.remat` (recompute each block in the backward)
@@ -22,15 +22,14 @@ clip 1.0). Implementations:
 
 Reported per shape: median ms/step, tokens/s, ratios against torch eager and compiled, first-step time
 (compile included), peak memory (RSS growth of a fresh subprocess over its first steps; for jax also
-XLA's own buffer plan) and achieved GFLOP/s with nanoGPT's FLOPs-per-token estimate 6N + 12·L·T·C.
+XLA's own buffer plan) and achieved GFLOP/s with nanoGPT's FLOPs-per-token estimate (`jaxgpt.mfu`).
 
     PYTHONPATH=$PWD python benchmarks/bench_train.py                       # both CPU shapes, ~5 min
     PYTHONPATH=$PWD python benchmarks/bench_train.py --shapes shakespeare_char_cpu --rounds 3
     PYTHONPATH=$PWD python benchmarks/bench_train.py --write benchmarks/RESULTS.md
 
 The JAX rows time the library's own step, so a change there shows here. `--xla-flags` sets XLA_FLAGS
-before jax starts (jax is imported only after argument parsing),
-for trying XLA CPU flags; none tried so far measured faster (see RESULTS.md).
+before jax starts (jax is imported only after argument parsing), to try XLA CPU flags side by side.
 """
 
 from __future__ import annotations
@@ -47,122 +46,54 @@ import subprocess
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # common.py, when run by path
 
-DATA = pathlib.Path(
-    os.environ.get("JAXGPT_SHAKESPEARE", ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt")
+from common import (
+    DEFAULT_DATA,
+    ROOT,
+    SHAKESPEARE_CHAR,
+    SHAKESPEARE_CHAR_CPU,
+    TrainShape,
+    build_jax_step,
+    build_torch_model,
+    flops_per_token,
+    load_corpus,
+    machine,
+    torch_step,
 )
 
 
 @dataclasses.dataclass(frozen=True)
-class Shape:
-    """A benchmark shape: nanoGPT's config/train_shakespeare_char.py and its CPU variant."""
+class Timed:
+    """A benchmark shape and its timing loop: `rounds` x `steps` per implementation, `scan_k` steps per scanned call."""
 
-    batch_size: int
-    block_size: int
-    n_layer: int
-    n_head: int
-    n_embd: int
-    dropout: float
-    learning_rate: float = 1e-3
-    warmup_iters: int = 100
-    lr_decay_iters: int = 5000
-    min_lr: float = 1e-4
-    # defaults for the timing loop: rounds x steps per implementation, K steps per scanned call
-    rounds: int = 5
-    steps: int = 10
-    scan_k: int = 10
-    attention_impl: str = "auto"  # the jax rows' model.attention_impl: what the shape's config in configs/ sets
-
-    def model_args(self) -> dict:
-        """The GPTConfig / TorchGPTConfig arguments of this shape (no biases, as nanoGPT's CPU recipe)."""
-        return dict(vocab_size=VOCAB, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
-                    n_embd=self.n_embd, dropout=self.dropout, bias=False)
+    shape: TrainShape
+    rounds: int
+    steps: int
+    scan_k: int
+    attention_impl: str  # the jax rows' model.attention_impl: what the shape's config in configs/ sets
 
 
 SHAPES = {
-    "shakespeare_char_cpu": Shape(12, 64, 4, 4, 128, 0.0, lr_decay_iters=2000, rounds=5, steps=20, scan_k=20,
-                                  attention_impl="reference"),
-    "shakespeare_char": Shape(64, 256, 6, 6, 384, 0.2, rounds=3, steps=2, scan_k=2),
+    "shakespeare_char_cpu": Timed(SHAKESPEARE_CHAR_CPU, rounds=5, steps=20, scan_k=20, attention_impl="reference"),
+    "shakespeare_char": Timed(SHAKESPEARE_CHAR, rounds=3, steps=2, scan_k=2, attention_impl="auto"),
 }
 DEFAULT_IMPLS = ("jax", "jax_scan", "jax_remat", "torch", "torch_compile")
 IMPLS = (*DEFAULT_IMPLS, "jax_scan_bf16", "torch_bf16", "jax_scan_xla_attention", "jax_scan_2cpu")
-WEIGHT_DECAY, BETAS, GRAD_CLIP, VOCAB = 0.1, (0.9, 0.99), 1.0, 65
 
 
-def load_tokens():
+def host_batches(tokens, shape: TrainShape, n: int, seed: int = 0) -> list:
+    """n fixed (x, y) int32 numpy batches, shared by every implementation."""
     import numpy as np
 
-    text = DATA.read_text(encoding="utf-8")
-    chars = sorted(set(text))
-    stoi = {c: i for i, c in enumerate(chars)}
-    return np.array([stoi[c] for c in text], dtype=np.uint16)
-
-
-def host_batches(tokens, shape: Shape, n: int, seed: int = 0):
-    """n fixed (x, y) int64 numpy batches, shared by every implementation."""
-    import numpy as np
+    from jaxgpt.data import windows
 
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        ix = rng.integers(0, len(tokens) - shape.block_size, shape.batch_size)
-        w = np.stack([tokens[i : i + shape.block_size + 1] for i in ix]).astype(np.int64)
-        out.append((np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])))
-    return out
-
-
-def flops_per_token(shape: Shape) -> int:
-    """nanoGPT's estimate_mfu: 6N + 12·L·T·C, N the non-embedding parameter count (wte counted, tied)."""
-    C, L = shape.n_embd, shape.n_layer
-    n = VOCAB * C + L * (12 * C * C + 2 * C) + C  # wte + blocks (no bias) + ln_f; wpe excluded
-    return 6 * n + 12 * L * shape.block_size * C
+    return [windows(tokens, rng.integers(0, len(tokens) - shape.block_size, shape.batch_size), shape.block_size)
+            for _ in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------- jax
-
-
-def build_jax_steps(shape: Shape, tokens, *, remat: bool = False, dtype: str = "float32",
-                    attention_impl: str | None = None, cpu_devices: int = 1):
-    """jaxgpt's own training step, `jaxgpt.training.make_train_chunk`, on this shape.
-
-    Returns (params, opt_state, train_chunk, data): `train_chunk(params, opt_state, data, key, step0,
-    n_steps=K)` runs K AdamW steps in one compiled call (params and optimiser state donated); `data` is
-    the token array on the device (batches drawn inside) or host batches of shape (K, 1, B, T).
-    `remat`: the model's `scan_layers` + `remat` switches (one scanned block, recomputed in the backward).
-    `dtype`: the model's computation dtype ("bfloat16": mixed precision, float32 parameters).
-    `attention_impl`: the model's, by default the shape's.
-    `cpu_devices` > 1: data-parallel over that many CPU devices (the process must have them: `use_cpu_devices`).
-    """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    import jaxgpt
-    from jaxgpt import optim, sharding, training
-
-    config = jaxgpt.GPTConfig(**shape.model_args(), scan_layers=remat, remat=remat, dtype=dtype,
-                              attention_impl=attention_impl or shape.attention_impl)
-    model = jaxgpt.GPT(config, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
-    schedule = optim.lr_schedule(
-        shape.learning_rate,
-        warmup_iters=shape.warmup_iters,
-        lr_decay_iters=shape.lr_decay_iters,
-        min_lr=shape.min_lr,
-    )
-    tx = optim.adamw(schedule, weight_decay=WEIGHT_DECAY, beta1=BETAS[0], beta2=BETAS[1], grad_clip=GRAD_CLIP)
-    opt_state = tx.init(params)
-    data = jnp.asarray(tokens, jnp.int32)
-    mesh = None
-    if cpu_devices > 1:
-        mesh = sharding.make_mesh(data=cpu_devices, devices=jax.devices("cpu")[:cpu_devices])
-        params, opt_state = sharding.shard_params((params, opt_state), mesh, remat)
-        data = jax.device_put(data, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    train_chunk = training.make_train_chunk(graphdef, tx, batch_size=shape.batch_size, block_size=shape.block_size,
-                                            use_dropout=shape.dropout > 0, scan_layers=remat, mesh=mesh)
-    return params, opt_state, train_chunk, data
 
 
 class JaxRunner:
@@ -170,21 +101,26 @@ class JaxRunner:
     batches drawn on the device (train.py's default); jax_remat: as jax, with scan_layers + remat;
     jax_scan_bf16: as jax_scan, with model.dtype="bfloat16" (bf16 matmuls, float32 parameters);
     jax_scan_xla_attention: as jax_scan, with model.attention_impl="xla"; jax_scan_2cpu: as jax_scan, data-parallel
-    over 2 CPU devices."""
+    over 2 CPU devices (the process must have them: `sharding.use_cpu_devices`)."""
 
-    def __init__(self, shape: Shape, tokens, batches, impl: str):
+    def __init__(self, timed: Timed, tokens, vocab_size: int, batches, impl: str):
         import jax
         import jax.numpy as jnp
 
-        self.jax, self.scan, self.shape = jax, impl.startswith("jax_scan"), shape
-        self.k = shape.scan_k if self.scan else 1
-        self.params, self.opt_state, self.chunk, self.data = build_jax_steps(
-            shape, tokens, remat=impl == "jax_remat", dtype="bfloat16" if impl.endswith("_bf16") else "float32",
-            attention_impl="xla" if impl == "jax_scan_xla_attention" else None,
-            cpu_devices=2 if impl == "jax_scan_2cpu" else 1,
-        )
-        self.batches = [(jnp.asarray(x, jnp.int32)[None, None], jnp.asarray(y, jnp.int32)[None, None])
-                        for x, y in batches]
+        from jaxgpt import sharding
+
+        self.jax, self.scan = jax, impl.startswith("jax_scan")
+        self.k = timed.scan_k if self.scan else 1
+        mesh = None
+        self.data = jnp.asarray(tokens, jnp.int32)
+        if impl == "jax_scan_2cpu":
+            mesh = sharding.make_mesh(data=2, devices=jax.devices("cpu")[:2])
+            self.data = jax.device_put(self.data, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        step = build_jax_step(timed.shape, vocab_size, remat=impl == "jax_remat", mesh=mesh,
+                              dtype="bfloat16" if impl.endswith("_bf16") else "float32",
+                              attention_impl="xla" if impl == "jax_scan_xla_attention" else timed.attention_impl)
+        self.chunk, self.params, self.opt_state = step.chunk, step.params, step.opt_state
+        self.batches = [(jnp.asarray(x)[None, None], jnp.asarray(y)[None, None]) for x, y in batches]
         self.key = jax.random.key(1)
         self.i = 0
 
@@ -211,50 +147,41 @@ class JaxRunner:
 
 
 class TorchRunner:
+    """torch: the reference in eager mode with nanoGPT's loop; torch_compile: wrapped in `torch.compile` (its compile
+    time shows as the first step); torch_bf16: eager under CPU autocast (bf16 matmuls, float32 parameters)."""
+
     k = 1
 
-    def __init__(self, shape: Shape, batches, compiled: bool, bf16: bool = False):
+    def __init__(self, shape: TrainShape, vocab_size: int, batches, compiled: bool, bf16: bool = False):
         import torch
 
         from tests.reference import torch_gpt
 
-        torch.manual_seed(0)
-        self.torch, self.tg, self.shape = torch, torch_gpt, shape
-        config = torch_gpt.TorchGPTConfig(**shape.model_args())
-        self.model = torch_gpt.GPT(config)
-        self.model.train()
-        self.opt = torch_gpt.configure_optimizers(self.model, WEIGHT_DECAY, shape.learning_rate, BETAS)
+        self.shape = shape
+        self.model = build_torch_model(shape, vocab_size)
+        self.opt = torch_gpt.configure_optimizers(self.model, shape.weight_decay, shape.learning_rate,
+                                                  (shape.beta1, shape.beta2))
         self.fwd = torch.compile(self.model) if compiled else self.model
-        # torch_bf16: CPU autocast, PyTorch's mixed precision (bf16 matmuls, float32 parameters)
         self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-        self.batches = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches]
+        self.batches = [(torch.from_numpy(x).long(), torch.from_numpy(y).long()) for x, y in batches]
         self.i = 0
 
     def call(self) -> float:
-        s = self.shape
+        """Runs one step; returns its seconds (`.item()` waits for it)."""
         t0 = time.perf_counter()
-        lr = self.tg.get_lr(self.i, s.learning_rate, s.warmup_iters, s.lr_decay_iters, s.min_lr)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
         x, y = self.batches[self.i % len(self.batches)]
-        with self.autocast:
-            _, loss = self.fwd(x, y)
-        loss.backward()
-        self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        loss.item()
+        torch_step(self.shape, self.model, self.fwd, self.opt, self.autocast, x, y, self.i).item()
         self.i += 1
         return time.perf_counter() - t0
 
 
-def make_runner(impl: str, shape: Shape, tokens, batches):
+def make_runner(impl: str, timed: Timed, tokens, vocab_size: int, batches):
     if impl.startswith("jax"):
-        return JaxRunner(shape, tokens, batches, impl)
+        return JaxRunner(timed, tokens, vocab_size, batches, impl)
     import torch
 
     torch.set_num_threads(2)
-    return TorchRunner(shape, batches, compiled=impl == "torch_compile", bf16=impl == "torch_bf16")
+    return TorchRunner(timed.shape, vocab_size, batches, compiled=impl == "torch_compile", bf16=impl == "torch_bf16")
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -282,15 +209,15 @@ def peak_rss_bytes() -> int:
 
 def memory_probe(impl: str, shape_name: str) -> dict:
     """In this (fresh) process: peak RSS growth over setup-to-after-3-calls, excluding imports."""
-    shape = SHAPES[shape_name]
-    tokens = load_tokens()
-    batches = host_batches(tokens, shape, 2)
+    timed = SHAPES[shape_name]
+    tokens, _, vocab_size = load_corpus(DEFAULT_DATA)
+    batches = host_batches(tokens, timed.shape, 2)
     import jax  # noqa: F401  (import cost is not the step's memory)
     import torch  # noqa: F401
 
     before = rss_bytes()
     reset_peak_rss()  # the imports' own peak would otherwise hide the step's
-    runner = make_runner(impl, shape, tokens, batches)
+    runner = make_runner(impl, timed, tokens, vocab_size, batches)
     for _ in range(3):
         runner.call()
     return {"peak_rss_delta": peak_rss_bytes() - before}
@@ -310,8 +237,9 @@ def run_probe(impl: str, shape_name: str) -> dict:
 
 
 def bench_shape(name: str, impls: list[str], rounds: int, steps: int, memory: bool) -> list[dict]:
-    shape = SHAPES[name]
-    tokens = load_tokens()
+    timed = SHAPES[name]
+    shape = timed.shape
+    tokens, _, vocab_size = load_corpus(DEFAULT_DATA)
     batches = host_batches(tokens, shape, 8)
     rows: dict[str, dict] = {}
     runners = {}
@@ -319,7 +247,7 @@ def bench_shape(name: str, impls: list[str], rounds: int, steps: int, memory: bo
         row = rows.setdefault(impl, {"impl": impl, "times": []})
         try:
             t0 = time.perf_counter()
-            runner = make_runner(impl, shape, tokens, batches)
+            runner = make_runner(impl, timed, tokens, vocab_size, batches)
             t1 = time.perf_counter()
             runner.call()
             row["setup_s"], row["first_s"] = t1 - t0, time.perf_counter() - t1
@@ -337,7 +265,7 @@ def bench_shape(name: str, impls: list[str], rounds: int, steps: int, memory: bo
             rows[impl]["times"] += [runner.call() for _ in range(calls)]
         print(f"[{name}] round {r + 1}/{rounds} done", file=sys.stderr)
     tokens_per_step = shape.batch_size * shape.block_size
-    fpt = flops_per_token(shape)
+    fpt = flops_per_token(shape, vocab_size)
     for row in rows.values():
         if row["times"]:
             row["ms"] = 1e3 * statistics.median(row["times"])
@@ -350,11 +278,12 @@ def bench_shape(name: str, impls: list[str], rounds: int, steps: int, memory: bo
 
 def fmt_table(name: str, rows: list[dict]) -> str:
     ref = {r["impl"]: r.get("tok_s") for r in rows}
-    shape = SHAPES[name]
+    timed = SHAPES[name]
+    shape = timed.shape
     lines = [
         f"**{name}** (batch {shape.batch_size}, block {shape.block_size}, {shape.n_layer} layers, "
-        f"{shape.n_head} heads, {shape.n_embd} wide, dropout {shape.dropout}; K={shape.scan_k} for jax_scan; "
-        f"attention_impl {shape.attention_impl!r})",
+        f"{shape.n_head} heads, {shape.n_embd} wide, dropout {shape.dropout}; K={timed.scan_k} for jax_scan; "
+        f"attention_impl {timed.attention_impl!r})",
         "",
         "| impl | median ms/step | tokens/s | vs torch eager | vs torch.compile | setup s | first step s | "
         "peak RSS growth MiB | XLA buffers MiB | GFLOP/s | steps timed |",
@@ -377,22 +306,13 @@ def fmt_table(name: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+def versions() -> str:
+    """The machine, jax and torch versions, XLA_FLAGS and the date: the line above every table."""
     import jax
     import torch
 
-    return (
-        f"{model}, {os.cpu_count()} cores, {platform.system()}; jax {jax.__version__}, torch {torch.__version__} "
-        f"(2 threads); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
-    )
+    return (f"{machine()}, {platform.system()}; jax {jax.__version__}, torch {torch.__version__} (2 threads); "
+            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {time.strftime('%Y-%m-%d')}")
 
 
 def matmul_gflops(m: int, k: int, n: int, repeats: int = 20, dtype: str = "float32") -> dict[str, float]:
@@ -459,7 +379,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"comma-separated, of {', '.join(IMPLS)}")
     p.add_argument("--rounds", type=int, help="alternating rounds (default per shape)")
     p.add_argument("--steps", type=int, help="train steps per implementation per round (default per shape)")
-    p.add_argument("--scan-k", type=int, help="train steps per jitted call for jax_scan (default per shape)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-implementation memory subprocesses")
     p.add_argument("--xla-flags", help="set XLA_FLAGS to this before jax starts (default: the environment's)")
     p.add_argument("--write", type=pathlib.Path, help="write the table into this markdown file (RESULTS.md)")
@@ -474,11 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     for i in impls:
         if i not in IMPLS:
             p.error(f"unknown impl {i!r}: choose from {', '.join(IMPLS)}")
-    if not DATA.exists():
-        p.error(f"tiny Shakespeare not found at {DATA}: set JAXGPT_SHAKESPEARE")
-    if args.scan_k is not None:
-        for s in shapes:
-            SHAPES[s] = dataclasses.replace(SHAPES[s], scan_k=args.scan_k)
+    if not DEFAULT_DATA.exists():
+        p.error(f"tiny Shakespeare not found at {DEFAULT_DATA}: set JAXGPT_SHAKESPEARE")
     if args.xla_flags is not None:
         os.environ["XLA_FLAGS"] = args.xla_flags
     if "jax_scan_2cpu" in impls or args.probe == "jax_scan_2cpu":  # before jax starts
@@ -494,12 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     print(ceiling + "\n", flush=True)
     tables = []
     for s in shapes:
-        shape = SHAPES[s]
-        rows = bench_shape(s, impls, args.rounds or shape.rounds, args.steps or shape.steps, not args.no_memory)
+        timed = SHAPES[s]
+        rows = bench_shape(s, impls, args.rounds or timed.rounds, args.steps or timed.steps, not args.no_memory)
         tables.append(fmt_table(s, rows))
         print(tables[-1] + "\n", flush=True)
     text = (
-        f"Machine: {machine()}.\n{ceiling}.\n"
+        f"Machine: {versions()}.\n{ceiling}.\n"
         "Compare rows of one run (taken alternating in one process), not numbers across runs.\n\n" + "\n\n".join(tables)
     )
     if args.write:

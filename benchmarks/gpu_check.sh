@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-call GPU check of jaxgpt (issue 13): versions, the GPU test files, then benchmarks/bench_gpu.py.
+# One-call GPU check of jaxgpt: versions, the GPU test files, then benchmarks/bench_gpu.py.
 #
 # Run from the repository root on a machine with jax[cuda] and torch (CUDA), no internet needed:
 #

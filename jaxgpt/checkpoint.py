@@ -1,8 +1,8 @@
 """Checkpoints with Orbax: the 'latest' and the 'best' (lowest val loss) states of a training run.
 
-A run's `out_dir/checkpoints/{latest,best}/<step>/` each hold four items: `params` (the model's NNX
-state), `opt_state` (Optax), `train` (step and the base PRNG key) and `meta` (JSON: the training config,
-the tokenizer, best_val_loss, step). `load_model` rebuilds the model from `meta` and restores only its
+A run's `out_dir/checkpoints/{latest,best}/<step>/` (the layout `jaxgpt.run_dir` defines) each hold four items:
+`params` (the model's NNX state), `opt_state` (Optax), `train` (step and the base PRNG key) and `meta` (JSON: the
+training config, the tokenizer, best_val_loss, step). `load_model` rebuilds the model from `meta` and restores only its
 parameters, which is all that sampling needs.
 
 A step counts only once it is whole: after Orbax has committed it, `jaxgpt_manifest.json` (the size and
@@ -36,9 +36,9 @@ from flax import nnx
 from jaxgpt import config as config_lib
 from jaxgpt import sharding as sharding_lib
 from jaxgpt.data import sha256_file
+from jaxgpt.run_dir import CHECKPOINT_KINDS, CHECKPOINTS, checkpoint_dir
 from jaxgpt.tokenizer import Tokenizer, tokenizer_from_dict
 
-WHICH = ("latest", "best")
 KEEP = {"latest": 2, "best": 1}  # steps kept per manager: 'latest' keeps one to fall back to
 MANIFEST = "jaxgpt_manifest.json"
 _LINKING = ".jaxgpt-linking"  # a step being linked from the other manager: ".<step>.jaxgpt-linking"
@@ -136,13 +136,6 @@ def verify(step_dir: str | os.PathLike) -> None:
         raise CheckpointError(f"{step_dir} is corrupt: unexpected file {extra[0]}")
 
 
-def checkpoint_dir(out_dir: str | os.PathLike, which: str) -> pathlib.Path:
-    """Where the `which` ('latest' | 'best') checkpoints of a run live."""
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    return pathlib.Path(out_dir).absolute() / "checkpoints" / which
-
-
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -163,11 +156,11 @@ class Checkpointer:
         self.managers = {
             which: ocp.CheckpointManager(checkpoint_dir(out_dir, which), options=ocp.CheckpointManagerOptions(
                 **options))
-            for which in WHICH
+            for which in CHECKPOINT_KINDS
             if not read_only or checkpoint_dir(out_dir, which).is_dir()
         }
         if not read_only and jax.process_index() == 0:  # the temp dirs of links killed midway, as Orbax's
-            for which in WHICH:
+            for which in CHECKPOINT_KINDS:
                 for tmp in checkpoint_dir(out_dir, which).glob(f".*{_LINKING}"):
                     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -227,8 +220,8 @@ class Checkpointer:
         """Makes the whole step `step` of `source` a step of `which` too: its files copied (cloned, copy-on-write,
         where the file system can), not serialized a second time.
 
-        A step that improves the validation loss is both the best and the latest one; Orbax writing it twice
-        took ~0.4 s a save on a 2-core CPU, a copy of the files far less. The step appears whole or not at all
+        A step that improves the validation loss is both the best and the latest one: copying its files spares
+        Orbax serializing the same arrays a second time. The step appears whole or not at all
         (built in a temporary directory, then renamed), and older steps are pruned as after `save`. The copies
         share nothing a change in place could reach: a file damaged under one name leaves the other whole.
         """
@@ -293,12 +286,6 @@ class Checkpointer:
         for tmp in checkpoint_dir(self.out_dir, which).glob(f"{step}.orbax-checkpoint-tmp*"):
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _step_or_newest(self, which: str, step: int | None) -> int:
-        step = self.latest_step(which) if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no {which} checkpoint in {checkpoint_dir(self.out_dir, which)}")
-        return step
-
     def restore(self, which: str, *, params, opt_state, key: jax.Array, step: int | None = None) -> dict[str, Any]:
         """Restores a verified step (default: the newest) into the structure of the given templates.
 
@@ -306,37 +293,42 @@ class Checkpointer:
         another (e.g. 8-device FSDP -> 1 device); give shape structs a `sharding`. Raises `CheckpointError`
         when the step is incomplete or corrupt.
         """
-        step = self._step_or_newest(which, step)
-        self.verify(which, step)
-        return self._restore(which, step, ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(params)),
-            opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
-            train=ocp.args.StandardRestore(_abstract({"step": 0, "key": key})),
-            meta=ocp.args.JsonRestore(),
-        ))
+        return self._restore(which, step, params=ocp.args.StandardRestore(_abstract(params)),
+                             opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
+                             train=ocp.args.StandardRestore(_abstract({"step": 0, "key": key})),
+                             meta=ocp.args.JsonRestore())
+
+    def restore_params(self, which: str, step: int | None = None, *, params) -> Any:
+        """Only the `params` item of a verified step (default: the newest), into the structure and shardings of
+        `params` (arrays or shape structs): what inference needs, without reading the optimizer state."""
+        return self._restore(which, step, params=ocp.args.StandardRestore(_abstract(params)))["params"]
 
     def restore_meta(self, which: str, step: int | None = None) -> dict[str, Any]:
         """The `meta` item (config, tokenizer, best_val_loss, step) of a verified step (default: the newest)."""
-        step = self._step_or_newest(which, step)
-        self.verify(which, step)
-        return self._restore(which, step, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self._restore(which, step, meta=ocp.args.JsonRestore())["meta"]
 
-    def _restore(self, which: str, step: int, args: ocp.args.Composite) -> dict[str, Any]:
+    def _restore(self, which: str, step: int | None, **items: Any) -> dict[str, Any]:
+        """The named items of a verified step (None: the newest); one-line `CheckpointError`s."""
+        step = self.latest_step(which) if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no {which} checkpoint in {checkpoint_dir(self.out_dir, which)}")
+        self.verify(which, step)
         try:
-            return self.managers[which].restore(step, args=args)
+            return self.managers[which].restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - whatever Orbax raises for a bad step, say which step
             reason = " ".join(str(e).split())[:300] or type(e).__name__
             raise CheckpointError(f"cannot restore {self.step_dir(which, step)} ({reason})") from e
 
     def find_usable(self, *, warn: Callable[[str], None], quarantine: bool = False,
-                    kinds: tuple[str, ...] = WHICH) -> tuple[str, int]:
+                    kinds: tuple[str, ...] = CHECKPOINT_KINDS) -> tuple[str, int]:
         """The newest whole checkpoint of `kinds`, 'latest' first at equal steps: returns (which, step).
 
         Each unusable step passed over is reported through `warn`, naming it and the one used instead;
         with `quarantine`, it is moved to checkpoints/unusable/ so that new saves do not collide with it.
         Raises `CheckpointError` listing every step when none is usable.
         """
-        candidates = sorted(((s, w) for w in kinds for s in self.steps(w)), key=lambda c: (-c[0], WHICH.index(c[1])))
+        candidates = sorted(((s, w) for w in kinds for s in self.steps(w)),
+                            key=lambda c: (-c[0], CHECKPOINT_KINDS.index(c[1])))
         bad: list[tuple[str, int, str]] = []
         for step, which in candidates:
             try:
@@ -349,10 +341,10 @@ class Checkpointer:
                 warn(f"checkpoint {b_which}/{b_step} is unusable: {reason}; using {which}/{step} instead{moved}")
             return which, step
         listed = "; ".join(reason for *_, reason in bad) or "no checkpoints"
-        raise CheckpointError(f"no usable checkpoint in {self.out_dir / 'checkpoints'}: {listed}")
+        raise CheckpointError(f"no usable checkpoint in {self.out_dir / CHECKPOINTS}: {listed}")
 
     def _quarantine(self, which: str, step: int) -> pathlib.Path:
-        dest_dir = self.out_dir / "checkpoints" / "unusable"
+        dest_dir = self.out_dir / CHECKPOINTS / "unusable"
         dest_dir.mkdir(parents=True, exist_ok=True)
         dest, n = dest_dir / f"{which}-{step}", 1
         while dest.exists():
@@ -404,8 +396,7 @@ def _read_newest(ckptr: Checkpointer, which: str) -> tuple[nnx.GraphDef, Any, di
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
                                    abstract_params)
-    restored = ckptr._restore(which, step, ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
-    return graphdef, restored["params"], meta, step
+    return graphdef, ckptr.restore_params(which, step, params=abstract_params), meta, step
 
 
 def load_model(out_dir: str | os.PathLike, which: str = "best") -> tuple[nnx.Module, Tokenizer | None, dict]:

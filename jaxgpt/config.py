@@ -21,6 +21,7 @@ import ml_collections
 from flax import nnx
 from ml_collections import config_dict
 
+from jaxgpt import optim
 from jaxgpt.initializers import build_drawing_once
 from jaxgpt.model import GPT, BigramLanguageModel, GPTConfig
 
@@ -67,6 +68,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.warmup_iters = 2000
     c.lr_decay_iters = 600000
     c.min_lr = 6e-5
+    # 'adamw' (nanoGPT) | 'muon': Muon for the blocks' weight matrices, the AdamW above for the rest (jaxgpt.optim)
+    c.optimizer = "adamw"
+    c.muon_learning_rate = 0.02  # Muon's peak learning rate (Keller Jordan's Muon); same warmup and decay as AdamW's
+    c.muon_momentum = 0.95
+    c.muon_nesterov = True
+    c.muon_ns_steps = 5  # Newton-Schulz iterations per update
+    c.muon_weight_decay = 0.0  # decoupled, times Muon's learning rate (optax.contrib.muon's default)
     c.steps_per_call = 1  # optimizer steps per compiled call (a lax.scan); >1 removes per-step dispatch cost
     c.skip_nonfinite = False  # a step with a NaN/inf loss or gradient: False stops the run, True skips the update
     # float32 matmuls: '' keeps JAX's default, which favours speed (TF32 tensor cores on NVIDIA Ampere and newer
@@ -157,6 +165,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in ("beta1", "beta2"):
         if not 0.0 <= config[name] < 1.0:
             raise ConfigError(f"config key '{name}' must be in [0, 1), got {config[name]}")
+    if config.optimizer not in optim.OPTIMIZERS:
+        raise ConfigError(f"config key 'optimizer' must be one of {optim.OPTIMIZERS}, got {config.optimizer!r}")
+    if not config.muon_learning_rate > 0:
+        raise ConfigError(f"config key 'muon_learning_rate' must be > 0, got {config.muon_learning_rate}")
+    if not 0.0 <= config.muon_momentum < 1.0:
+        raise ConfigError(f"config key 'muon_momentum' must be in [0, 1), got {config.muon_momentum}")
+    if config.muon_ns_steps < 1:
+        raise ConfigError(f"config key 'muon_ns_steps' must be >= 1, got {config.muon_ns_steps}")
+    if config.muon_weight_decay < 0:
+        raise ConfigError(f"config key 'muon_weight_decay' must be >= 0, got {config.muon_weight_decay}")
     if not 0.0 < config.data.train_fraction < 1.0:
         raise ConfigError(f"config key 'data.train_fraction' must be in (0, 1), got {config.data.train_fraction}")
     if not config.out_dir:
@@ -182,9 +200,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 # The model fields that say what a trained model is; with init_from or resume they come from its checkpoint.
-# The others (dropout, dtype, attention_impl, remat, scan_layers) say how to compute and stay the config's.
 ARCH_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "activation", "tie_embeddings",
                "pos_encoding", "attention", "norm_position", "ln_eps", "param_dtype")
+# The others (dropout, dtype, attention_impl, remat, scan_layers) say how to compute and stay the config's.
+COMPUTE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not in ARCH_FIELDS)
 
 
 def with_model_arch(config: ml_collections.ConfigDict, model: Any) -> ml_collections.ConfigDict:

@@ -5,8 +5,8 @@ everywhere except on CPU devices, where the weight gradient is computed as (g^T 
 x^T g. Both are the same products and sums; the second leaves the activations in their natural layout,
 which XLA's CPU backend otherwise transposes with strided reads inside the fusions that produce them.
 GPUs and TPUs take transposed GEMM operands natively, so they keep the plain dot. Several CPU devices (a CPU's
-cores as a data-parallel mesh, `mesh.cpu_devices`) take the CPU form too: with the plain dot their step is
-twice as slow. The choice follows the devices the program is compiled for (`jaxgpt.target`).
+cores as a data-parallel mesh, `mesh.cpu_devices`) take the CPU form too: each one runs the same CPU GEMMs. The
+choice follows the devices the program is compiled for (`jaxgpt.target`).
 """
 
 from __future__ import annotations

@@ -49,6 +49,19 @@ def check_length(data: ArrayLike, block_size: int, what: str = "data") -> None:
         )
 
 
+def batch_starts(key: jax.Array, batch_size: int, n_tokens: int | jax.Array, block_size: int) -> jax.Array:
+    """Where `batch_size` random windows of `block_size + 1` tokens start in `n_tokens` tokens: the lecture's
+    `torch.randint(len(data) - block_size, (batch_size,))`. The one rule for batches, on the device and on the host."""
+    return jax.random.randint(key, (batch_size,), 0, n_tokens - block_size)
+
+
+def windows(data: ArrayLike, starts: ArrayLike, block_size: int) -> tuple[ArrayLike, ArrayLike]:
+    """x, y int32 of shape (*starts.shape, block_size): the windows of `data` at `starts`, y shifted one token
+    on. Numpy in, numpy out (a memmap reads only the windows); a jax array in, one gather on the device."""
+    tokens = data[starts[..., None] + np.arange(block_size + 1)].astype(np.int32)
+    return tokens[..., :-1], tokens[..., 1:]
+
+
 @partial(jax.jit, static_argnames=("batch_size", "block_size"))
 def gather_batch(key: jax.Array, data: jax.Array, batch_size: int, block_size: int, *,
                  start: int | jax.Array = 0, length: int | jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -58,10 +71,7 @@ def gather_batch(key: jax.Array, data: jax.Array, batch_size: int, block_size: i
     `get_batch` would draw them from that slice alone: the evaluation keeps its splits in one array.
     """
     length = data.shape[0] if length is None else length
-    ix_B = start + jax.random.randint(key, (batch_size,), 0, length - block_size)
-    window_BT1 = ix_B[:, None] + jnp.arange(block_size + 1)[None, :]
-    tokens = data[window_BT1].astype(jnp.int32)
-    return tokens[:, :-1], tokens[:, 1:]
+    return windows(data, start + batch_starts(key, batch_size, length, block_size), block_size)
 
 
 def get_batch(key: jax.Array, data: ArrayLike, batch_size: int, block_size: int) -> tuple[jax.Array, jax.Array]:
@@ -181,6 +191,8 @@ def _load_nanogpt_dir(path: pathlib.Path) -> Dataset:
         raise DataError(f"{e}; or give a text file") from None
     except DataError:
         raise
+    except ImportError as e:  # its tokenizer's package is missing: say which folder needs it
+        raise DataError(f"{path}: {e}") from None
     except (OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
         raise DataError(f"{path}: cannot read the prepared data ({e})") from None
     if not len(prepared.train) or not len(prepared.val):

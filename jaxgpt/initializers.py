@@ -4,10 +4,10 @@ The models declare their initialisers where their parameters are made (`model.py
 plainly, `normal(std)` is Flax's `nnx.initializers.normal(std)`: one draw from its own key.
 
 `build_drawing_once(construct, key)` builds a model with every `normal` served from one standard-normal draw
-instead, in one compiled program. Why: XLA's CPU compiler spends 0.1-0.2 s on each random draw in a program,
-whatever its size, so the 18 draws of the CPU recipe's GPT took 2.3 s to compile, one draw of all its values
-0.2 s. The values differ from the per-key ones, and are as deterministic: the same key and the same model give
-the same weights, since a model makes its parameters in one fixed order.
+instead, in one compiled program. Why: XLA's CPU compiler spends a fixed time on each random draw in a program,
+whatever its size, so one draw of all the values compiles much sooner than a draw per parameter (measured in
+benchmarks/RESULTS.md). The values differ from the per-key ones, and are as deterministic: the same key and the
+same model give the same weights, since a model makes its parameters in one fixed order.
 """
 
 from __future__ import annotations

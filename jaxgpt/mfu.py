@@ -7,7 +7,13 @@ attention scores and their weighting. MFU = achieved FLOP/s / (peak FLOP/s per c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import jax
+
+if TYPE_CHECKING:  # bench_gpu.py imports this module where ml_collections may be missing
+    import ml_collections
 
 # Peak dense (no sparsity) bfloat16 FLOP/s per chip, from the vendors' data sheets.
 PEAK_BF16_FLOPS = {
@@ -49,6 +55,23 @@ def peak_flops(device_kind: str | None = None) -> float | None:
 def flops_per_token(n_params: int, n_layer: int, n_head: int, head_size: int, seq_len: int) -> float:
     """nanoGPT's estimate of training FLOPs per token: 6N + 12 * L * H * Q * T."""
     return 6 * n_params + 12 * n_layer * n_head * head_size * seq_len
+
+
+def model_flops_per_token(model_config: ml_collections.ConfigDict, n_params: int) -> float:
+    """`flops_per_token` of a config's model (`config.model`): the bigram model has no attention term."""
+    m = model_config
+    n_layer = m.n_layer if m.name == "gpt" else 0
+    return flops_per_token(n_params, n_layer, m.n_head, m.n_embd // m.n_head, m.block_size)
+
+
+def step_mfu(model_config: ml_collections.ConfigDict, n_params: int, n_devices: int,
+             device_kind: str | None = None) -> Callable[[float], float | None]:
+    """tokens/s -> MFU over `n_devices` chips of the config's model with `n_params` (non-embedding) parameters;
+    always None when the chip's peak is unknown."""
+    if peak_flops(device_kind) is None:
+        return lambda tokens_per_s: None
+    per_token = model_flops_per_token(model_config, n_params)
+    return lambda tokens_per_s: mfu(tokens_per_s, per_token, n_devices, device_kind)
 
 
 def mfu(tokens_per_second: float, flops_per_token: float, n_devices: int = 1, device_kind: str | None = None):

@@ -58,6 +58,11 @@ class BigramLanguageModel(nnx.Module):
         chex.assert_rank(idx_BT, 2)
         return self.token_embedding_table(idx_BT).astype(jnp.float32)
 
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count (the table; with no position embeddings, `non_embedding` leaves it whole)."""
+        del non_embedding
+        return count_params(nnx.state(self, nnx.Param))
+
 
 def loss_fn(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     """Mean cross-entropy of next-token prediction, computed in float32 (F.cross_entropy)."""

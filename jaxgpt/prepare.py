@@ -32,7 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxgpt.safe_pickle import UnsafePickleError, load_pickle
-from jaxgpt.tokenizer import CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_meta
+from jaxgpt.tokenizer import CharTokenizer, HFTokenizer, Tokenizer, load_tokenizer, tokenizer_from_meta
 
 OUTPUTS = ("train.bin", "val.bin", "meta.pkl")
 DEFAULT_CHUNK_CHARS = 1 << 22  # 4 Mi characters: a few tens of MB of Python str at most
@@ -119,7 +119,7 @@ class _Writer:
             return
         piece, self.buf = self.buf[:cut], self.buf[cut:]
         try:
-            if self.anywhere or not hasattr(self.tokenizer, "encode_batch"):
+            if self.anywhere or not isinstance(self.tokenizer, HFTokenizer):  # the one with a batch encoder
                 ids = self.tokenizer.encode(piece)
             else:
                 ids = np.concatenate(self.tokenizer.encode_batch(_safe_pieces(piece, 1 << 16)))

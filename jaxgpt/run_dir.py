@@ -2,11 +2,12 @@
 
     out_dir/jaxgpt.lock      `RunLock`: the pid and host of the run using out_dir
     out_dir/metrics.jsonl    one JSON record per logged step and per evaluation (`read_metrics`)
-    out_dir/checkpoints/     written by `jaxgpt.checkpoint`
+    out_dir/checkpoints/     `checkpoint_dir`: one folder per kind of `CHECKPOINT_KINDS`, written by
+                             `jaxgpt.checkpoint`
     out_dir/loss.png         the loss curves, redrawn at each evaluation
 
-`check_out_dir` looks before a run touches anything; `clear_out_dir` empties the record of a fresh run
-once every check has passed. `Interrupt` turns Ctrl-C / SIGTERM into a request to stop after the current
+`check_out_dir` looks before a run touches anything; `prepare_out_dir` creates out_dir and empties the record
+of a fresh run once every check has passed. `Interrupt` turns Ctrl-C / SIGTERM into a request to stop after the current
 compiled call, and a second Ctrl-C into an immediate exit.
 """
 
@@ -24,7 +25,8 @@ import threading
 import time
 from collections.abc import Callable
 
-CHECKPOINT_KINDS = ("latest", "best")
+CHECKPOINTS = "checkpoints"  # out_dir's folder of checkpoints
+CHECKPOINT_KINDS = ("latest", "best")  # its subfolders: the newest state, and the one of lowest validation loss
 
 
 class TrainingError(RuntimeError):
@@ -35,8 +37,16 @@ class Interrupted(TrainingError):
     """Ctrl-C / SIGTERM before the run trained a step: nothing new was saved (train.py exits 130)."""
 
 
-def has_checkpoint(out_dir: pathlib.Path, which: str) -> bool:
-    d = out_dir / "checkpoints" / which
+def checkpoint_dir(out_dir: str | os.PathLike, which: str) -> pathlib.Path:
+    """Where the `which` ('latest' | 'best') checkpoints of a run live: out_dir/checkpoints/<which>, absolute."""
+    if which not in CHECKPOINT_KINDS:
+        raise ValueError(f"which must be one of {CHECKPOINT_KINDS}, got {which!r}")
+    return pathlib.Path(out_dir).absolute() / CHECKPOINTS / which
+
+
+def has_checkpoint(out_dir: str | os.PathLike, which: str) -> bool:
+    """Whether out_dir holds a step folder of `which` checkpoints (whole or not: this only looks at names)."""
+    d = checkpoint_dir(out_dir, which)
     return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
 
 
@@ -51,7 +61,7 @@ def check_out_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool) 
                             "--config.out_dir")
     for folder in out_dir.parents:  # another run's checkpoints are moved aside and pruned by that run
         run = folder.parent
-        if folder.name == "checkpoints" and (any(has_checkpoint(run, w) for w in CHECKPOINT_KINDS)
+        if folder.name == CHECKPOINTS and (any(has_checkpoint(run, w) for w in CHECKPOINT_KINDS)
                                              or (run / LOCK_NAME).exists()):
             raise TrainingError(f"out_dir {out_dir} is inside the checkpoints of the run in {run}, which would "
                                 f"prune it or move it aside: choose a --config.out_dir outside {folder}")
@@ -59,7 +69,7 @@ def check_out_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool) 
         raise TrainingError(f"out_dir {out_dir} is not writable (permission denied on {existing}): choose another "
                             "--config.out_dir")
     if resume and not any(has_checkpoint(out_dir, w) for w in CHECKPOINT_KINDS):
-        raise TrainingError(f"resume=True but there is no checkpoint in {out_dir / 'checkpoints' / 'latest'}: "
+        raise TrainingError(f"resume=True but there is no checkpoint in {checkpoint_dir(out_dir, 'latest')}: "
                             "train without --config.resume first, or point --config.out_dir at a run")
     if not resume and not overwrite and any(has_checkpoint(out_dir, w) for w in CHECKPOINT_KINDS):
         raise TrainingError(f"out_dir {out_dir} already holds a run: pass --config.resume=True to continue it, "
@@ -77,8 +87,8 @@ def prepare_out_dir(out_dir: pathlib.Path, *, fresh: bool) -> None:
                             "choose another --config.out_dir") from None
     if not fresh:
         return
-    if (out_dir / "checkpoints").exists():
-        shutil.rmtree(out_dir / "checkpoints")
+    if (out_dir / CHECKPOINTS).exists():
+        shutil.rmtree(out_dir / CHECKPOINTS)
     for name in ("metrics.jsonl", "loss.png"):
         (out_dir / name).unlink(missing_ok=True)
 
@@ -89,9 +99,9 @@ def remove_empty_checkpoint_dirs(out_dir: pathlib.Path) -> bool:
     if any(has_checkpoint(out_dir, w) for w in CHECKPOINT_KINDS):
         return False
     for which in CHECKPOINT_KINDS:
-        shutil.rmtree(out_dir / "checkpoints" / which, ignore_errors=True)
+        shutil.rmtree(checkpoint_dir(out_dir, which), ignore_errors=True)
     with contextlib.suppress(OSError):
-        (out_dir / "checkpoints").rmdir()  # only when empty
+        (out_dir / CHECKPOINTS).rmdir()  # only when empty
     return True
 
 
@@ -141,7 +151,7 @@ class RunLock:
             except FileExistsError:
                 holder = self._holder()
                 pid, host = holder.get("pid"), holder.get("host")
-                if not holder:  # a writer killed between create and write, unless that writer is just now writing
+                if not holder:  # a writer killed between create and write, unless that writer is still writing
                     dead = time.time() - self.path.stat().st_mtime > 10 if self.path.exists() else True
                 else:
                     dead = host == self.owner["host"] and isinstance(pid, int) and not _pid_alive(pid)

@@ -53,9 +53,10 @@ def use_cpu_devices(n: int) -> str | None:
     """Makes JAX's CPU backend `n` devices, so that a CPU's cores train data-parallel, each device a part of the batch.
 
     Why: XLA runs one device's program with its many small kernels (a 12 x 64-token batch's attention, LayerNorms,
-    AdamW) mostly on one core at a time; two devices on two cores each run half the batch, and the step of the CPU
-    recipe takes 0.87x the time (benchmarks/RESULTS.md). Only before JAX's first computation: returns None when done
-    or not asked (n <= 0), else one line saying why not. On a GPU or TPU it changes nothing (the CPU is not used).
+    AdamW) mostly on one core at a time; two devices on two cores each run half the batch at once, which shortens
+    the CPU recipe's step (measured in benchmarks/RESULTS.md). Only before JAX's first computation: returns None
+    when done or not asked (n <= 0), else one line saying why not. On a GPU or TPU it changes nothing (the CPU is
+    not used).
     """
     if not isinstance(n, int) or n <= 0:
         return None
@@ -155,8 +156,8 @@ def sharded_shapes(tree, mesh: Mesh, scan_layers: bool = False):
 def zeros(shapes):
     """Arrays of zeros with the shapes, dtypes and shardings of `shapes` (`jax.ShapeDtypeStruct` leaves, as
     `sharded_shapes` gives them, or arrays), made on the host and placed: no program compiles for them, where
-    `jnp.zeros` or a jitted initialiser compiles one (AdamW's zeros: 0.2-0.5 s on a CPU before the first step,
-    cold). Each process makes only its own shards."""
+    `jnp.zeros` or a jitted initialiser compiles one before the first step (AdamW's moments). Each process makes only
+    its own shards."""
 
     def place(s: jax.ShapeDtypeStruct) -> jax.Array:
         return jax.make_array_from_callback(s.shape, s.sharding,
@@ -169,11 +170,6 @@ def zeros(shapes):
 # Multi-host
 # --------------------------------------------------------------------------------------------------
 
-# Environment variables that mean "this process is one of several": JAX's own coordinator settings,
-# SLURM's task layout, Open MPI's, and Cloud TPU pod slices (where JAX detects everything itself).
-_MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
-
-
 def first_replica(tree):
     """In a single process, `tree`'s arrays (or `jax.ShapeDtypeStruct`s) that are replicated over several devices as
     their first device's copy (the buffer itself, nothing copied); all else, and every leaf with several processes,
@@ -181,7 +177,7 @@ def first_replica(tree):
 
     For work that gains nothing from a mesh: a sample of one sequence, which every device of the mesh would compute,
     and a checkpoint, which Orbax would otherwise split over the replicas to write in parallel, compiling a slicing
-    program per shape (~0.5 s at a 2-CPU-device run's first save).
+    program per shape at the run's first save.
     """
     if jax.process_count() > 1:
         return tree
@@ -200,7 +196,8 @@ def first_replica(tree):
 
 
 def is_multiprocess_env(environ: dict[str, str] | None = None) -> bool:
-    """True when the environment says this run is one of several processes."""
+    """True when the environment says this run is one of several processes: JAX's own coordinator settings,
+    SLURM's task layout, Open MPI's, or a Cloud TPU pod slice (where JAX detects everything itself)."""
     env = os.environ if environ is None else environ
     for name in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
         if name in env:

@@ -18,6 +18,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_gpu.py"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_gpu  # noqa: E402
+import common  # noqa: E402
+import gpu_programs  # noqa: E402
 
 # Runs the script as __main__ with ml_collections made unimportable, as on a machine without it.
 WITHOUT_ML_COLLECTIONS = (
@@ -49,7 +51,7 @@ def test_tiny_run_has_every_section_with_sane_timings(tmp_path, shakespeare_path
     assert doc["machine"]["jax_backend"] == "cpu" and doc["machine"]["torch_compile"] is False
     assert doc["complete"] and doc["machine"]["torch_attention"] == "sdpa"
 
-    plan = bench_gpu.TINY
+    plan = gpu_programs.TINY
     sections = {
         "shakespeare_char step": plan.shakespeare,
         f"evaluation ({plan.eval_iters} x 2 batches)": None,
@@ -66,7 +68,7 @@ def test_tiny_run_has_every_section_with_sane_timings(tmp_path, shakespeare_path
             assert all(_positive(r[k]) for k in ("median_s", "min_s", "max_s", "first_s")), r
             assert r["min_s"] <= r["median_s"] <= r["max_s"]
             assert "mfu" not in r  # no peak FLOP/s for a CPU: no made-up MFU
-            if isinstance(shape, bench_gpu.TrainShape):
+            if isinstance(shape, common.TrainShape):
                 assert r["tokens_per_s"] == pytest.approx(shape.batch_size * shape.block_size / r["median_s"])
             elif isinstance(shape, int):  # sampling: tokens of all rows per second
                 assert r["tokens_per_s"] == pytest.approx(shape / r["median_s"])
@@ -91,7 +93,7 @@ def test_tiny_recipe_runs_train_py_and_reads_its_metrics(tmp_path, shakespeare_p
     (row,) = json.loads(out.read_text())["rows"]
     assert row["section"].startswith("recipe") and "error" not in row
     assert _positive(row["wall_s"]) and row["median_s"] == row["wall_s"]
-    overrides = dict(o.split("=") for o in bench_gpu.TINY.recipe_overrides)
+    overrides = dict(o.split("=") for o in gpu_programs.TINY.recipe_overrides)
     max_iters, interval = int(overrides["max_iters"]), int(overrides["eval_interval"])
     assert row["final_step"] == max_iters and row["evals"] == max_iters // interval + 1
     assert 0 < row["best_val"] < math.log(65) + 0.5  # a character model's loss, near or below uniform's
@@ -119,6 +121,22 @@ def test_xla_dump_is_set_before_jax_starts(tmp_path, shakespeare_path):
     assert any("decode" in n and n.endswith("after_optimizations.txt") for n in names), names[:20]
 
 
+@pytest.mark.slow
+def test_gpu_check_script_runs_the_benchmark_the_trace_and_the_recipe(tmp_path, shakespeare_path):
+    """`gpu_check.sh --recipe` end to end with tiny shapes on this CPU (its GPU tests fail here, and it goes on)."""
+    env = dict(os.environ, OUT=str(tmp_path), BENCH_ARGS="--tiny", PYTEST_TIMEOUT_S="1", BUDGET_S="900",
+               PYTHON=sys.executable, JAXGPT_SHAKESPEARE=str(shakespeare_path))
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--recipe"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bench = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert bench["complete"] and bench["rows"] and not [r for r in bench["rows"] if "error" in r]
+    (recipe,) = json.loads((tmp_path / "recipe.json").read_text())["rows"]
+    assert recipe["section"].startswith("recipe") and "error" not in recipe
+    assert any(p.name.endswith(".xplane.pb.gz") for p in (tmp_path / "trace").iterdir())
+    assert "=== " in (tmp_path / "log.txt").read_text() and "recipe exit status: 0" in proc.stdout
+
+
 def test_use_sdpa_is_the_reference_attention():
     import torch
 
@@ -132,7 +150,7 @@ def test_use_sdpa_is_the_reference_attention():
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    bench_gpu.use_sdpa(model)
+    gpu_programs.use_sdpa(model)
     logits_sdpa, loss_sdpa = model(x, x)
     loss_sdpa.backward()
     torch.testing.assert_close(logits_sdpa, logits, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""The training benchmark's bookkeeping: its FLOP count and the RESULTS.md block it rewrites."""
+"""The training benchmark's bookkeeping: its FLOP count, its shapes' attention and the RESULTS.md block it rewrites."""
 
 import pathlib
 import sys
@@ -10,6 +10,7 @@ import jaxgpt
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_train  # noqa: E402
+import common  # noqa: E402
 
 from tests.matmul_flops import training_matmul_flops_per_token, vector_params  # noqa: E402
 
@@ -20,10 +21,10 @@ def test_flops_per_token_is_the_models_matmul_count(name):
 
     nanoGPT's 6N also counts 6 FLOPs per LayerNorm gain, which is in N but in no matmul.
     """
-    shape = bench_train.SHAPES[name]
-    model = nnx.eval_shape(lambda: jaxgpt.GPT(jaxgpt.GPTConfig(**shape.model_args()), rngs=nnx.Rngs(0)))
+    shape = bench_train.SHAPES[name].shape
+    model = nnx.eval_shape(lambda: jaxgpt.GPT(jaxgpt.GPTConfig(**shape.model_args(65)), rngs=nnx.Rngs(0)))
     counted = training_matmul_flops_per_token(model, shape.block_size)
-    assert bench_train.flops_per_token(shape) == counted + 6 * vector_params(model)
+    assert common.flops_per_token(shape, 65) == counted + 6 * vector_params(model)
 
 
 @pytest.mark.parametrize("name", sorted(bench_train.SHAPES))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import shutil
+
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt import checkpoint, training
+from jaxgpt import checkpoint, optim, training
 from jaxgpt.model import GPT
 from jaxgpt.tokenizer import CharTokenizer
 from tests.test_training import tiny_config, tiny_text
@@ -41,7 +45,7 @@ def test_restore_gives_back_the_saved_arrays(run, tmp_path):
     out, text, _ = run
     model, _, info = checkpoint.load_model(out, "latest")
     graphdef, params = nnx.split(model)
-    tx = training.make_optimizer(tiny_config(text, out))
+    tx = optim.make_optimizer(tiny_config(text, out))
     opt_state = tx.init(params)
     copy = tmp_path / "copy"
     saver = checkpoint.Checkpointer(copy)
@@ -67,7 +71,7 @@ def _saveable_state(run) -> dict:
     out, text, _ = run
     model, _, info = checkpoint.load_model(out, "latest")
     _, params = nnx.split(model)
-    opt_state = training.make_optimizer(tiny_config(text, out)).init(params)
+    opt_state = optim.make_optimizer(tiny_config(text, out)).init(params)
     return dict(params=params, opt_state=opt_state, key=jax.random.PRNGKey(7), meta={"config": info["config"]})
 
 
@@ -111,10 +115,12 @@ def test_a_link_that_fails_is_one_line_and_keeps_the_older_step(run, tmp_path, m
     ckptr.link("latest", 3, source="best")
     ckptr.save("best", 5, **state)
 
-    def full_disk(src, dst):
+    def full_disk(src, dst, **kwargs):  # the copy stops after its first file
+        os.makedirs(dst)
+        (pathlib.Path(dst) / "partial").write_bytes(b"x")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "_clone_or_copy", full_disk)
+    monkeypatch.setattr(shutil, "copytree", full_disk)
     with pytest.raises(checkpoint.CheckpointError, match=r"could not save the latest checkpoint at step 5 .*No space "
                                                          r"left on device.*previous checkpoint \(step 3\) is kept"):
         ckptr.link("latest", 5, source="best")

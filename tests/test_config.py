@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
 
@@ -9,7 +10,7 @@ import jax
 import pytest
 
 from jaxgpt import config as config_lib
-from jaxgpt.model import GPT, BigramLanguageModel
+from jaxgpt.model import GPT, BigramLanguageModel, GPTConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -200,3 +201,12 @@ def test_every_config_key_has_one_line_of_help():
     listed = describe(config_lib.base_config()).splitlines()
     assert len(listed) == len(keys) and "  --config.max_iters=600000" in listed[listed.index(next(
         line for line in listed if "max_iters" in line))]
+
+
+def test_every_model_field_is_architecture_or_computation():
+    """A GPTConfig field is either what a trained model is (taken from its checkpoint) or how to compute it (the
+    config's own), never both, never neither."""
+    fields = [f.name for f in dataclasses.fields(GPTConfig)]
+    assert set(config_lib.ARCH_FIELDS) | set(config_lib.COMPUTE_FIELDS) == set(fields)
+    assert not set(config_lib.ARCH_FIELDS) & set(config_lib.COMPUTE_FIELDS)
+    assert set(config_lib.COMPUTE_FIELDS) == {"dropout", "dtype", "attention_impl", "remat", "scan_layers"}

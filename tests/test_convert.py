@@ -1,4 +1,5 @@
-"""jaxgpt computes the same numbers as the PyTorch reference: logits, loss, gradients, training."""
+"""jaxgpt computes the same numbers as the PyTorch reference: logits, loss, gradients, training; and
+`load_init_from` fails with one error type."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ from flax import nnx
 
 import jaxgpt
 from jaxgpt import optim
-from jaxgpt.convert import torch_name
+from jaxgpt.convert import InitFromError, load_init_from, torch_name
 from tests.reference.torch_gpt import GPT as TorchGPT
 from tests.reference.torch_gpt import TorchGPTConfig, train_steps
 
@@ -166,3 +167,20 @@ def test_twenty_adamw_steps_equal_torch(name):
             np.testing.assert_allclose(trained[tname], tensor.numpy(), atol=1e-5, err_msg=tname)
             moved = max(moved, float(np.abs(trained[tname] - initial[tname]).max()))
     assert moved > 5e-3  # the steps really changed the weights, far beyond the tolerance
+
+
+def test_every_failure_of_load_init_from_is_one_init_from_error_naming_the_spec(tmp_path):
+    (tmp_path / "garbled").mkdir()
+    (tmp_path / "garbled" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    cases = {
+        "resume": "is not 'nanogpt:PATH', 'gpt2:PATH' or 'hf:PATH'",
+        f"nanogpt:{tmp_path / 'nowhere'}": "no nanoGPT checkpoint at",
+        f"nanogpt:{tmp_path / 'garbled'}": "is not a readable PyTorch checkpoint",
+        f"gpt2:{tmp_path}": "has no config.json",
+    }
+    for spec, reason in cases.items():
+        with pytest.raises(InitFromError) as e:
+            load_init_from(spec)
+        assert e.value.spec == spec and reason in e.value.reason, e.value
+        assert str(e.value) == f"init_from {spec!r}: {e.value.reason}" and "\n" not in str(e.value)
+        assert isinstance(e.value, ValueError)  # what callers that predate it catch

@@ -80,15 +80,20 @@ def test_gpt2_flops_and_mfu_match_nanogpt():
 
 def test_step_mfu_helper_uses_the_models_flops_and_all_devices():
     from jaxgpt import config as config_lib
-    from jaxgpt.training import step_mfu
+    from jaxgpt.mfu import model_flops_per_token, step_mfu
 
     c = config_lib.base_config()
     c.model.update(n_layer=2, n_head=4, n_embd=32, block_size=16)
-    model = config_lib.model_shape(c, 50)
-    per_token = flops_per_token(model.num_params(), 2, 4, 8, 16)
-    assert step_mfu(c, model, 8, device_kind="TPU v4")(1e5) == pytest.approx(1e5 * per_token / (275e12 * 8))
-    assert step_mfu(c, model, 8, device_kind="cpu")(1e5) is None
-    assert step_mfu(c, model, 1)(1e5) is None  # these tests run on CPU: no peak, no MFU
+    n = config_lib.model_shape(c, 50).num_params()
+    per_token = flops_per_token(n, 2, 4, 8, 16)
+    assert model_flops_per_token(c.model, n) == per_token
+    assert step_mfu(c.model, n, 8, device_kind="TPU v4")(1e5) == pytest.approx(1e5 * per_token / (275e12 * 8))
+    assert step_mfu(c.model, n, 8, device_kind="cpu")(1e5) is None
+    assert step_mfu(c.model, n, 1)(1e5) is None  # these tests run on CPU: no peak, no MFU
+    c.model.name = "bigram"  # no attention: 6N alone
+    bigram = config_lib.model_shape(c, 50)
+    assert bigram.num_params() == 50 * 50
+    assert model_flops_per_token(c.model, bigram.num_params()) == 6 * 50 * 50
 
 
 def test_mfu_is_logged_per_step_and_shown_on_the_bar(tmp_path, shakespeare_path, monkeypatch, capsys):

@@ -1,4 +1,6 @@
-"""nanoGPT's optimiser recipe: the schedule, the decay mask, clipping."""
+"""nanoGPT's optimiser recipe: the schedule, the decay mask, clipping; and Muon beside it."""
+
+import json
 
 import chex
 import jax
@@ -8,8 +10,11 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxgpt import GPT, GPTConfig, optim
+from jaxgpt import GPT, GPTConfig, checkpoint, data, optim, run_dir, training
+from jaxgpt import config as config_lib
+from jaxgpt.layout import stack_layers
 from tests.reference.torch_gpt import get_lr as torch_get_lr
+from tests.test_training import tiny_config, tiny_text
 
 RECIPE = dict(learning_rate=1e-3, warmup_iters=100, lr_decay_iters=5000, min_lr=1e-4)
 
@@ -109,3 +114,176 @@ def test_decay_mask_is_the_same_for_scanned_layers():
     assert not bool(stacked_mask["h"]["attn"]["c_attn"]["bias"][...])  # (L, 3C): a bias per layer
     assert not bool(stacked_mask["h"]["ln_1"]["scale"][...])
     assert bool(stacked_mask["wte"]["embedding"][...]) and not bool(stacked_mask["ln_f"]["scale"][...])
+
+
+# ------------------------------------------------------------------------------------------------------------ Muon
+
+
+def _gpt_params(n_layer: int = 2, **kw) -> nnx.State:
+    config = GPTConfig(block_size=8, vocab_size=11, n_layer=n_layer, n_head=2, n_embd=8, **kw)
+    return nnx.state(GPT(config, rngs=nnx.Rngs(0)), nnx.Param)
+
+
+def _muon_config(**overrides):
+    c = config_lib.base_config()
+    c.optimizer = "muon"
+    c.learning_rate, c.min_lr, c.warmup_iters, c.lr_decay_iters = 1e-2, 1e-3, 2, 6
+    c.muon_learning_rate, c.muon_momentum, c.muon_weight_decay = 0.05, 0.9, 0.01
+    for key, value in overrides.items():
+        c[key] = value
+    return c
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    """A params-shaped tree (an nnx.State or nested dicts) as {'h.0.attn.c_attn.kernel': array, ...}."""
+    if isinstance(tree, nnx.State):
+        tree = nnx.to_pure_dict(tree)
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(str(k.key) for k in path): np.asarray(x) for path, x in leaves}
+
+
+BLOCK_MATRICES = ("attn.c_attn.kernel", "attn.c_proj.kernel", "mlp.c_fc.kernel", "mlp.c_proj.kernel")
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(scan_layers):
+    params = _gpt_params(scan_layers=scan_layers)
+    labels = _flat(optim.muon_labels(params))
+    blocks = ["h"] if scan_layers else ["h.0", "h.1"]
+    assert {k for k, v in labels.items() if v == "muon"} == {f"{b}.{m}" for b in blocks for m in BLOCK_MATRICES}
+    adamw = {k for k, v in labels.items() if v == "adamw"}
+    assert {"wte.embedding", "wpe.embedding", "ln_f.scale", "ln_f.bias", f"{blocks[0]}.ln_1.scale",
+            f"{blocks[0]}.attn.c_attn.bias"} <= adamw  # a stacked bias (n_layer, 3C) is 2-D, and still AdamW's
+    assert len(adamw) + sum(v == "muon" for v in labels.values()) == len(labels)
+
+
+def test_muon_takes_the_lectures_head_matrices_but_not_the_output_layer():
+    labels = _flat(optim.muon_labels(_gpt_params(n_layer=1, attention="heads", tie_embeddings=False)))
+    muon = {k for k, v in labels.items() if v == "muon"}
+    heads = {f"h.0.attn.heads.{i}.{w}.kernel" for i in range(2) for w in ("key", "query", "value")}
+    assert muon == heads | {"h.0.attn.c_proj.kernel", "h.0.mlp.c_fc.kernel", "h.0.mlp.c_proj.kernel"}
+    assert labels["lm_head.kernel"] == "adamw"
+
+
+def test_muon_state_starts_as_zeros():
+    """The training loop makes the first optimizer state as zeros from its shapes, without calling `init`."""
+    state = optim.make_optimizer(_muon_config()).init(_gpt_params())
+    assert jax.tree.leaves(state) and all(not np.any(np.asarray(x)) for x in jax.tree.leaves(state))
+
+
+def _updates_by_hand(config, params: dict, grads_list: list[dict], jit: bool) -> list[dict]:
+    """Optax's own transformations on the same leaves: `optax.contrib.muon` on the blocks' kernels (a leading layer
+    axis a batch), `optax.adamw` with nanoGPT's decay on the rest, after the global-norm clip over all. `jit`:
+    each update compiled, as the training step compiles (XLA fuses Newton-Schulz's float32 products its own way)."""
+    is_muon = {k: k.startswith("h.") and k.endswith(".kernel") for k in params}
+    decays = {k: k.endswith((".kernel", ".embedding")) for k in params}
+    adamw_lr = optim.schedule_from_config(config)
+    ratio = config.muon_learning_rate / config.learning_rate
+    muon_tx = optax.contrib.muon(
+        lambda count: adamw_lr(count) * ratio, ns_steps=config.muon_ns_steps, beta=config.muon_momentum,
+        weight_decay=config.muon_weight_decay, nesterov=config.muon_nesterov,
+        muon_weight_dimension_numbers=lambda p: jax.tree.map(
+            lambda x: optax.contrib.MuonDimensionNumbers(x.ndim - 2, x.ndim - 1), p))
+    adamw_tx = optax.adamw(adamw_lr, b1=config.beta1, b2=config.beta2, eps=1e-8, weight_decay=config.weight_decay,
+                           mask={k: decays[k] for k in params if not is_muon[k]})
+    clip = optim.clip_by_global_norm(config.grad_clip)
+    part = lambda tree, muon: {k: v for k, v in tree.items() if is_muon[k] == muon}  # noqa: E731
+    states = muon_tx.init(part(params, True)), adamw_tx.init(part(params, False))
+    updates = [jax.jit(tx.update) if jit else tx.update for tx in (muon_tx, adamw_tx)]
+    out = []
+    for grads in grads_list:
+        grads, _ = clip.update(grads, optax.EmptyState())
+        (m, muon_state), (a, adamw_state) = (update(part(grads, muon), state, part(params, muon))
+                                             for update, state, muon in zip(updates, states, (True, False)))
+        states = muon_state, adamw_state
+        out.append(m | a)
+    return out
+
+
+@pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_muon_update_is_optaxs_own(scan_layers, traced):
+    """Three updates (warm-up and decay, the first clipped) of `make_optimizer` equal Optax's transformations
+    applied by hand to the same leaves: uncompiled, and compiled with the numbers as the program's arguments (as the
+    training step has them) beside Optax's compiled."""
+    config = _muon_config()
+    params = _gpt_params(scan_layers=scan_layers)
+    rng = np.random.default_rng(0)
+    grads_list = [jax.tree.map(lambda p, s=scale: jnp.asarray(rng.normal(size=p.shape) * s, p.dtype), params)
+                  for scale in (1.0, 0.02, 0.05)]  # global norms ~15 (clipped), then under 1
+    if traced:
+        update = jax.jit(lambda g, s, p, n: optim.make_optimizer(config, n).update(g, s, p))
+        numbers = optim.recipe_numbers(config)
+        assert set(optim.MUON_NUMBERS) <= set(numbers)
+    else:
+        tx = optim.make_optimizer(config)
+        update = lambda g, s, p, n: tx.update(g, s, p)  # noqa: E731
+        numbers = None
+    state = optim.make_optimizer(config).init(params)
+    expected = _updates_by_hand(config, _flat(params), [_flat(g) for g in grads_list], jit=traced)
+    for grads, want in zip(grads_list, expected):
+        got, state = update(grads, state, params, numbers)
+        got = _flat(got)
+        assert got.keys() == want.keys()
+        for k in got:
+            # Compiled, two programs round Newton-Schulz's five quintic steps apart: within 2e-6 of the leaf's largest
+            # entry (1.3e-6 seen), where entries near zero differ by more than 1e-6 of themselves.
+            atol = 2e-6 * np.abs(want[k]).max() if traced else 1e-9
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=atol, err_msg=k)
+
+
+def test_muon_on_stacked_layers_is_muon_on_each_layer():
+    config = _muon_config()
+    params = _gpt_params(n_layer=3)
+    grads = jax.tree.map(lambda p: jnp.asarray(np.random.default_rng(1).normal(size=p.shape), p.dtype), params)
+    tx = optim.make_optimizer(config)
+    per_layer, _ = tx.update(grads, tx.init(params), params)
+    stacked, _ = tx.update(stack_layers(grads), tx.init(stack_layers(params)), stack_layers(params))
+    want, got = _flat(stack_layers(per_layer)), _flat(stacked)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-9, err_msg=k)
+
+
+@pytest.mark.parametrize("key, value", [("optimizer", "sgd"), ("muon_learning_rate", 0.0), ("muon_momentum", 1.0),
+                                        ("muon_ns_steps", 0), ("muon_weight_decay", -0.1)])
+def test_bad_muon_settings_are_one_config_error(key, value):
+    c = config_lib.base_config()
+    c[key] = value
+    with pytest.raises(config_lib.ConfigError, match=f"'{key}'"):
+        config_lib.validate(c)
+
+
+def test_training_with_muon_lowers_the_loss_and_resumes_bit_exact(tmp_path, shakespeare_path):
+    """8 Muon steps straight equal 4 steps + resume + 4 steps, bit for bit, and lower the loss; a resume that
+    switches the optimizer stops with one line instead of restoring the wrong state. Scanned layers: each block
+    kernel a stack of two matrices through the loop and the checkpoints."""
+    text_path = tiny_text(tmp_path, shakespeare_path)
+    muon = {"optimizer": "muon", "muon_learning_rate": 0.05, "model.n_layer": 2, "model.scan_layers": True}
+    one, two = tmp_path / "one", tmp_path / "two"
+    training.train(tiny_config(text_path, one, **muon))
+    training.train(tiny_config(text_path, two, max_iters=4, **muon))
+    training.train(tiny_config(text_path, two, resume=True, **muon))
+
+    def state(out):
+        c = checkpoint.Checkpointer(out)
+        cfg = tiny_config(text_path, out, **muon)
+        params = nnx.state(config_lib.build_model(cfg, data.load_dataset(text_path).vocab_size, 0))
+        opt_state = optim.make_optimizer(cfg).init(params)  # Muon's state: AdamW's would not restore
+        restored = c.restore("latest", params=params, opt_state=opt_state, key=jax.random.PRNGKey(0))
+        c.close()
+        return restored
+
+    s1, s2 = state(one), state(two)
+    assert int(s1["train"]["step"]) == int(s2["train"]["step"]) == 8
+    for a, b in zip(jax.tree.leaves((s1["params"], s1["opt_state"])), jax.tree.leaves((s2["params"],
+                                                                                        s2["opt_state"]))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    losses = [[r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+              for out in (one, two)]
+    assert losses[0] == losses[1] and len(losses[0]) == 8
+    assert np.mean(losses[0][-2:]) < np.mean(losses[0][:2]) - 0.2
+
+    with pytest.raises(run_dir.TrainingError, match=r"optimizer='muon'.* 'adamw'") as error:
+        training.train(tiny_config(text_path, two, resume=True, max_iters=12, **{**muon, "optimizer": "adamw"}))
+    assert str(error.value).startswith("resume: ") and "\n" not in str(error.value)
+    assert "model." not in str(error.value)  # not the model's check: the model is the checkpoint's

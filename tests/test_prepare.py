@@ -147,13 +147,32 @@ def test_module_entry_point(tmp_path):
     assert missing.returncode != 0 and missing.stderr.strip().startswith("error:")
 
 
-def test_safe_pieces_cut_only_at_pre_token_boundaries(shakespeare_path, tmp_path):
-    from jaxgpt.prepare import _safe_pieces
+def test_long_bpe_chunks_are_encoded_in_pieces_cut_only_at_pre_token_boundaries(shakespeare_path, tmp_path,
+                                                                               monkeypatch):
+    """A chunk far longer than one batch piece, holding a line longer than a piece and indented lines: the writer
+    encodes it in many pieces, each cut after a newline that a non-space follows, so the ids are those of
+    encoding each split whole."""
+    text = shakespeare_path.read_text()
+    bpe_path = tmp_path / "tokenizer.json"
+    train_bpe(text[:10_000]).save(str(bpe_path))
+    corpus = text[:100_000] + "x" * 70_000 + "\n  indented\nend\n" + text[100_000:250_000]
+    (tmp_path / "corpus.txt").write_text(corpus)
+    batches = []
+    real_encode_batch = HFTokenizer.encode_batch
 
-    text = shakespeare_path.read_text()[:30_000] + "x" * 5_000 + "\n  indented\nend"
-    pieces = _safe_pieces(text, 1_000)
-    assert "".join(pieces) == text and len(pieces) > 20
-    for left, right in zip(pieces, pieces[1:]):
-        assert left.endswith("\n") and not right[0].isspace()
-    tok = HFTokenizer(train_bpe(text[:10_000]))
-    np.testing.assert_array_equal(np.concatenate(tok.encode_batch(pieces)), tok.encode(text))
+    def encode_batch(self, texts):
+        batches.append(list(texts))
+        return real_encode_batch(self, texts)
+
+    monkeypatch.setattr(HFTokenizer, "encode_batch", encode_batch)
+    prepare(tmp_path / "corpus.txt", tmp_path / "out", bpe_path, chunk_chars=1_000_000, progress=False)
+
+    n_train = int(len(corpus) * 0.9)
+    assert ["".join(batch) for batch in batches] == [corpus[:n_train], corpus[n_train:]]  # one batch a split
+    assert len(batches[0]) > 3
+    for batch in batches:
+        for left, right in zip(batch, batch[1:]):
+            assert left.endswith("\n") and not right[0].isspace()
+    tok = HFTokenizer.from_file(bpe_path)
+    np.testing.assert_array_equal(_bin(tmp_path / "out" / "train.bin"), tok.encode(corpus[:n_train]))
+    np.testing.assert_array_equal(_bin(tmp_path / "out" / "val.bin"), tok.encode(corpus[n_train:]))

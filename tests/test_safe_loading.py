@@ -8,6 +8,7 @@ entry point refuses the file, names it and the refused global, and that the sent
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import shlex
@@ -57,20 +58,20 @@ PAYLOADS = ["os.system", "open"]
 CHARS = "abc \n"
 
 
+def _dump(path, value, protocol: int = pickle.DEFAULT_PROTOCOL) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(value, protocol=protocol))
+
+
+def _char_meta(itos: dict | None = None) -> dict:
+    """nanoGPT's data/shakespeare_char/prepare.py meta.pkl contents for CHARS (another `itos` when given)."""
+    stoi = {c: i for i, c in enumerate(CHARS)}
+    return {"vocab_size": len(CHARS), "itos": itos or dict(enumerate(CHARS)), "stoi": stoi}
+
+
 def _evil_meta(path, payload: _Payload, protocol: int = pickle.DEFAULT_PROTOCOL) -> None:
     """A nanoGPT char meta.pkl whose `itos` is the payload, deep inside the dict."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"vocab_size": len(CHARS), "itos": {0: "a", 1: [payload]}, "stoi": {c: i for i, c in enumerate(CHARS)}}
-    with open(path, "wb") as f:
-        pickle.dump(meta, f, protocol=protocol)
-
-
-def _plain_meta(path) -> None:
-    """nanoGPT's data/shakespeare_char/prepare.py meta.pkl for CHARS."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump({"vocab_size": len(CHARS), "itos": dict(enumerate(CHARS)),
-                     "stoi": {c: i for i, c in enumerate(CHARS)}}, f)
+    _dump(path, _char_meta({0: "a", 1: [payload]}), protocol)
 
 
 def _evil_ckpt(path, payload: _Payload) -> None:
@@ -197,7 +198,7 @@ def test_jaxgpt_and_nanogpt_meta_files_still_load(tmp_path, shakespeare_path):
     assert isinstance(bpe, HFTokenizer)
     np.testing.assert_array_equal(bpe.encode(text[:300]), HFTokenizer.from_file(bpe_path).encode(text[:300]))
 
-    _plain_meta(tmp_path / "nano" / "meta.pkl")
+    _dump(tmp_path / "nano" / "meta.pkl", _char_meta())
     assert load_tokenizer(tmp_path / "nano" / "meta.pkl") == CharTokenizer(list(CHARS))
 
 
@@ -236,9 +237,8 @@ def test_nanogpt_checkpoint_with_a_payload_is_refused(tmp_path, kind):
 def test_nanogpt_checkpoint_with_a_crafted_meta_is_refused(tmp_path, kind):
     sentinel = tmp_path / "SENTINEL"
     payload, refused = _payloads(sentinel)[kind]
-    (tmp_path / "run").mkdir()
-    torch.save(_nanogpt_ckpt(_reference(), compiled=False), tmp_path / "run" / "ckpt.pt")
     _evil_meta(tmp_path / "run" / "meta.pkl", payload)
+    torch.save(_nanogpt_ckpt(_reference(), compiled=False), tmp_path / "run" / "ckpt.pt")
     with pytest.raises(UnsafePickleError, match=refused):
         jaxgpt.load_nanogpt_checkpoint(tmp_path / "run")
     assert not sentinel.exists()
@@ -306,13 +306,12 @@ def test_sample_cli_refuses_crafted_files(tmp_path, which):
     sentinel = tmp_path / "SENTINEL"
     payload, refused = _payloads(sentinel)["os.system"]
     run = tmp_path / "run"
-    run.mkdir()
     if which == "ckpt.pt":
         _evil_ckpt(run / "ckpt.pt", payload)
-        _plain_meta(run / "meta.pkl")
+        _dump(run / "meta.pkl", _char_meta())
     else:
-        torch.save(_nanogpt_ckpt(_reference(), compiled=False), run / "ckpt.pt")
         _evil_meta(run / "meta.pkl", payload)
+        torch.save(_nanogpt_ckpt(_reference(), compiled=False), run / "ckpt.pt")
     cmd = [sys.executable, str(ROOT / "sample.py"), f"--init_from=nanogpt:{run}", "--start=a", "--num_samples=1",
            "--max_new_tokens=2"]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -347,7 +346,7 @@ def test_train_cli_refuses_a_hostile_data_folder_in_one_line(tmp_path, kind):
     without bound (vocab_size 10**9), and a train.bin with an id the model has no embedding for."""
     data = tmp_path / "data"
     _data_dir(data)
-    meta = {"vocab_size": len(CHARS), "itos": dict(enumerate(CHARS)), "stoi": {c: i for i, c in enumerate(CHARS)}}
+    meta = _char_meta()
     message = {"dtype O": "dtype 'O' is not one of", "vocab_size 10**9": "vocab_size 1000000000 is not an int",
                "id past the vocabulary": "train.bin holds 1 token id(s) outside the vocabulary [0, 5)"}[kind]
     if kind == "dtype O":
@@ -358,8 +357,7 @@ def test_train_cli_refuses_a_hostile_data_folder_in_one_line(tmp_path, kind):
         ids = np.fromfile(data / "train.bin", np.uint16)
         ids[200] = 7
         ids.tofile(data / "train.bin")
-    with open(data / "meta.pkl", "wb") as f:
-        pickle.dump(meta, f)
+    _dump(data / "meta.pkl", meta)
     out = tmp_path / "out"
     r = _train(_env(), *TINY, f"--config.data.path={data}", f"--config.out_dir={out}", "--config.max_iters=2",
                "--config.compile_cache=False", timeout=300)
@@ -376,15 +374,11 @@ GPT2_CONFIG = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 8, "vo
 
 def _gpt2_folder(path, weights: str, content) -> None:
     """A Hugging Face GPT-2 folder: config.json (GPT2_CONFIG unless `content` replaces it) and one weights file."""
-    import json
-
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(GPT2_CONFIG))
-    if weights == "config.json":
-        (path / "config.json").write_text(content)
-    elif isinstance(content, bytes):
+    (path / "config.json").write_text(content if weights == "config.json" else json.dumps(GPT2_CONFIG))
+    if isinstance(content, bytes):
         (path / weights).write_bytes(content)
-    else:
+    elif weights != "config.json":
         torch.save(content, path / weights)
 
 
@@ -446,8 +440,7 @@ def test_any_plain_meta_either_loads_or_is_one_data_error(tmp_path_factory, meta
     another exception, a crash or an allocation its values ask for."""
     folder = tmp_path_factory.mktemp("meta")
     _data_dir(folder)
-    with open(folder / "meta.pkl", "wb") as f:
-        pickle.dump(meta, f)
+    _dump(folder / "meta.pkl", meta)
     try:
         ds = load_dataset(folder)
     except DataError as e:

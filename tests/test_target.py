@@ -55,8 +55,10 @@ def test_cudnn_outside_a_gpu_program_says_so():
 @pytest.mark.parametrize("dtype,T,flash", [(jnp.bfloat16, 128, True), (jnp.bfloat16, 64, False),
                                            (jnp.float32, 128, False)])
 def test_auto_attention_on_a_tpu_takes_pallas_flash_in_16_bit_blocks(monkeypatch, dtype, T, flash):
+    from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
+
     taken = []
-    monkeypatch.setattr(attention, "_tpu_flash_attention", lambda q, k, v: taken.append(q.shape) or q)
+    monkeypatch.setattr(pallas_flash, "flash_attention", lambda q, k, v, **kwargs: taken.append(q.shape) or q)
     monkeypatch.setattr(jax.nn, "dot_product_attention", lambda q, *a, **k: q)
     q = jnp.zeros((1, 2, T, 8), dtype)
     with target.compiling_for("tpu"):

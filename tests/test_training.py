@@ -7,7 +7,6 @@ import json
 import math
 import pathlib
 import pickle
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt import checkpoint, data, optim, train_step, training
+from jaxgpt import checkpoint, data, host_feed, optim, train_loop, train_step, training
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
+from jaxgpt.run_dir import TrainingError
 
 
 def tiny_text(tmp_path: pathlib.Path, shakespeare_path: pathlib.Path, n_chars: int = 4000) -> pathlib.Path:
@@ -86,13 +86,13 @@ def _setup(vocab=11, block_size=8, dropout=0.0):
 
 
 def test_boundaries_never_cross_an_evaluation():
-    chunks = training.chunk_boundaries(0, 23, eval_interval=10, steps_per_call=4)
+    chunks = train_loop.chunk_boundaries(0, 23, eval_interval=10, steps_per_call=4)
     assert chunks[0] == (0, 4) and chunks[-1][1] == 23
     assert all(b0 == a1 for (_, b0), (a1, _) in zip(chunks, chunks[1:]))  # contiguous
     assert all(a // 10 == (b - 1) // 10 for a, b in chunks)  # no chunk spans a multiple of 10
-    assert training.chunk_boundaries(10, 10, 10, 4) == []
+    assert train_loop.chunk_boundaries(10, 10, 10, 4) == []
     # A short first call, so that progress shows within seconds of the compile.
-    assert training.chunk_boundaries(0, 300, 250, 125, first_call=8) == [(0, 8), (8, 133), (133, 250), (250, 300)]
+    assert train_loop.chunk_boundaries(0, 300, 250, 125, first_call=8) == [(0, 8), (8, 133), (133, 250), (250, 300)]
 
 
 def test_chunks_of_any_length_share_one_program_and_equal_one_long_chunk():
@@ -100,26 +100,25 @@ def test_chunks_of_any_length_share_one_program_and_equal_one_long_chunk():
     graphdef, params, tx = _setup(dropout=0.1)
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 11, 400), jnp.int32)
     key = jax.random.PRNGKey(4)
-    chunk = training.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, use_dropout=True, max_steps=8)
+    chunk = train_step.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, use_dropout=True, max_steps=8)
     p, o = jax.tree.map(jnp.copy, params), tx.init(params)
-    p, o, m1 = chunk(p, o, tokens, key, jnp.int32(0), n_steps=3)
-    p, o, m2 = chunk(p, o, tokens, key, jnp.int32(3), n_steps=5)
-    q, _, m = chunk(jax.tree.map(jnp.copy, params), tx.init(params), tokens, key, jnp.int32(0), n_steps=8)
-    assert m1["loss"].shape == (3,) and m2["loss"].shape == (5,)
-    np.testing.assert_array_equal(np.concatenate([m1["loss"], m2["loss"]]), m["loss"])
+    p, o, m1 = chunk(p, o, tokens, key, jnp.int32(0), 3)
+    p, o, m2 = chunk(p, o, tokens, key, jnp.int32(3), 5)
+    q, _, m = chunk(jax.tree.map(jnp.copy, params), tx.init(params), tokens, key, jnp.int32(0), 8)
+    assert m1["loss"].shape == m2["loss"].shape == (8,)  # max_steps entries, the first n_steps filled
+    assert not np.asarray(m1["loss"][3:]).any()
+    np.testing.assert_array_equal(np.concatenate([m1["loss"][:3], m2["loss"][:5]]), m["loss"])
     for a, b in zip(_leaves(p), _leaves(q)):
         np.testing.assert_array_equal(a, b)
-    assert chunk.lower(p, o, tokens, key, jnp.int32(0), n_steps=3).as_text() == \
-        chunk.lower(p, o, tokens, key, jnp.int32(0), n_steps=8).as_text()  # one program for both lengths
-    with pytest.raises(ValueError, match="more than this train_chunk's max_steps=8"):
-        chunk(p, o, tokens, key, jnp.int32(0), n_steps=9)
+    assert chunk.lower(p, o, tokens, key, jnp.int32(0), 3).as_text() == \
+        chunk.lower(p, o, tokens, key, jnp.int32(0), 8).as_text()  # one program for both lengths
 
 
 def test_recipes_that_differ_only_in_their_numbers_share_one_program():
-    """With `numbers`, the optimizer's learning rates, schedule lengths, decay, betas and clip are the program's
-    arguments: two such recipes lower to one program (one compilation-cache entry, so a rerun with another learning
-    rate compiles nothing), and each trains as its numbers compiled in as constants do, to float32 rounding. (No
-    biases: the key bias's gradient is zero but for rounding, which Adam's normalisation makes lr-sized.)"""
+    """The loop's chunk takes the optimizer's learning rates, schedule lengths, decay, betas and clip as arguments:
+    two recipes lower to one program (one compilation-cache entry, so a rerun with another learning rate compiles
+    nothing), and each trains as its numbers compiled in as constants do, to float32 rounding. (No biases: the key
+    bias's gradient is zero but for rounding, which Adam's normalisation makes lr-sized.)"""
     cfg = model_lib.GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=16, bias=False)
     graphdef, params = nnx.split(model_lib.GPT(cfg, rngs=nnx.Rngs(0)))
     tokens = jnp.asarray(np.random.default_rng(7).integers(0, 11, 400), jnp.int32)
@@ -131,59 +130,24 @@ def test_recipes_that_differ_only_in_their_numbers_share_one_program():
     b.weight_decay, b.beta1, b.beta2, b.grad_clip = 0.05, 0.8, 0.9, 0.5
     lowered, trained = [], []
     for c in (a, b):
-        kw = dict(batch_size=3, block_size=8, max_steps=8)
+        c.batch_size, c.model.block_size, c.steps_per_call = 3, 8, 8
         tx = optim.make_optimizer(c)
-        as_numbers = training.make_train_chunk(graphdef, partial(optim.make_optimizer, c), **kw,
-                                               lr_schedule=partial(optim.schedule_from_config, c),
-                                               numbers=optim.recipe_numbers(c))
-        as_constants = training.make_train_chunk(graphdef, tx, **kw, lr_schedule=optim.schedule_from_config(c))
-        runs = [f(jax.tree.map(jnp.copy, params), tx.init(params), tokens, key, jnp.int32(0), n_steps=8)
-                for f in (as_numbers, as_constants)]
-        (p, _, m), (q, _, n) = runs
+        as_numbers = train_loop.recipe_train_chunk(graphdef, c, mesh=None)
+        as_constants = train_step.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, max_steps=8,
+                                                   lr_schedule=optim.schedule_from_config(c))
+        args = [(tokens, key, jnp.int32(0), 8, optim.recipe_numbers(c)), (tokens, key, jnp.int32(0), 8)]
+        (p, _, m), (q, _, n) = [f(jax.tree.map(jnp.copy, params), tx.init(params), *xs)
+                                for f, xs in zip((as_numbers, as_constants), args)]
         np.testing.assert_allclose(m["lr"], n["lr"], rtol=1e-6)
         np.testing.assert_allclose(m["loss"], n["loss"], rtol=1e-5)
         for x, y in zip(_leaves(p), _leaves(q)):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-        lowered.append([f.lower(params, tx.init(params), tokens, key, jnp.int32(0), n_steps=8).as_text()
-                        for f in (as_numbers, as_constants)])
+        lowered.append([f.lower(params, tx.init(params), *xs).as_text() for f, xs in zip((as_numbers, as_constants),
+                                                                                        args)])
         trained.append(_leaves(p))
     assert lowered[0][0] == lowered[1][0]  # the numbers' program is one
     assert lowered[0][1] != lowered[1][1]  # constants make two
     assert not all(np.allclose(x, y) for x, y in zip(*trained))  # and the numbers do take effect
-
-
-def test_a_step_compiled_ahead_is_the_step_compiled_on_call(jax_compile_events):
-    """`prepare` compiles in a thread while the parameters stay in use; the call then runs that program (nothing
-    is traced or compiled on the call) and trains exactly as a chunk compiled on its call, host-fed batches too."""
-    graphdef, params, tx = _setup(dropout=0.1)
-    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 11, 400), jnp.int32)
-    x, y = training.host_batches(np.asarray(tokens), jax.random.split(jax.random.PRNGKey(2), 3)[:, None], 3, 8)
-    key = jax.random.PRNGKey(6)
-    for batches in (tokens, (x, y)):
-        ahead = training.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, use_dropout=True, max_steps=3)
-        on_call = training.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, use_dropout=True, max_steps=3)
-        p, o = jax.tree.map(jnp.copy, params), tx.init(params)
-        thread = ahead.prepare(p, o, batches, key, jnp.int32(0), n_steps=3)
-        assert ahead.compiling()  # tracing a model alone takes longer than getting here
-        thread.join()
-        assert not ahead.compiling()
-        with jax_compile_events() as events:
-            p, o, m = ahead(p, o, batches, key, jnp.int32(0), n_steps=3)
-        assert events == []
-        with jax_compile_events() as events:
-            q, _, n = on_call(jax.tree.map(jnp.copy, params), tx.init(params), batches, key, jnp.int32(0), n_steps=3)
-        assert events  # the listener does see a compile
-        np.testing.assert_array_equal(m["loss"], n["loss"])
-        for a, b in zip(_leaves(p), _leaves(q)):
-            np.testing.assert_array_equal(a, b)
-
-
-def test_background_work_keeps_the_callers_matmul_precision():
-    """JAX keeps the matmul precision per thread: work compiled ahead must compile what the caller would."""
-    seen = []
-    with jax.default_matmul_precision("bfloat16"):
-        training.in_background(lambda: seen.append(jax.config.jax_default_matmul_precision), name="t").join()
-    assert seen == ["bfloat16"]  # not the process-wide default the tests set ("highest")
 
 
 def test_grad_accumulation_equals_one_big_batch():
@@ -193,8 +157,8 @@ def test_grad_accumulation_equals_one_big_batch():
     x = rng.integers(0, 11, (1, 2, 3, 8)).astype(np.int32)
     y = rng.integers(0, 11, (1, 2, 3, 8)).astype(np.int32)
     key = jax.random.PRNGKey(0)
-    accum = training.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, grad_accum_steps=2)
-    whole = training.make_train_chunk(graphdef, tx, batch_size=6, block_size=8, grad_accum_steps=1)
+    accum = train_step.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, grad_accum_steps=2)
+    whole = train_step.make_train_chunk(graphdef, tx, batch_size=6, block_size=8, grad_accum_steps=1)
     pa, _, ma = accum(jax.tree.map(jnp.copy, params), tx.init(params), (x, y), key, jnp.int32(0), n_steps=1)
     pw, _, mw = whole(jax.tree.map(jnp.copy, params), tx.init(params),
                       (x.reshape(1, 1, 6, 8), y.reshape(1, 1, 6, 8)), key, jnp.int32(0), n_steps=1)
@@ -207,7 +171,8 @@ def test_grad_accumulation_equals_one_big_batch():
 def test_host_batches_are_the_device_batches():
     tokens = np.random.default_rng(2).integers(0, 50, 300).astype(np.uint16)
     keys = jax.random.split(jax.random.PRNGKey(5), 6).reshape(2, 3, 2)
-    x, y = training.host_batches(tokens, keys, batch_size=4, block_size=7)
+    x, y = data.windows(tokens, host_feed.batch_offsets(keys, batch_size=4, block_size=7, n_tokens=300), 7)
+    assert isinstance(x, np.ndarray) and x.dtype == np.int32
     assert x.shape == y.shape == (2, 3, 4, 7)
     for i in range(2):
         for j in range(3):
@@ -219,7 +184,7 @@ def test_host_batches_are_the_device_batches():
 def test_estimate_loss_is_the_mean_eval_loss_without_dropout():
     graphdef, params, _ = _setup(dropout=0.5)
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 11, 400), jnp.int32)
-    est = training.make_estimate_loss(graphdef, batch_size=2, block_size=8, eval_iters=3)
+    est = train_step.make_estimate_loss(graphdef, batch_size=2, block_size=8, eval_iters=3)
     base_key, step = jax.random.PRNGKey(9), 250
     model = nnx.merge(graphdef, params)
 
@@ -229,33 +194,11 @@ def test_estimate_loss_is_the_mean_eval_loss_without_dropout():
 
     train, val = est(params, (tokens, tokens), base_key, np.int32(step))
     # Each split draws with its own key of this step (here both splits read the same tokens).
-    assert float(train) == pytest.approx(mean_loss(training.eval_key(base_key, step, 0)), rel=1e-5)
-    assert float(val) == pytest.approx(mean_loss(training.eval_key(base_key, step, 1)), rel=1e-5)
+    assert float(train) == pytest.approx(mean_loss(train_step.eval_key(base_key, step, 0)), rel=1e-5)
+    assert float(val) == pytest.approx(mean_loss(train_step.eval_key(base_key, step, 1)), rel=1e-5)
     assert float(train) != float(val)
     again = est(params, (tokens, tokens), base_key, step)  # a Python int step draws the same batches
     assert (float(again[0]), float(again[1])) == (float(train), float(val))  # no dropout: deterministic
-
-
-def test_an_evaluation_compiled_ahead_runs_without_compiling(jax_compile_events):
-    graphdef, params, _ = _setup(dropout=0.0)
-    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 11, 300), jnp.int32)
-    est = training.make_estimate_loss(graphdef, batch_size=2, block_size=8, eval_iters=3)
-    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
-    est.prepare(shapes, (tokens, tokens), jax.random.PRNGKey(0), np.int32(0)).join()
-    with jax_compile_events() as events:
-        got = est(params, (tokens, tokens), jax.random.PRNGKey(1), np.int32(7))
-    assert events == []
-    on_call = training.make_estimate_loss(graphdef, batch_size=2, block_size=8, eval_iters=3)
-    assert got == on_call(params, (tokens, tokens), jax.random.PRNGKey(1), np.int32(7))
-
-
-@pytest.mark.parametrize("seed", [0, 1337, -5, 2**31 - 1, 2**31])
-def test_seed_keys_are_the_eager_keys(seed):
-    """One compiled program gives what `PRNGKey(seed)` and `fold_in(PRNGKey(seed), 1)` give eagerly."""
-    key, run_key = train_step.seed_keys(seed)
-    expected = jax.random.PRNGKey(seed)
-    np.testing.assert_array_equal(key, expected)
-    np.testing.assert_array_equal(run_key, jax.random.fold_in(expected, 1))
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -271,9 +214,9 @@ def test_run_writes_metrics_plot_and_checkpoints(tmp_path, text_path):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["step"] == 8 and summary["best_val_loss"] == min(r["val_loss"] for r in records if "val_loss" in r)
     assert len(summary["sample"]) == 21  # the newline prompt + 20 characters
-    # Its programs were compiled ahead, during training, on other parameters: the text is the final model's.
+    # The text is the final model's.
     model, tokenizer, _ = checkpoint.load_model(out, "latest")
-    assert summary["sample"] == training.sample_text(model, tokenizer, 20, seed=tiny_config(text_path, out).seed)
+    assert summary["sample"] == train_loop.sample_text(model, tokenizer, 20, seed=tiny_config(text_path, out).seed)
     _, _, latest = checkpoint.load_model(out, "latest")
     assert latest["step"] == 8
     # The host path (data kept off the device, batches gathered from a memmap) trains on the same windows.
@@ -298,7 +241,7 @@ def test_resume_is_bit_exact(tmp_path, text_path):
         cfg = tiny_config(text_path, out)
         vocab_size = data.load_dataset(text_path).vocab_size
         graphdef, params = nnx.split(config_lib.build_model(cfg, vocab_size, 0))
-        opt_state = training.make_optimizer(cfg).init(params)
+        opt_state = optim.make_optimizer(cfg).init(params)
         restored = c.restore("latest", params=params, opt_state=opt_state, key=jax.random.PRNGKey(0))
         c.close()
         return restored
@@ -322,49 +265,28 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
     monkeypatch.setattr(optim, "lr_schedule", poisoned)
     out = tmp_path / "nan"
-    with pytest.raises(training.TrainingError, match=r"at step 7\b.*step 4"):
+    with pytest.raises(TrainingError, match=r"at step 7\b.*step 4"):
         training.train(tiny_config(text_path, out, max_iters=12, steps_per_call=4))
     model, _, info = checkpoint.load_model(out, "latest")
     assert info["step"] == 4
     assert all(np.isfinite(leaf).all() for leaf in _leaves(nnx.state(model)))
 
 
-def test_a_sample_compiled_ahead_is_the_final_models(tmp_path, text_path, monkeypatch, jax_compile_events):
-    """The end-of-run sample's programs compile in a thread beside the training step's, on zeros shaped like the
-    parameters; the sample at the end then compiles nothing and is the final model's."""
-    recorder = _CompileRecorder(training._final_sample, jax_compile_events)
-    monkeypatch.setattr(training, "_final_sample", recorder)
-    out = tmp_path / "run"
-    config = tiny_config(text_path, out, sample_tokens=24, **{"model.n_embd": 24})  # shapes of its own
-    summary = training.train(config)
-    assert recorder.events == []
-    model, tokenizer, _ = checkpoint.load_model(out, "latest")
-    assert summary["sample"] == training.sample_text(model, tokenizer, 24, seed=config.seed)
+def test_eval_only_evaluates_the_checkpoint_and_runs_no_training_step(tmp_path, text_path, monkeypatch):
+    calls = []
+    real = train_loop.recipe_train_chunk
 
+    def recording(*args, **kwargs):
+        chunk = real(*args, **kwargs)
+        return lambda *a, **kw: calls.append(a[4]) or chunk(*a, **kw)
 
-class _CompileRecorder:
-    """Wraps a function, recording the JAX compile events of its calls."""
-
-    def __init__(self, fn, jax_compile_events):
-        self.fn, self.collect, self.events = fn, jax_compile_events, []
-
-    def __call__(self, *args, **kwargs):
-        with self.collect() as events:
-            out = self.fn(*args, **kwargs)
-        self.events += events
-        return out
-
-
-def test_eval_only_evaluates_the_checkpoint_and_compiles_no_training_step(tmp_path, text_path, monkeypatch):
-    started = []
-    real = train_step.in_background
-    monkeypatch.setattr(train_step, "in_background", lambda fn, *, name: started.append(name) or real(fn, name=name))
+    monkeypatch.setattr(train_loop, "recipe_train_chunk", recording)
     out = tmp_path / "run"
     trained = training.train(tiny_config(text_path, out))
-    assert "jaxgpt-compile-train-step" in started  # a training run compiles its step ahead
-    started.clear()
+    assert len(calls) == 4  # 8 steps, 2 per call
+    calls.clear()
     summary = training.train(tiny_config(text_path, out, resume=True, eval_only=True))
-    assert started == []
+    assert calls == []
     assert summary["step"] == 8 and summary["best_val_loss"] == trained["best_val_loss"]
 
 
@@ -399,12 +321,12 @@ def test_bad_datasets_fail_before_anything_is_written(tmp_path, content, match):
 def test_unwritable_out_dir(tmp_path, text_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(training.TrainingError, match="not writable.*out_dir"):
+    with pytest.raises(TrainingError, match="not writable.*out_dir"):
         training.train(tiny_config(text_path, blocker / "run"))
 
 
 def test_resume_without_checkpoint(tmp_path, text_path):
-    with pytest.raises(training.TrainingError, match="no checkpoint"):
+    with pytest.raises(TrainingError, match="no checkpoint"):
         training.train(tiny_config(text_path, tmp_path / "empty", resume=True))
 
 
@@ -412,7 +334,7 @@ def test_existing_run_is_not_overwritten(tmp_path, text_path):
     out = tmp_path / "run"
     training.train(tiny_config(text_path, out, max_iters=4))
     before = (out / "metrics.jsonl").read_text()
-    with pytest.raises(training.TrainingError, match="already holds a run"):
+    with pytest.raises(TrainingError, match="already holds a run"):
         training.train(tiny_config(text_path, out, max_iters=4))
     assert (out / "metrics.jsonl").read_text() == before
     training.train(tiny_config(text_path, out, max_iters=4, overwrite=True, seed=7))
@@ -422,7 +344,7 @@ def test_existing_run_is_not_overwritten(tmp_path, text_path):
 def test_resume_with_a_different_model_is_refused(tmp_path, text_path):
     out = tmp_path / "run"
     training.train(tiny_config(text_path, out, max_iters=4))
-    with pytest.raises(training.TrainingError, match="model.block_size=8.*16"):
+    with pytest.raises(TrainingError, match="model.block_size=8.*16"):
         training.train(tiny_config(text_path, out, resume=True, **{"model.block_size": 16}))
 
 

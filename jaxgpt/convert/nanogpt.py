@@ -27,9 +27,7 @@ _NANOGPT_ARCH = dict(
     activation="gelu", tie_embeddings=True, pos_encoding="learned", attention="fused", norm_position="pre", ln_eps=1e-5
 )
 _JAXGPT_CONFIG_KEY = "jaxgpt_config"  # extra top-level key: the full GPTConfig, for non-nanoGPT variants
-_NANOGPT_DEFAULT_BEST_VAL_LOSS = 1e9  # nanoGPT's train.py starts from this
-
-
+NANOGPT_DEFAULT_BEST_VAL_LOSS = 1e9  # nanoGPT's train.py starts from this
 
 
 def _resolve_ckpt(path: str | os.PathLike) -> Path:
@@ -111,7 +109,7 @@ def load_nanogpt_checkpoint(
             )
     info = {
         "iter_num": int(checkpoint.get("iter_num", 0)),
-        "best_val_loss": float(checkpoint.get("best_val_loss", _NANOGPT_DEFAULT_BEST_VAL_LOSS)),
+        "best_val_loss": float(checkpoint.get("best_val_loss", NANOGPT_DEFAULT_BEST_VAL_LOSS)),
         "config": dict(train_config),
         "model_args": dict(checkpoint["model_args"]),
         "meta_path": meta,
@@ -138,8 +136,6 @@ def nanogpt_param_names(config: GPTConfig) -> list[str]:
     if not config.tie_embeddings:
         names.append("lm_head.weight")
     return names
-
-
 
 
 def _to_torch(torch, value) -> object:
@@ -196,7 +192,7 @@ def save_nanogpt_checkpoint(
     path: str | os.PathLike,
     *,
     iter_num: int = 0,
-    best_val_loss: float = _NANOGPT_DEFAULT_BEST_VAL_LOSS,
+    best_val_loss: float = NANOGPT_DEFAULT_BEST_VAL_LOSS,
     config: Mapping | None = None,
     optimizer=None,
     allow_non_nanogpt: bool = False,
