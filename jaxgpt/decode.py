@@ -101,11 +101,10 @@ def _stream(model: nnx.Module, idx_BT: np.ndarray, max_new_tokens: int, key: jax
     prompt_BT = idx_BT[:, -block_size:]  # nanoGPT conditions on the last block_size tokens only
     B, T = prompt_BT.shape
     graphdef, params = nnx.split(model)
-    # Host arrays and scalars: made on the device, each would compile a small program of its own.
     tokens_BN = np.zeros((B, max(T + max_new_tokens, block_size)), np.int32)
     tokens_BN[:, :T] = prompt_BT
     window_only = T + max_new_tokens > 2 * block_size
-    cache = () if window_only else model.init_cache(B, host=True)
+    cache = () if window_only else model.init_cache(B)
     if T > 1 and not window_only:  # the loop feeds the prompt's last token itself
         cache = _prefill(graphdef, params, prompt_BT[:, :-1], cache)
     state = _State(tokens_BN, np.int32(T), np.int32(0), cache)

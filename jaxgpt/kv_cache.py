@@ -18,7 +18,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxgpt.attention import attention
 
@@ -32,10 +31,9 @@ class LayerCache:
     v_NSD: jax.Array
 
 
-def init_cache(n: int, block_size: int, head_size: int, dtype: jnp.dtype, *, host: bool = False) -> LayerCache:
-    """An empty cache of `n` rows; `host`: NumPy zeros, which compile no program to make."""
-    zeros = np.zeros if host else jnp.zeros
-    return LayerCache(zeros((n, block_size, head_size), dtype), zeros((n, block_size, head_size), dtype))
+def init_cache(n: int, block_size: int, head_size: int, dtype: jnp.dtype) -> LayerCache:
+    """An empty cache of `n` rows."""
+    return LayerCache(jnp.zeros((n, block_size, head_size), dtype), jnp.zeros((n, block_size, head_size), dtype))
 
 
 def attend(cache: LayerCache, q_NTD: jax.Array, k_NTD: jax.Array, v_NTD: jax.Array,

@@ -67,7 +67,7 @@ class BigramLanguageModel(nnx.Module):
         chex.assert_rank(idx_BT, 2)
         return self.token_embedding_table(idx_BT).astype(jnp.float32)
 
-    def init_cache(self, batch_size: int, *, host: bool = False) -> tuple:
+    def init_cache(self, batch_size: int) -> tuple:
         """Nothing to cache: each token's logits depend on that token alone."""
         return ()
 
@@ -153,10 +153,10 @@ class Head(nnx.Module):
         k_BTD, q_BTD, v_BTD = self.key(x_BTC), self.query(x_BTC), self.value(x_BTC)
         return attention(q_BTD, k_BTD, v_BTD, causal=True, dropout_rate=self.dropout_rate, key=key)
 
-    def init_cache(self, batch_size: int, block_size: int, dtype: jnp.dtype, *, host: bool = False
+    def init_cache(self, batch_size: int, block_size: int, dtype: jnp.dtype
                    ) -> kv_cache.LayerCache:
         """This head's empty cache: (batch_size, block_size, head_size) keys and values."""
-        return kv_cache.init_cache(batch_size, block_size, self.key.out_features, dtype, host=host)
+        return kv_cache.init_cache(batch_size, block_size, self.key.out_features, dtype)
 
     def decode(self, x_BTC: jax.Array, cache: kv_cache.LayerCache, pos: int | jax.Array
                ) -> tuple[jax.Array, kv_cache.LayerCache]:
@@ -177,10 +177,10 @@ class MultiHeadAttention(nnx.Module):
         out_BTC = jnp.concatenate([h(x_BTC, key=k) for h, k in zip(self.heads, head_keys)], axis=-1)
         return dropout(self.c_proj(out_BTC), self.dropout_rate, proj_key)
 
-    def init_cache(self, batch_size: int, block_size: int, dtype: jnp.dtype, *, host: bool = False
+    def init_cache(self, batch_size: int, block_size: int, dtype: jnp.dtype
                    ) -> tuple[kv_cache.LayerCache, ...]:
         """One cache per head."""
-        return tuple(h.init_cache(batch_size, block_size, dtype, host=host) for h in self.heads)
+        return tuple(h.init_cache(batch_size, block_size, dtype) for h in self.heads)
 
     def decode(self, x_BTC: jax.Array, cache: tuple[kv_cache.LayerCache, ...], pos: int | jax.Array
                ) -> tuple[jax.Array, tuple[kv_cache.LayerCache, ...]]:
@@ -215,11 +215,11 @@ class CausalSelfAttention(nnx.Module):
         y_BTC = y_BHTD.transpose(0, 2, 1, 3).reshape(B, T, C)  # re-assemble the heads side by side
         return dropout(self.c_proj(y_BTC), self.dropout_rate, proj_key)
 
-    def init_cache(self, batch_size: int, block_size: int, dtype: jnp.dtype, *, host: bool = False
+    def init_cache(self, batch_size: int, block_size: int, dtype: jnp.dtype
                    ) -> kv_cache.LayerCache:
         """One cache for all heads, batch and heads on its leading axis (why: `jaxgpt.kv_cache`)."""
         head_size = self.c_proj.in_features // self.n_head
-        return kv_cache.init_cache(batch_size * self.n_head, block_size, head_size, dtype, host=host)
+        return kv_cache.init_cache(batch_size * self.n_head, block_size, head_size, dtype)
 
     def decode(self, x_BTC: jax.Array, cache: kv_cache.LayerCache, pos: int | jax.Array
                ) -> tuple[jax.Array, kv_cache.LayerCache]:
@@ -270,9 +270,9 @@ class Block(nnx.Module):
         attn_key, mlp_key = _split(key, 2)
         return self._residuals(x_BTC, lambda h_BTC: (self.attn(h_BTC, key=attn_key), None), mlp_key)[0]
 
-    def init_cache(self, batch_size: int, block_size: int, dtype: jnp.dtype, *, host: bool = False):
+    def init_cache(self, batch_size: int, block_size: int, dtype: jnp.dtype):
         """The attention's empty cache."""
-        return self.attn.init_cache(batch_size, block_size, dtype, host=host)
+        return self.attn.init_cache(batch_size, block_size, dtype)
 
     def decode(self, x_BTC: jax.Array, cache, pos: int | jax.Array) -> tuple[jax.Array, object]:
         """The tokens of x sit at positions pos..: the block with the attention's `decode` -> (x, cache)."""
@@ -476,12 +476,12 @@ class GPT(nnx.Module):
         logits_BTV = self.wte.attend(x_BTC) if self.lm_head is None else self.lm_head(x_BTC)
         return logits_BTV.astype(jnp.float32)
 
-    def init_cache(self, batch_size: int, *, host: bool = False) -> tuple:
+    def init_cache(self, batch_size: int) -> tuple:
         """An empty key/value cache for `decode`: one per layer, for `batch_size` sequences of up to block_size
-        tokens, in the computation dtype (`host`: in NumPy arrays)."""
+        tokens, in the computation dtype."""
         c = self.config
         block = self.h if c.scan_layers else self.h[0]  # every layer's cache has the same shapes
-        return tuple(block.init_cache(batch_size, c.block_size, jnp.dtype(c.dtype), host=host)
+        return tuple(block.init_cache(batch_size, c.block_size, jnp.dtype(c.dtype))
                      for _ in range(c.n_layer))
 
     def num_params(self, non_embedding: bool = True) -> int:
