@@ -13,7 +13,7 @@ import importlib
 # public name -> the module that defines it
 _EXPORTS = {
     "GPT": "model", "MLP": "model", "BigramLanguageModel": "model", "Block": "model",
-    "CausalSelfAttention": "model", "GPTConfig": "model", "Head": "model", "MultiHeadAttention": "model",
+    "CausalSelfAttention": "model", "GPTConfig": "gpt_config", "Head": "model", "MultiHeadAttention": "model",
     "loss_fn": "model",
     "generate": "decode", "generate_stream": "decode", "prepare_generate": "decode",
     "filter_logits": "sampling", "sample_next": "sampling",
@@ -23,9 +23,9 @@ _EXPORTS = {
     "load_nanogpt_checkpoint": "convert", "save_nanogpt_checkpoint": "convert", "to_torch_state_dict": "convert",
 }
 _SUBMODULES = frozenset({
-    "attention", "checkpoint", "config", "convert", "cpu_matmul", "data", "decode", "kv_cache", "layout", "mfu",
-    "model", "optim", "plotting", "prepare", "run_dir", "safe_pickle", "sampling", "sharding", "tokenizer",
-    "train_step", "training",
+    "attention", "checkpoint", "config", "convert", "cpu_matmul", "data", "decode", "gpt_config", "kv_cache",
+    "layout", "mfu", "model", "optim", "plotting", "prepare", "run_dir", "safe_pickle", "sampling", "sharding",
+    "tokenizer", "train_step", "training",
 })
 
 __all__ = sorted(_EXPORTS)
