@@ -13,7 +13,7 @@ import importlib
 # public name -> the module that defines it
 _EXPORTS = {
     "GPT": "model", "MLP": "model", "BigramLanguageModel": "model", "Block": "model",
-    "CausalSelfAttention": "model", "GPTConfig": "gpt_config", "Head": "model", "MultiHeadAttention": "model",
+    "CausalSelfAttention": "model", "GPTConfig": "model", "Head": "model", "MultiHeadAttention": "model",
     "loss_fn": "model",
     "generate": "decode", "generate_stream": "decode", "prepare_generate": "decode",
     "filter_logits": "sampling", "sample_next": "sampling",
