@@ -8,6 +8,8 @@
     Block                 communication (attention) then computation (MLP), each with a residual
     GPT                   embeddings, a stack of Blocks, a final LayerNorm and the language-model head
 
+Their hyper-parameters are a `GPTConfig` (jaxgpt.gpt_config, importable from here too).
+
 Names of parameters follow nanoGPT (`wte`, `wpe`, `h`, `ln_1`, `attn`, `c_attn`, `c_proj`, `ln_2`,
 `mlp`, `c_fc`, `ln_f`, `lm_head`) so checkpoints map one to one. Modules hold parameters only;
 randomness (dropout) arrives as an explicit `key` argument, `key=None` meaning evaluation, so a module is
