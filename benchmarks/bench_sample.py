@@ -159,7 +159,7 @@ def run(args) -> str:
         "",
         "500 new tokens run past the 256-token context: as nanoGPT, each token then conditions on the last 256 "
         "tokens at positions 0..255, so every cached key and value changes and each step is a full-window forward "
-        "(compiled, inside the same loop; the last layer computes only the last row).",
+        "(compiled, in a loop of its own).",
     ]
     return "\n".join(header + rows + notes) + "\n"
 
