@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -47,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep tokens up to this mass")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--chunk_size", type=int, default=8, help="tokens per streamed chunk")
-    p.add_argument("--no_cache", action="store_true", help="use the lecture's uncached loop (slow, the reference)")
+    p.add_argument("--no_cache", action="store_true", help="use the lecture's loop, jaxgpt.sampling.generate (slow, "
+                   "the reference: the same text, printed when done)")
     return p
 
 
@@ -56,14 +56,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.num_samples < 1:
         raise UsageError(f"--num_samples must be >= 1, got {args.num_samples}")
-    if args.max_new_tokens < 0:
-        raise UsageError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UsageError(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}")
     if args.top_k < 0:
         raise UsageError(f"--top_k must be >= 0 (0 means no limit), got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
+    from jaxgpt.sampling import check_settings  # imported here: `sample.py --help` stays fast
+
+    try:
+        check_settings(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)
+    except ValueError as e:  # the message starts with the setting's name
+        raise UsageError(f"--{e}") from None
     if args.chunk_size < 1:
         raise UsageError(f"--chunk_size must be >= 1, got {args.chunk_size}")
     return args
@@ -180,7 +180,7 @@ def main(
     import jax
     import numpy as np
 
-    from jaxgpt.sampling import generate_stream
+    from jaxgpt import decode, sampling
 
     if args.temperature == 0 and args.num_samples > 1:
         print(f"sample.py: note: --temperature=0 is greedy, so the {args.num_samples} samples are the same; use a "
@@ -190,17 +190,12 @@ def main(
     for k in range(args.num_samples):
         out.write(prompt)
         out.flush()
-        for chunk in generate_stream(
-            model,
-            idx,
-            args.max_new_tokens,
-            key=keys[k],
-            temperature=args.temperature,
-            top_k=args.top_k or None,
-            top_p=args.top_p,
-            use_cache=not args.no_cache,
-            chunk_size=args.chunk_size,
-        ):
+        settings = dict(key=keys[k], temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
+        if args.no_cache:
+            chunks = [sampling.generate(model, idx, args.max_new_tokens, **settings)[:, idx.shape[1] :]]
+        else:
+            chunks = decode.generate_stream(model, idx, args.max_new_tokens, chunk_size=args.chunk_size, **settings)
+        for chunk in chunks:
             out.write(tokenizer.decode(chunk[0]))
             out.flush()
         out.write("\n---------------\n")

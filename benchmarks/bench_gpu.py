@@ -16,7 +16,7 @@ One command, one table (markdown on stdout) and, with `--json PATH`, the same ro
               jaxgpt host-fed one step per call (the config as shipped), jaxgpt on-device 10 steps per call,
               torch compiled + autocast; MFU with nanoGPT's FLOPs estimate (`jaxgpt.mfu`)
     sample    sampling ms/token, a shakespeare_char-shaped model (6 layers x 384, random weights), 1-token
-              prompt + 255 new tokens, batch 1 and 8: `jaxgpt.sampling.generate` (KV cache) with its first
+              prompt + 255 new tokens, batch 1 and 8: `jaxgpt.decode.generate` (KV cache) with its first
               call (compile included) and the reference `generate` (a full forward per token) under bf16
               autocast, as nanoGPT's sample.py runs it
     recipe    (`--recipe`) `python train.py --config configs/shakespeare_char.py` as a subprocess, with a cold

@@ -1,4 +1,4 @@
-"""Sampling speed: jaxgpt's KV-cache decoder vs its uncached loop vs the PyTorch reference's generate.
+"""Sampling speed: jaxgpt's KV-cache decoder (`jaxgpt.decode`) vs the lecture's loop vs PyTorch's generate.
 
 One process, one machine, the same random weights in both frameworks (a shakespeare_char-shaped GPT:
 6 layers, 6 heads, 384 wide, block 256, vocabulary 65). Cases: a 1-token prompt continued by 255
@@ -101,7 +101,7 @@ def run(args) -> str:
                 return jaxgpt.generate(model, idx, new, key=jax.random.key(next(seed)))
 
             def uncached(idx=idx, new=new):
-                return jaxgpt.generate(model, idx, new, key=jax.random.key(next(seed)), use_cache=False)
+                return jaxgpt.sampling.generate(model, idx, new, key=jax.random.key(next(seed)))
 
             def reference(B=B, new=new):
                 with torch.no_grad():
@@ -143,7 +143,7 @@ def run(args) -> str:
         "",
         "500 new tokens run past the 256-token context: as nanoGPT, each token then conditions on the last 256 "
         "tokens at positions 0..255, so every cached key and value changes and each step is a full-window forward "
-        "(compiled, inside the same loop; the last layer computes only the last row).",
+        "(compiled, in a loop of its own).",
     ]
     return "\n".join(header + rows + notes) + "\n"
 

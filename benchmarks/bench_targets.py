@@ -90,7 +90,7 @@ def lowered_programs(job: Job, devs: list) -> dict:
     from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
     from jaxgpt import config as config_lib
-    from jaxgpt import optim, sampling
+    from jaxgpt import optim
     from jaxgpt import sharding as sharding_lib
     from jaxgpt.train_loop import recipe_train_chunk
     from jaxgpt.train_step import make_estimate_loss
@@ -134,10 +134,10 @@ def lowered_programs(job: Job, devs: list) -> dict:
 
     def prefill(params, idx_BT):
         model = nnx.merge(gd1, params)
-        return sampling.prefill(model, idx_BT, model.init_cache(idx_BT.shape[0]))
+        return model.decode(idx_BT, model.init_cache(idx_BT.shape[0]), 0)
 
     def decode(params, tok_B, pos, cache):
-        return sampling.decode_step(nnx.merge(gd1, params), tok_B, pos, cache)
+        return nnx.merge(gd1, params).decode(tok_B[:, None], cache, pos)
 
     prompt = jax.ShapeDtypeStruct((1, T), jnp.int32, sharding=one)
     cache = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),

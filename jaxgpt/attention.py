@@ -26,14 +26,16 @@ import jax.numpy as jnp
 from jaxgpt import target
 
 
-def causal_mask(T: int, S: int | None = None) -> jax.Array:
-    """Boolean (T, S) matrix: query i may attend to key j iff j <= i + (S - T).
+def causal_mask(T: int, S: int | None = None, *, offset: int | jax.Array | None = None) -> jax.Array:
+    """Boolean (T, S) matrix: query i, at position offset + i, may attend to key j iff j <= offset + i.
 
-    With S == T this is `tril(ones(T, T))`. With S > T the T queries are the last T positions of a
-    length-S sequence (a KV cache), so each still sees exactly its own past.
+    With S == T (and no offset) this is `tril(ones(T, T))`. The default offset, S - T, makes the T queries
+    the last T positions of a length-S sequence. A key/value cache passes the position of its first new
+    token instead (`jaxgpt.kv_cache`): its buffer is longer than the sequence written so far.
     """
     S = T if S is None else S
-    return jnp.tril(jnp.ones((T, S), dtype=bool), k=S - T)
+    offset = S - T if offset is None else offset
+    return jnp.arange(S)[None, :] <= offset + jnp.arange(T)[:, None]
 
 
 def causal_mean_loop(x_BTC: jax.Array) -> jax.Array:
@@ -74,11 +76,12 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def attention_weights(q: jax.Array, k: jax.Array, *, causal: bool = True) -> jax.Array:
+def attention_weights(q: jax.Array, k: jax.Array, *, causal: bool = True,
+                      offset: int | jax.Array | None = None) -> jax.Array:
     """softmax(q @ k^T * head_size**-0.5) over keys, with the future masked when `causal`.
 
-    q: (..., T, head_size), k: (..., S, head_size) -> (..., T, S). The softmax runs in float32 so
-    that bfloat16 inputs do not lose the normalisation.
+    q: (..., T, head_size), k: (..., S, head_size) -> (..., T, S); `offset` is `causal_mask`'s. The
+    softmax runs in float32 so that bfloat16 inputs do not lose the normalisation.
     """
     chex.assert_equal_shape_suffix([q, k], 1)
     chex.assert_equal(q.ndim, k.ndim)
@@ -86,7 +89,7 @@ def attention_weights(q: jax.Array, k: jax.Array, *, causal: bool = True) -> jax
     # float32 accumulation: what bf16 mixed precision means, and on CPUs with bf16 units the fast GEMM
     scores = jnp.einsum("...td,...sd->...ts", q, k, preferred_element_type=jnp.float32) * head_size**-0.5
     if causal:
-        scores = jnp.where(causal_mask(q.shape[-2], k.shape[-2]), scores, -jnp.inf)
+        scores = jnp.where(causal_mask(q.shape[-2], k.shape[-2], offset=offset), scores, -jnp.inf)
     return jax.nn.softmax(scores, axis=-1)
 
 
@@ -98,14 +101,16 @@ def attention(
     causal: bool = True,
     dropout_rate: float = 0.0,
     key: jax.Array | None = None,
+    offset: int | jax.Array | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention: `attention_weights(q, k) @ v`.
 
     q: (..., T, hs), k: (..., S, hs), v: (..., S, hv) -> (..., T, hv). With `dropout_rate > 0` a
     `key` must be given (training); without one the weights are used as they are (evaluation).
+    `offset`: the position of the first query, when the keys are a cache (`causal_mask`).
     """
     chex.assert_equal_shape_prefix([k, v], k.ndim - 1)
-    wei = attention_weights(q, k, causal=causal)
+    wei = attention_weights(q, k, causal=causal, offset=offset)
     wei = dropout(wei, dropout_rate, key)
     y = jnp.einsum("...ts,...sd->...td", wei.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return y.astype(v.dtype)

@@ -8,16 +8,22 @@
     Block                 communication (attention) then computation (MLP), each with a residual
     GPT                   embeddings, a stack of Blocks, a final LayerNorm and the language-model head
 
+Their hyper-parameters are a `GPTConfig` (jaxgpt.gpt_config, importable from here too).
+
 Names of parameters follow nanoGPT (`wte`, `wpe`, `h`, `ln_1`, `attn`, `c_attn`, `c_proj`, `ln_2`,
 `mlp`, `c_fc`, `ln_f`, `lm_head`) so checkpoints map one to one. Modules hold parameters only;
 randomness (dropout) arrives as an explicit `key` argument, `key=None` meaning evaluation, so a module is
-a pure function of (params, inputs, key). The attention takes an optional key/value cache and returns
-it (`jaxgpt.kv_cache`): the same Block trains and decodes.
+a pure function of (params, inputs, key).
+
+`__call__` is the forward pass of training and of the lecture's `generate`: tokens (or activations) in,
+logits (or activations) out. Decoding with a key/value cache (`jaxgpt.kv_cache`) is a method of its own,
+`decode(x, cache, pos) -> (out, cache)`, on every module that attends or holds modules that do (Head,
+MultiHeadAttention, CausalSelfAttention, Block, GPT; the bigram model's cache is empty); `init_cache` makes
+the empty cache it takes. `jaxgpt.decode` builds its compiled sampling loops on these two methods.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import chex
@@ -28,16 +34,11 @@ import optax
 from flax import nnx
 
 from jaxgpt import kv_cache
-from jaxgpt.attention import ATTENTION_IMPLS, attention, dot_product_attention, dropout
+from jaxgpt.attention import attention, dot_product_attention, dropout
 from jaxgpt.cpu_matmul import dense_dot_general
+from jaxgpt.gpt_config import ACTIVATIONS, GPTConfig
 from jaxgpt.initializers import normal
 from jaxgpt.layout import stack_blocks
-
-ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf GELU, as torch's nn.GELU()
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # GPT-2's original approximation
-    "relu": jax.nn.relu,  # the lecture's gpt.py
-}
 
 # --------------------------------------------------------------------------------------------------
 # The first rung: a bigram model
@@ -54,6 +55,10 @@ class BigramLanguageModel(nnx.Module):
         )
         self.block_size = block_size  # only bounds the context that `generate` keeps
 
+    @property
+    def vocab_size(self) -> int:
+        return self.token_embedding_table.num_embeddings
+
     def __call__(self, idx_BT: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
         chex.assert_rank(idx_BT, 2)
         return self.token_embedding_table(idx_BT).astype(jnp.float32)
@@ -62,6 +67,14 @@ class BigramLanguageModel(nnx.Module):
         """Parameter count (the table; with no position embeddings, `non_embedding` leaves it whole)."""
         del non_embedding
         return count_params(nnx.state(self, nnx.Param))
+
+    def init_cache(self, batch_size: int) -> tuple:
+        """Nothing to cache: each token's logits depend on that token alone."""
+        return ()
+
+    def decode(self, idx_BT: jax.Array, cache: tuple, pos: int | jax.Array) -> tuple[jax.Array, tuple]:
+        """The forward pass, under the decoding interface of `GPT.decode`: -> (logits (B, T, V), cache)."""
+        return self(idx_BT), cache
 
 
 def loss_fn(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
@@ -141,6 +154,16 @@ class Head(nnx.Module):
         k_BTD, q_BTD, v_BTD = self.key(x_BTC), self.query(x_BTC), self.value(x_BTC)
         return attention(q_BTD, k_BTD, v_BTD, causal=True, dropout_rate=self.dropout_rate, key=key)
 
+    def init_cache(self, batch_size: int, block_size: int, dtype: jnp.dtype
+                   ) -> kv_cache.LayerCache:
+        """This head's empty cache: (batch_size, block_size, head_size) keys and values."""
+        return kv_cache.init_cache(batch_size, block_size, self.key.out_features, dtype)
+
+    def decode(self, x_BTC: jax.Array, cache: kv_cache.LayerCache, pos: int | jax.Array
+               ) -> tuple[jax.Array, kv_cache.LayerCache]:
+        """The tokens of x sit at positions pos..: adds their keys and values to the cache, attends -> (y, cache)."""
+        return kv_cache.attend(cache, self.query(x_BTC), self.key(x_BTC), self.value(x_BTC), pos)
+
 
 class MultiHeadAttention(nnx.Module):
     """The lecture's `MultiHeadAttention`: heads side by side, concatenated, then projected."""
@@ -150,19 +173,21 @@ class MultiHeadAttention(nnx.Module):
         self.c_proj = _linear(config, config.n_embd, config.n_embd, rngs, std=_residual_std(config))
         self.dropout_rate = config.dropout
 
-    def __call__(self, x_BTC: jax.Array, *, key: jax.Array | None = None, cache: kv_cache.LayerCache | None = None,
-                 pos: int | jax.Array = 0):
-        """(B, T, C) -> (B, T, C); with a `cache`, the tokens sit at positions pos.. and it returns (y, cache)."""
+    def __call__(self, x_BTC: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
         *head_keys, proj_key = _split(key, len(self.heads) + 1)
-        if cache is None:
-            out_BTC = jnp.concatenate([h(x_BTC, key=k) for h, k in zip(self.heads, head_keys)], axis=-1)
-            return dropout(self.c_proj(out_BTC), self.dropout_rate, proj_key)
-        # Decoding: every head's q, k, v side by side, so the cache serves them as one attention.
-        q, k, v = (jnp.stack([getattr(h, name)(x_BTC) for h in self.heads], axis=1)
-                   for name in ("query", "key", "value"))
-        y_BHTD, cache = kv_cache.attend(cache, q, k, v, pos)
-        B, H, T, D = y_BHTD.shape
-        return self.c_proj(y_BHTD.transpose(0, 2, 1, 3).reshape(B, T, H * D)), cache
+        out_BTC = jnp.concatenate([h(x_BTC, key=k) for h, k in zip(self.heads, head_keys)], axis=-1)
+        return dropout(self.c_proj(out_BTC), self.dropout_rate, proj_key)
+
+    def init_cache(self, batch_size: int, block_size: int, dtype: jnp.dtype
+                   ) -> tuple[kv_cache.LayerCache, ...]:
+        """One cache per head."""
+        return tuple(h.init_cache(batch_size, block_size, dtype) for h in self.heads)
+
+    def decode(self, x_BTC: jax.Array, cache: tuple[kv_cache.LayerCache, ...], pos: int | jax.Array
+               ) -> tuple[jax.Array, tuple[kv_cache.LayerCache, ...]]:
+        """Each head decodes with its own cache; their outputs are concatenated and projected -> (y, cache)."""
+        outs, cache = zip(*(h.decode(x_BTC, c, pos) for h, c in zip(self.heads, cache)))
+        return self.c_proj(jnp.concatenate(outs, axis=-1)), tuple(cache)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -175,22 +200,37 @@ class CausalSelfAttention(nnx.Module):
         self.dropout_rate = config.dropout
         self.attention_impl = config.attention_impl
 
-    def __call__(self, x_BTC: jax.Array, *, key: jax.Array | None = None, cache: kv_cache.LayerCache | None = None,
-                 pos: int | jax.Array = 0):
-        """(B, T, C) -> (B, T, C); with a `cache`, the tokens sit at positions pos.. and it returns (y, cache)."""
+    def _heads(self, x_BTC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q, k, v of every head, each (B, n_head, T, head_size)."""
         B, T, C = x_BTC.shape
-        att_key, proj_key = _split(key, 2)
         q, k, v = jnp.split(self.c_attn(x_BTC), 3, axis=-1)
         to_heads = lambda t: t.reshape(B, T, self.n_head, C // self.n_head).transpose(0, 2, 1, 3)  # noqa: E731
-        q_BHTD, k_BHTD, v_BHTD = to_heads(q), to_heads(k), to_heads(v)
-        if cache is None:
-            y_BHTD = dot_product_attention(q_BHTD, k_BHTD, v_BHTD, impl=self.attention_impl,
-                                           dropout_rate=self.dropout_rate, key=att_key)
-        else:
-            y_BHTD, cache = kv_cache.attend(cache, q_BHTD, k_BHTD, v_BHTD, pos)
+        return to_heads(q), to_heads(k), to_heads(v)
+
+    def __call__(self, x_BTC: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        B, T, C = x_BTC.shape
+        att_key, proj_key = _split(key, 2)
+        q_BHTD, k_BHTD, v_BHTD = self._heads(x_BTC)
+        y_BHTD = dot_product_attention(q_BHTD, k_BHTD, v_BHTD, impl=self.attention_impl,
+                                       dropout_rate=self.dropout_rate, key=att_key)
         y_BTC = y_BHTD.transpose(0, 2, 1, 3).reshape(B, T, C)  # re-assemble the heads side by side
-        y_BTC = dropout(self.c_proj(y_BTC), self.dropout_rate, proj_key)
-        return y_BTC if cache is None else (y_BTC, cache)
+        return dropout(self.c_proj(y_BTC), self.dropout_rate, proj_key)
+
+    def init_cache(self, batch_size: int, block_size: int, dtype: jnp.dtype
+                   ) -> kv_cache.LayerCache:
+        """One cache for all heads, batch and heads on its leading axis (why: `jaxgpt.kv_cache`)."""
+        head_size = self.c_proj.in_features // self.n_head
+        return kv_cache.init_cache(batch_size * self.n_head, block_size, head_size, dtype)
+
+    def decode(self, x_BTC: jax.Array, cache: kv_cache.LayerCache, pos: int | jax.Array
+               ) -> tuple[jax.Array, kv_cache.LayerCache]:
+        """The tokens of x sit at positions pos..: adds their keys and values to the cache, attends -> (y, cache)."""
+        B, T, C = x_BTC.shape
+        H, D = self.n_head, C // self.n_head
+        to_rows = lambda t: t.reshape(B * H, T, D)  # noqa: E731 - (B, H, T, D) -> (B * H, T, D)
+        y_NTD, cache = kv_cache.attend(cache, *map(to_rows, self._heads(x_BTC)), pos)
+        y_BTC = y_NTD.reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, C)
+        return self.c_proj(y_BTC), cache
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,7 +256,7 @@ class Block(nnx.Module):
     """Communication (attention) then computation (MLP), each with a residual connection.
 
     Pre-LN (GPT-2, the lecture) normalises each branch's input; post-LN (the Transformer paper's
-    "Add & Norm") normalises after each residual sum. With a `cache` (decoding) it returns (x, cache).
+    "Add & Norm") normalises after each residual sum. `decode` is the same with the attention's `decode`.
     """
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
@@ -227,97 +267,34 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
         self.norm_position = config.norm_position
 
-    def __call__(self, x_BTC: jax.Array, *, key: jax.Array | None = None, cache: kv_cache.LayerCache | None = None,
-                 pos: int | jax.Array = 0):
+    def __call__(self, x_BTC: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
         attn_key, mlp_key = _split(key, 2)
+        return self._residuals(x_BTC, lambda h_BTC: (self.attn(h_BTC, key=attn_key), None), mlp_key)[0]
 
-        def communicate(h_BTC):
-            if cache is None:
-                return self.attn(h_BTC, key=attn_key), None
-            return self.attn(h_BTC, cache=cache, pos=pos)
+    def init_cache(self, batch_size: int, block_size: int, dtype: jnp.dtype):
+        """The attention's empty cache."""
+        return self.attn.init_cache(batch_size, block_size, dtype)
 
+    def decode(self, x_BTC: jax.Array, cache, pos: int | jax.Array) -> tuple[jax.Array, object]:
+        """The tokens of x sit at positions pos..: the block with the attention's `decode` -> (x, cache)."""
+        return self._residuals(x_BTC, lambda h_BTC: self.attn.decode(h_BTC, cache, pos), None)
+
+    def _residuals(self, x_BTC: jax.Array, communicate, mlp_key: jax.Array | None) -> tuple[jax.Array, object]:
+        """Both residual branches; `communicate(h) -> (y, extra)` is the attention. Returns (x, extra)."""
         if self.norm_position == "pre":
-            a_BTC, new_cache = communicate(self.ln_1(x_BTC))
+            a_BTC, extra = communicate(self.ln_1(x_BTC))
             x_BTC = x_BTC + a_BTC
             x_BTC = x_BTC + self.mlp(self.ln_2(x_BTC), key=mlp_key)
         else:
-            a_BTC, new_cache = communicate(x_BTC)
+            a_BTC, extra = communicate(x_BTC)
             x_BTC = self.ln_1(x_BTC + a_BTC)
             x_BTC = self.ln_2(x_BTC + self.mlp(x_BTC, key=mlp_key))
-        return x_BTC if cache is None else (x_BTC, new_cache)
+        return x_BTC, extra
 
 
 # --------------------------------------------------------------------------------------------------
 # The GPT
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class GPTConfig:
-    """Model hyper-parameters. Field names are nanoGPT's, so `GPTConfig(**ckpt['model_args'])` works."""
-
-    block_size: int = 1024  # maximum context length
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True  # biases in Linear and LayerNorm layers (nanoGPT's `bias`)
-    activation: str = "gelu"  # 'gelu' (exact) | 'gelu_tanh' | 'relu'
-    tie_embeddings: bool = True  # lm_head shares wte's matrix (nanoGPT, GPT-2)
-    pos_encoding: str = "learned"  # 'learned' (wpe table) | 'sinusoidal' (the Transformer paper)
-    attention: str = "fused"  # 'fused' (nanoGPT's one c_attn) | 'heads' (the lecture's list of Head)
-    norm_position: str = "pre"  # 'pre' (GPT-2) | 'post' (the Transformer paper's Add & Norm)
-    ln_eps: float = 1e-5
-    dtype: str = "float32"  # computation dtype ('bfloat16' for mixed precision)
-    param_dtype: str = "float32"
-    # 'auto' (cuDNN's flash attention in a 16-bit GPU program, else XLA's) | 'xla' | 'cudnn' | 'reference' (the ladder)
-    attention_impl: str = "auto"
-    remat: bool = False  # recompute each block's activations in the backward pass (less memory, more FLOPs)
-    scan_layers: bool = False  # one compiled block scanned over stacked layer params (compile time flat in depth)
-
-    def __post_init__(self):
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
-                "each head gets n_embd // n_head channels"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        choices = {
-            "activation": tuple(ACTIVATIONS),
-            "pos_encoding": ("learned", "sinusoidal"),
-            "attention": ("fused", "heads"),
-            "norm_position": ("pre", "post"),
-            "attention_impl": ATTENTION_IMPLS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("dtype", "param_dtype"):
-            try:
-                jnp.dtype(getattr(self, name))
-            except TypeError:
-                raise ValueError(f"model.{name} is not a dtype: {getattr(self, name)!r}") from None
-        if self.attention_impl == "cudnn":
-            # cuDNN's fused kernel has no dropout on the attention weights and runs only in 16-bit.
-            if self.dropout > 0:
-                raise ValueError(
-                    f"model.attention_impl='cudnn' has no attention dropout but model.dropout={self.dropout}: "
-                    "set model.dropout=0 or model.attention_impl='xla'"
-                )
-            if jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
-                raise ValueError(
-                    f"model.attention_impl='cudnn' needs model.dtype 'bfloat16' or 'float16', got {self.dtype!r}"
-                )
-
-    @property
-    def head_size(self) -> int:
-        return self.n_embd // self.n_head
 
 
 class GPT(nnx.Module):
@@ -348,34 +325,45 @@ class GPT(nnx.Module):
     def block_size(self) -> int:
         return self.config.block_size
 
-    def __call__(self, idx_BT: jax.Array, *, key: jax.Array | None = None,
-                 cache: tuple[kv_cache.LayerCache, ...] | None = None, pos: int | jax.Array = 0):
-        """idx (B, T) int token ids -> logits (B, T, vocab_size). `key` enables dropout.
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
 
-        Decoding: with a `cache` (`init_cache`), the tokens sit at positions pos .. pos+T-1, every layer
-        reads and extends its keys and values, and the call returns (logits, cache).
-        """
+    def _check_length(self, idx_BT: jax.Array) -> None:
         chex.assert_rank(idx_BT, 2)
-        B, T = idx_BT.shape
-        if T > self.config.block_size:
-            raise ValueError(
-                f"cannot forward a sequence of length {T}: the model's block_size is {self.config.block_size}"
-            )
+        if idx_BT.shape[1] > self.config.block_size:
+            raise ValueError(f"cannot forward a sequence of length {idx_BT.shape[1]}: the model's block_size is "
+                             f"{self.config.block_size}")
+
+    def __call__(self, idx_BT: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        """idx (B, T) int token ids -> logits (B, T, vocab_size). `key` enables dropout."""
+        self._check_length(idx_BT)
         drop_key, *block_keys = _split(key, self.config.n_layer + 1)
-        x_BTC = dropout(self.embed(idx_BT, start=pos), self.config.dropout, drop_key)
-        if cache is None:
-            x_BTC = self.blocks(x_BTC, block_keys)
-        else:
-            if self.config.scan_layers:
-                raise ValueError("decoding with a cache needs per-layer blocks: use jaxgpt.layout.with_layout(model, "
-                                 "scan_layers=False)")
-            new_cache = []
-            for block, layer_cache in zip(self.h, cache):
-                x_BTC, layer_cache = block(x_BTC, cache=layer_cache, pos=pos)
-                new_cache.append(layer_cache)
-        logits_BTV = self.head(x_BTC)
-        chex.assert_shape(logits_BTV, (B, T, self.config.vocab_size))
-        return logits_BTV if cache is None else (logits_BTV, tuple(new_cache))
+        x_BTC = dropout(self.embed(idx_BT), self.config.dropout, drop_key)
+        logits_BTV = self.head(self.blocks(x_BTC, block_keys))
+        chex.assert_shape(logits_BTV, (*idx_BT.shape, self.config.vocab_size))
+        return logits_BTV
+
+    def decode(self, idx_BT: jax.Array, cache: tuple, pos: int | jax.Array) -> tuple[jax.Array, tuple]:
+        """Decoding with a key/value cache (`init_cache`): the tokens idx (B, T) sit at positions pos .. pos+T-1
+        (below block_size); every layer attends to the keys and values cached before them and caches theirs.
+
+        Returns (logits (B, T, vocab_size), cache): the logits of a full forward over the whole sequence so far.
+        """
+        self._check_length(idx_BT)
+        x_BTC = self.embed(idx_BT, start=pos)
+        new_cache = []
+        for block, layer_cache in zip(self._layers(), cache):
+            x_BTC, layer_cache = block.decode(x_BTC, layer_cache, pos)
+            new_cache.append(layer_cache)
+        return self.head(x_BTC), tuple(new_cache)
+
+    def _layers(self) -> list[Block]:
+        """The n_layer Blocks one by one; with `scan_layers`, each a view of its slice of the stacked parameters."""
+        if not self.config.scan_layers:
+            return list(self.h)
+        graphdef, stacked = nnx.split(self.h)
+        return [nnx.merge(graphdef, jax.tree.map(lambda p, i=i: p[i], stacked)) for i in range(self.config.n_layer)]
 
     def embed(self, idx_BT: jax.Array, *, start: int | jax.Array = 0) -> jax.Array:
         """Token embeddings plus the embeddings of positions start, start + 1, ..."""
@@ -421,12 +409,13 @@ class GPT(nnx.Module):
         logits_BTV = self.wte.attend(x_BTC) if self.lm_head is None else self.lm_head(x_BTC)
         return logits_BTV.astype(jnp.float32)
 
-    def init_cache(self, batch_size: int, *, host: bool = False) -> tuple[kv_cache.LayerCache, ...]:
-        """An empty key/value cache for decoding `batch_size` sequences of up to block_size tokens (`host`: in
-        NumPy arrays)."""
+    def init_cache(self, batch_size: int) -> tuple:
+        """An empty key/value cache for `decode`: one per layer, for `batch_size` sequences of up to block_size
+        tokens, in the computation dtype."""
         c = self.config
-        return kv_cache.init_cache(c.n_layer, batch_size, c.n_head, c.block_size, c.head_size, jnp.dtype(c.dtype),
-                                   host=host)
+        block = self.h if c.scan_layers else self.h[0]  # every layer's cache has the same shapes
+        return tuple(block.init_cache(batch_size, c.block_size, jnp.dtype(c.dtype))
+                     for _ in range(c.n_layer))
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; as nanoGPT, position embeddings are not counted when `non_embedding`."""

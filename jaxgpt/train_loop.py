@@ -368,7 +368,7 @@ def run_training(loop: TrainLoop, interrupt: Interrupt) -> dict[str, Any]:
 def sample_text(model: nnx.Module, tokenizer, n_tokens: int, seed: int | jax.Array) -> str:
     """A sample from the model, starting from a newline (nanoGPT's default prompt) or token 0, drawn from `seed` (an
     int, or its key `jax.random.PRNGKey(seed)`)."""
-    from jaxgpt.sampling import generate
+    from jaxgpt.decode import generate
 
     if tokenizer is not None and "\n" in getattr(tokenizer, "stoi", {}):
         start = np.asarray(tokenizer.encode("\n"), np.int32)

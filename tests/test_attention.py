@@ -77,6 +77,20 @@ def test_encoder_form_is_unmasked_and_matches_the_seed():
 def test_causal_mask_with_cache_offset():
     # Two new queries at the end of a length-5 sequence see keys 0..3 and 0..4.
     np.testing.assert_array_equal(A.causal_mask(2, 5), [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(A.causal_mask(4), np.tril(np.ones((4, 4), bool)))
+    # A cache of 5 slots holding 2 tokens: new queries at positions 2 and 3 see their past, not the empty slots.
+    np.testing.assert_array_equal(A.causal_mask(2, 5, offset=2), [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(A.causal_mask(2, 5, offset=jnp.int32(2)), A.causal_mask(2, 5, offset=2))
+
+
+def test_attention_against_a_cache_equals_attention_over_the_sequence():
+    """Queries at positions 3..4 against a 7-slot buffer holding 5 keys (the rest garbage) attend exactly as the
+    last two rows of causal attention over the 5 tokens: `offset` is all a key/value cache needs."""
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 4))
+    full = A.attention(q, k, v)
+    garbage = 1e3 * jnp.ones((2, 2, 4))
+    cached = A.attention(q[:, 3:], jnp.concatenate([k, garbage], 1), jnp.concatenate([v, garbage], 1), offset=3)
+    np.testing.assert_allclose(cached, full[:, 3:], atol=1e-5)
 
 
 def test_attention_dropout_is_keyed_and_scaled():

@@ -272,3 +272,28 @@ def test_layouts_round_trip_and_convert_to_torch_names():
     chex.assert_trees_all_equal(nnx.state(back), nnx.state(scanned))
     with pytest.raises(ValueError, match="stacked already"):
         stack_layers(nnx.state(scanned))
+
+
+@pytest.mark.parametrize("extra", [{}, {"attention": "heads"}, {"scan_layers": True}, {"norm_position": "post"}])
+def test_decode_in_steps_gives_the_forward_logits(extra):
+    """`decode` is the forward pass cut into pieces: a prompt at position 0, then one token at a time, each piece's
+    logits those of the full sequence; every layout decodes, and the forward pass returns logits only."""
+    model = GPT(GPTConfig(**SMALL, **extra), rngs=nnx.Rngs(0))
+    idx = _tokens(T=SMALL["block_size"])
+    full = model(idx)
+    assert isinstance(full, jax.Array)
+    cache = model.init_cache(2)
+    assert len(cache) == SMALL["n_layer"]
+    logits, cache = model.decode(idx[:, :6], cache, 0)
+    np.testing.assert_allclose(logits, full[:, :6], atol=1e-5)
+    for pos in range(6, SMALL["block_size"]):
+        logits, cache = model.decode(idx[:, pos : pos + 1], cache, pos)
+        np.testing.assert_allclose(logits[:, 0], full[:, pos], atol=1e-5)
+
+
+def test_the_bigram_model_decodes_with_an_empty_cache():
+    model = BigramLanguageModel(37, rngs=nnx.Rngs(0))
+    idx = _tokens(T=5)
+    logits, cache = model.decode(idx, model.init_cache(2), 3)
+    np.testing.assert_array_equal(logits, model(idx))
+    assert cache == () and (model.vocab_size, model.block_size) == (37, 8)

@@ -1,4 +1,5 @@
-"""jaxgpt.sampling: the KV-cache decoder equals the lecture's loop, which equals PyTorch's generate."""
+"""Sampling: the lecture's `jaxgpt.sampling.generate` equals PyTorch's generate, and the compiled key/value-cache
+sampler `jaxgpt.decode` draws the lecture loop's tokens for the same key."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import torch
 from flax import nnx
 
 import jaxgpt
-from jaxgpt import sampling
+from jaxgpt import decode, sampling
 from tests.reference import torch_gpt
 
 pytestmark = pytest.mark.usefixtures("torch_highest")  # these tests compare with PyTorch
@@ -36,7 +37,13 @@ def sharp_model(**overrides) -> jaxgpt.GPT:
 
 
 PROMPT = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
-LONG_PROMPT = np.array([[1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5, 4, 3, 2, 1]], np.int32)  # one padded bucket
+LONG_PROMPT = np.array([[1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5, 4, 3, 2, 1]], np.int32)
+
+
+def compiles(events: list[str]) -> int:
+    """How many programs were compiled (each is lowered once; a persistent-cache hit is lowered too). The caches'
+    zeros are made op by op, compiled once per shape: tests make them first (`model.init_cache`) to leave them out."""
+    return events.count("/jax/core/compile/jaxpr_to_mlir_module_duration")
 
 
 @pytest.mark.parametrize(
@@ -46,77 +53,95 @@ LONG_PROMPT = np.array([[1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5, 4, 3, 2, 1]
         dict(attention="heads", pos_encoding="learned"),
         dict(attention="fused", pos_encoding="sinusoidal", norm_position="post"),
         dict(attention="heads", pos_encoding="sinusoidal"),
+        dict(attention="fused", scan_layers=True),
     ],
 )
 @pytest.mark.parametrize("n", [BLOCK + 7, BLOCK + 300])  # cached steps then the window; the window loop throughout
-def test_greedy_cache_equals_reference_past_context(overrides, n):
+def test_greedy_fast_path_equals_the_lecture_loop_past_context(overrides, n):
     model = sharp_model(**overrides)
-    cached = jaxgpt.generate(model, LONG_PROMPT, n, key=jax.random.key(0), temperature=0)
-    reference = jaxgpt.generate(model, LONG_PROMPT, n, key=jax.random.key(0), temperature=0, use_cache=False)
-    assert cached.shape == (2, 9 + n)
-    np.testing.assert_array_equal(cached[:, :9], LONG_PROMPT)
-    np.testing.assert_array_equal(cached, reference)
+    fast = decode.generate(model, LONG_PROMPT, n, key=jax.random.key(0), temperature=0)
+    lecture = sampling.generate(model, LONG_PROMPT, n, key=jax.random.key(0), temperature=0)
+    assert fast.shape == (2, 9 + n)
+    np.testing.assert_array_equal(fast[:, :9], LONG_PROMPT)
+    np.testing.assert_array_equal(fast, lecture)
 
 
-def test_a_sample_mostly_past_the_context_runs_the_window_loop_only():
-    """Past twice the context (train.py's end-of-run sample), no prefill and no cached loop is compiled: the window
-    loop runs from the first token, right-padded until the context fills, and the text is the lecture loop's."""
+@pytest.mark.parametrize("n", [BLOCK - 3, BLOCK + 20, 2 * BLOCK + 5])  # cached only; cached then window; window only
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.8, top_k=5), dict(temperature=1.3, top_p=0.7)])
+def test_sampled_fast_path_equals_the_lecture_loop_for_the_same_key(n, kw):
+    model = sharp_model()
+    fast = decode.generate(model, PROMPT, n, key=jax.random.key(7), **kw)
+    np.testing.assert_array_equal(fast, sampling.generate(model, PROMPT, n, key=jax.random.key(7), **kw))
+    np.testing.assert_array_equal(fast, decode.generate(model, PROMPT, n, key=jax.random.key(7), **kw))
+    assert (fast != decode.generate(model, PROMPT, n, key=jax.random.key(8), **kw)).any()
+
+
+def test_a_sample_mostly_past_the_context_compiles_one_program(jax_compile_events):
+    """Past twice the context (the CPU recipe's end-of-run sample), no prefill and no cached loop is compiled: the
+    window loop runs from the first token, right-padded until the context fills."""
     model = sharp_model()
     prompt = np.array([[3], [1], [4], [1]], np.int32)  # 4 rows: shapes no other test compiles
-    before = sampling._start._cache_size(), sampling._decode_cached._cache_size()
-    got = jaxgpt.generate(model, prompt, 2 * BLOCK, key=jax.random.key(4), top_k=6)
-    assert (sampling._start._cache_size(), sampling._decode_cached._cache_size()) == before
-    expected = jaxgpt.generate(model, prompt, 2 * BLOCK, key=jax.random.key(4), top_k=6, use_cache=False)
-    np.testing.assert_array_equal(got, expected)
-    jaxgpt.generate(model, prompt, 2 * BLOCK - 1, key=jax.random.key(4), top_k=6)
-    assert sampling._decode_cached._cache_size() == before[1] + 1  # at twice the context, the cache serves again
+    key = jax.random.key(4)
+    with jax_compile_events() as events:
+        got = decode.generate(model, prompt, 2 * BLOCK, key=key, top_k=6)
+    assert compiles(events) == 1
+    np.testing.assert_array_equal(got, sampling.generate(model, prompt, 2 * BLOCK, key=key, top_k=6))
+    model.init_cache(4)
+    with jax_compile_events() as events:  # at twice the context the cache serves again: cached loop, then window
+        decode.generate(model, prompt, 2 * BLOCK - 1, key=key, top_k=6)
+    assert compiles(events) == 2
+
+
+def test_one_token_prompt_compiles_no_prefill(jax_compile_events):
+    """A one-token prompt (the end-of-run sample's) is fed by the first decode step into an empty cache: the cached
+    loop is the one program compiled; a longer prompt adds its prefill."""
+    model = sharp_model()
+    prompt = np.array([[3], [1], [4], [1], [5]], np.int32)  # 5 rows: shapes no other test compiles
+    key = jax.random.key(4)
+    model.init_cache(5)
+    with jax_compile_events() as events:
+        got = decode.generate(model, prompt, BLOCK - 4, key=key, top_k=6)
+    assert compiles(events) == 1
+    np.testing.assert_array_equal(got, sampling.generate(model, prompt, BLOCK - 4, key=key, top_k=6))
+    with jax_compile_events() as events:  # the same buffer and settings: the cached loop is reused
+        decode.generate(model, np.concatenate([prompt, prompt], axis=1), BLOCK - 5, key=key, top_k=6)
+    assert compiles(events) == 1
 
 
 @pytest.mark.parametrize("attention", ["fused", "heads"])
-def test_cached_decode_logits_equal_full_forward(attention):
+def test_decode_logits_equal_the_full_forward(attention):
     model = sharp_model(attention=attention)
-    idx = np.asarray(jax.random.randint(jax.random.key(2), (2, BLOCK), 0, VOCAB), np.int32)
-    full_BTV = model(jnp.asarray(idx))
+    idx = jnp.asarray(jax.random.randint(jax.random.key(2), (2, BLOCK), 0, VOCAB), jnp.int32)
+    full_BTV = model(idx)
     prompt = 5
-    logits_BTV, cache = sampling.prefill(model, jnp.asarray(idx[:, :prompt]), sampling.init_cache(model, 2))
+    logits_BTV, cache = model.decode(idx[:, :prompt], model.init_cache(2), 0)
     np.testing.assert_allclose(logits_BTV, full_BTV[:, :prompt], atol=1e-5, rtol=1e-5)
     # Re-feeding the prompt's last token overwrites its slot with the same key and value.
     for pos in range(prompt - 1, BLOCK):
-        logits_BV, cache = sampling.decode_step(model, jnp.asarray(idx[:, pos]), jnp.int32(pos), cache)
-        np.testing.assert_allclose(logits_BV, full_BTV[:, pos], atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(sampling.last_logits(model, jnp.asarray(idx)), full_BTV[:, -1], atol=1e-5, rtol=1e-5)
+        logits_B1V, cache = model.decode(idx[:, pos : pos + 1], cache, jnp.int32(pos))
+        np.testing.assert_allclose(logits_B1V[:, 0], full_BTV[:, pos], atol=1e-5, rtol=1e-5)
 
 
-def test_bfloat16_cached_decode_matches_the_full_forward():
+def test_bfloat16_decode_matches_the_full_forward():
     # A bf16 model decodes with a bf16 cache; its cached logits stay those of its own forward pass.
     config = jaxgpt.GPTConfig(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32, dtype="bfloat16")
     model = jaxgpt.GPT(config, rngs=nnx.Rngs(0))
-    idx = np.asarray(jax.random.randint(jax.random.key(2), (2, 16), 0, 37), np.int32)
-    full_BTV = model(jnp.asarray(idx))
-    _, cache = sampling.prefill(model, jnp.asarray(idx[:, :5]), sampling.init_cache(model, 2))
+    idx = jnp.asarray(jax.random.randint(jax.random.key(2), (2, 16), 0, 37), jnp.int32)
+    full_BTV = model(idx)
+    cache = model.init_cache(2)
+    assert cache[0].k_NSD.dtype == jnp.bfloat16
+    _, cache = model.decode(idx[:, :5], cache, 0)
     for pos in range(4, 16):
-        logits_BV, cache = sampling.decode_step(model, jnp.asarray(idx[:, pos]), jnp.int32(pos), cache)
-        np.testing.assert_allclose(logits_BV, full_BTV[:, pos], atol=1e-2)  # bf16 rounding
-
-
-def test_same_key_same_text_different_keys_differ_with_or_without_cache():
-    model = sharp_model()
-    n = BLOCK + 20
-    a = jaxgpt.generate(model, PROMPT, n, key=jax.random.key(7))
-    b = jaxgpt.generate(model, PROMPT, n, key=jax.random.key(7))
-    c = jaxgpt.generate(model, PROMPT, n, key=jax.random.key(8))
-    ref = jaxgpt.generate(model, PROMPT, n, key=jax.random.key(7), use_cache=False)
-    np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(a, ref)  # the i-th token uses fold_in(key, i) on both paths
-    assert (a != c).any()
+        logits_B1V, cache = model.decode(idx[:, pos : pos + 1], cache, jnp.int32(pos))
+        np.testing.assert_allclose(logits_B1V[:, 0], full_BTV[:, pos], atol=1e-2)  # bf16 rounding
 
 
 def test_stream_yields_the_same_tokens_as_generate():
     model = sharp_model()
     n = BLOCK + 9  # crosses from the cached steps into the sliding window inside a chunk
-    full = jaxgpt.generate(model, PROMPT, n, key=jax.random.key(3), temperature=0.9, top_k=5)
+    full = decode.generate(model, PROMPT, n, key=jax.random.key(3), temperature=0.9, top_k=5)
     chunks = list(
-        jaxgpt.generate_stream(model, PROMPT, n, key=jax.random.key(3), temperature=0.9, top_k=5, chunk_size=7)
+        decode.generate_stream(model, PROMPT, n, key=jax.random.key(3), temperature=0.9, top_k=5, chunk_size=7)
     )
     assert [c.shape[1] for c in chunks] == [7, 7, 7, 4]
     np.testing.assert_array_equal(np.concatenate([PROMPT, *chunks], axis=1), full)
@@ -124,45 +149,30 @@ def test_stream_yields_the_same_tokens_as_generate():
 
 def test_prepare_generate_compiles_everything_generate_then_runs(jax_compile_events):
     """Compiled ahead on other parameters of the same shapes (as train.py does during training), a sample
-    past the context (cached steps, then the sliding window) traces and compiles nothing, and is unchanged."""
+    past the context (prefill, cached steps, then the sliding window) compiles nothing, and is unchanged."""
     model = sharp_model()
     graphdef, params = nnx.split(model)
     zeros = nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, params))
     prompt = np.array([[3, 1, 4, 1, 5]] * 3, np.int32)  # 3 rows: shapes no other test compiles
-    expected = jaxgpt.generate(model, prompt, BLOCK + 6, key=jax.random.key(2), top_k=4, use_cache=False)
+    expected = sampling.generate(model, prompt, BLOCK + 6, key=jax.random.key(2), top_k=4)
+    model.init_cache(3)
     with jax_compile_events() as events:
-        sampling.prepare_generate(zeros, 5, BLOCK + 6, key=jax.random.key(0), batch_size=3, top_k=4)
-    assert events  # it did compile
+        decode.prepare_generate(zeros, 5, BLOCK + 6, key=jax.random.key(0), batch_size=3, top_k=4)
+    assert compiles(events) == 3
     with jax_compile_events() as events:
-        got = jaxgpt.generate(model, prompt, BLOCK + 6, key=jax.random.key(2), top_k=4)
+        got = decode.generate(model, prompt, BLOCK + 6, key=jax.random.key(2), top_k=4)
     assert events == []
     np.testing.assert_array_equal(got, expected)
-    sampling.prepare_generate(jaxgpt.BigramLanguageModel(VOCAB, rngs=nnx.Rngs(0)), 5, 9, key=jax.random.key(0))
-
-
-def test_one_token_prompt_compiles_no_prefill_and_samples_as_the_lecture_loop():
-    """The end-of-run sample starts from one token: the first decode step feeds it into an empty cache, so no
-    prefill program is compiled, and the text is the reference loop's."""
-    model = sharp_model()
-    prompt = np.array([[3], [1], [4], [1], [5]], np.int32)  # 5 rows: shapes no other test compiles
-    prefills = sampling._start._cache_size()
-    got = jaxgpt.generate(model, prompt, BLOCK + 5, key=jax.random.key(4), top_k=6)
-    assert sampling._start._cache_size() == prefills
-    expected = jaxgpt.generate(model, prompt, BLOCK + 5, key=jax.random.key(4), top_k=6, use_cache=False)
-    np.testing.assert_array_equal(got, expected)
-    jaxgpt.generate(model, np.concatenate([prompt, prompt], axis=1), 3, key=jax.random.key(4))
-    assert sampling._start._cache_size() == prefills + 1  # a longer prompt is prefilled
 
 
 def test_prompt_longer_than_block_size_and_batch_rows_are_independent():
     model = sharp_model(pos_encoding="sinusoidal")
     idx = np.asarray(jax.random.randint(jax.random.key(4), (3, BLOCK + 5), 0, VOCAB), np.int32)
-    cached = jaxgpt.generate(model, idx, 12, key=jax.random.key(0), temperature=0)
-    reference = jaxgpt.generate(model, idx, 12, key=jax.random.key(0), temperature=0, use_cache=False)
-    np.testing.assert_array_equal(cached, reference)
+    fast = decode.generate(model, idx, 12, key=jax.random.key(0), temperature=0)
+    np.testing.assert_array_equal(fast, sampling.generate(model, idx, 12, key=jax.random.key(0), temperature=0))
     # Each row is continued on its own: reordering the batch reorders the output.
-    flipped = jaxgpt.generate(model, idx[::-1], 12, key=jax.random.key(0), temperature=0)
-    np.testing.assert_array_equal(flipped, cached[::-1])
+    flipped = decode.generate(model, idx[::-1], 12, key=jax.random.key(0), temperature=0)
+    np.testing.assert_array_equal(flipped, fast[::-1])
 
 
 def test_filter_logits_keeps_exactly_the_top_k_and_the_nucleus():
@@ -194,21 +204,24 @@ def test_sampling_never_emits_a_filtered_token(kw, allowed):
     assert set(drawn.tolist()) == allowed  # every allowed token appears, nothing else does
 
 
-def test_bigram_generate_respects_top_k_row_by_row():
+@pytest.mark.parametrize("n", [4, 40])  # within the bigram's block_size of 8; past it
+def test_bigram_generate_respects_top_k_row_by_row_on_both_paths(n):
     model = jaxgpt.BigramLanguageModel(VOCAB, rngs=nnx.Rngs(0))
-    out = jaxgpt.generate(model, PROMPT, 40, key=jax.random.key(5), top_k=2, temperature=2.0)
+    out = sampling.generate(model, PROMPT, n, key=jax.random.key(5), top_k=2, temperature=2.0)
+    np.testing.assert_array_equal(decode.generate(model, PROMPT, n, key=jax.random.key(5), top_k=2, temperature=2.0),
+                                  out)
     table = np.asarray(model.token_embedding_table.embedding[...])
     top2 = np.argsort(table, axis=1)[:, -2:]
     for row in out:
         for prev, nxt in zip(row[2:-1], row[3:]):
             assert nxt in top2[prev]
-    assert out.shape == (2, 43)
+    assert out.shape == (2, 3 + n)
 
 
 @pytest.mark.parametrize("kw", [dict(top_k=3), dict(top_p=0.5)])
 def test_cached_gpt_samples_only_allowed_tokens(kw):
     model = sharp_model()
-    out = jaxgpt.generate(model, PROMPT, BLOCK - 3, key=jax.random.key(6), temperature=0.7, **kw)
+    out = decode.generate(model, PROMPT, BLOCK - 3, key=jax.random.key(6), temperature=0.7, **kw)
     logits_BTV = np.asarray(model(jnp.asarray(out[:, :-1])))[:, 2:] / 0.7  # the logits each new token saw
     new_BT = out[:, 3:]
     chosen = np.take_along_axis(logits_BTV, new_BT[..., None], axis=-1)[..., 0]
@@ -237,13 +250,14 @@ def test_reference_matches_pytorch_greedy_generate(attention):
     assert all(k.endswith("attn.bias") for k in missing) and not unexpected
     n = BLOCK + 20
     theirs = torch_gpt.generate(torch_model, torch.from_numpy(PROMPT).long(), n, top_k=1).numpy()  # top_k=1: greedy
-    ours = jaxgpt.generate(model, PROMPT, n, key=jax.random.key(0), temperature=0, use_cache=False)
+    ours = sampling.generate(model, PROMPT, n, key=jax.random.key(0), temperature=0)
     np.testing.assert_array_equal(ours, theirs)
     assert config.block_size < ours.shape[1]
 
 
-def test_max_new_tokens_zero_returns_the_prompt():
-    np.testing.assert_array_equal(jaxgpt.generate(sharp_model(), PROMPT, 0, key=jax.random.key(0)), PROMPT)
+@pytest.mark.parametrize("generate", [sampling.generate, decode.generate])
+def test_max_new_tokens_zero_returns_the_prompt(generate):
+    np.testing.assert_array_equal(generate(sharp_model(), PROMPT, 0, key=jax.random.key(0)), PROMPT)
 
 
 @pytest.mark.parametrize(
@@ -259,9 +273,10 @@ def test_max_new_tokens_zero_returns_the_prompt():
         (dict(idx=np.array([[1, VOCAB]], np.int32)), "outside"),
     ],
 )
-def test_bad_arguments_raise_one_clear_error(kw, match):
+@pytest.mark.parametrize("generate", [sampling.generate, decode.generate, decode.generate_stream])
+def test_bad_arguments_raise_one_clear_error(kw, match, generate):
     args = dict(idx=PROMPT, max_new_tokens=4)
     args.update(kw)
     idx, n = args.pop("idx"), args.pop("max_new_tokens")
     with pytest.raises(ValueError, match=match):
-        jaxgpt.generate(sharp_model(), idx, n, key=jax.random.key(0), **args)
+        next(iter(generate(sharp_model(), idx, n, key=jax.random.key(0), **args)))
