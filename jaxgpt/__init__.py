@@ -19,7 +19,8 @@ _EXPORTS = {
     "filter_logits": "sampling", "sample_next": "sampling",
     "CharTokenizer": "tokenizer", "HFTokenizer": "tokenizer", "TiktokenTokenizer": "tokenizer",
     "load_tokenizer": "tokenizer", "tokenizer_from_dict": "tokenizer",
-    "InitFromError": "convert", "from_torch_state_dict": "convert", "load_gpt2_pretrained": "convert", "load_init_from": "convert",
+    "InitFromError": "convert", "from_torch_state_dict": "convert", "load_gpt2_pretrained": "convert",
+    "load_init_from": "convert",
     "load_nanogpt_checkpoint": "convert", "save_nanogpt_checkpoint": "convert", "to_torch_state_dict": "convert",
 }
 _SUBMODULES = frozenset({
