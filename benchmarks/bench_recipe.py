@@ -10,6 +10,14 @@ the config's val estimate at the last step, and the exact val loss of the final 
 next-token loss over every non-overlapping `block_size` window of the val split (the expectation of
 the config's estimate). Medians over the seeds tell the recipe apart from the luck of one seed.
 
+`--time-to-loss CONFIG ...` races recipes instead: per seed, nanoGPT's loop on `--config`'s settings, then jaxgpt
+on each CONFIG, side by side in one process; it prints each recipe's val loss against seconds since its loop
+started (the model built, compiling included), the seconds each took to reach `--target` (default: nanoGPT's
+median best val), and `--plot PATH` draws the curves in one figure.
+
+    PYTHONPATH=$PWD python benchmarks/bench_recipe.py --time-to-loss configs/shakespeare_char_cpu.py \
+        configs/shakespeare_char_speedrun.py --seeds 1337 1 2 --plot time_to_loss.png
+
     PYTHONPATH=$PWD python benchmarks/bench_recipe.py --config configs/shakespeare_char_cpu.py \\
         --data ../shared/data/tinyshakespeare/input.txt --seeds 1337 1 2 3 4
 """
@@ -32,7 +40,7 @@ from flax import nnx
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from common import config_with  # noqa: E402
+from common import config_with, machine  # noqa: E402
 
 import jaxgpt.data as data_lib  # noqa: E402
 from jaxgpt import checkpoint, training  # noqa: E402
@@ -89,7 +97,8 @@ def run_seed(config_path: str, data_path: str | None, seed: int, overrides: dict
             config.data.path = data_path
         summary = training.train(config, log=lambda s: None)
         metrics = [json.loads(line) for line in open(pathlib.Path(out_dir) / "metrics.jsonl")]
-        last_val = [m["val_loss"] for m in metrics if "val_loss" in m][-1]
+        curve = [(m["time"], m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+        last_val = curve[-1][2]
         model, _, info = checkpoint.load_model(out_dir, "latest")
     dataset = data_lib.load_dataset(config.data.path or None)  # data_path, when given, is in the config
     block = config.model.block_size
@@ -101,6 +110,7 @@ def run_seed(config_path: str, data_path: str | None, seed: int, overrides: dict
         "val_estimate": last_val,
         "best_val_estimate": summary["best_val_loss"],
         "val_exact": exact_loss(model, dataset.val, block),
+        "curve": curve,
     }
 
 
@@ -124,7 +134,8 @@ def run_seed_torch(config_path: str, data_path: str | None, seed: int, overrides
     wall = out["wall_s"]
     return {"seed": seed, "step": config.max_iters, "wall_s": wall,
             "tokens_per_s": config.max_iters * config.batch_size * T / wall,
-            "val_estimate": out["val"], "best_val_estimate": out["best_val"], "val_exact": exact / len(x)}
+            "val_estimate": out["val"], "best_val_estimate": out["best_val"], "val_exact": exact / len(x),
+            "curve": out["curve"]}
 
 
 def table(rows: list[dict]) -> str:
@@ -141,6 +152,72 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seconds_to(curve: list, target: float) -> float | None:
+    """The seconds at the first evaluation whose val loss is <= `target` (None: never reached)."""
+    return next((t for t, _, val in curve if val <= target), None)
+
+
+def race_table(runs: dict[str, list[dict]], target: float) -> str:
+    """One row per recipe: medians over its seeds, and its time to `target` against nanoGPT's (the first recipe)."""
+    lines = [f"| recipe | seeds | best val (median) | s to val <= {target:.4f} (median) | vs nanoGPT | reached | "
+             "wall s (median) |", "|---|---|---|---|---|---|---|"]
+    base = None
+    for name, rows in runs.items():
+        times = [seconds_to(r["curve"], target) for r in rows]
+        reached = [t for t in times if t is not None]
+        median_t = statistics.median(reached) if len(reached) == len(rows) else None
+        base = median_t if base is None else base
+        ratio = f"{median_t / base:.2f}x" if median_t is not None and base else "-"
+        lines.append(f"| {name} | {len(rows)} | {statistics.median(r['best_val_estimate'] for r in rows):.4f} | "
+                     f"{'not all reached' if median_t is None else f'{median_t:.1f}'} | {ratio} | "
+                     f"{len(reached)}/{len(rows)} | {statistics.median(r['wall_s'] for r in rows):.1f} |")
+    return "\n".join(lines)
+
+
+def plot_race(runs: dict[str, list[dict]], target: float, path: str) -> None:
+    """Val loss against seconds, every seed of every recipe, one colour per recipe; the target as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for colour, (name, rows) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], runs.items()):
+        for i, r in enumerate(rows):
+            t, _, val = zip(*r["curve"])
+            ax.plot(t, val, color=colour, alpha=0.8, label=name if i == 0 else None)
+    ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.3f}")
+    ax.set_xlabel("seconds since the training loop started")
+    ax.set_ylabel("val loss (the config's estimate)")
+    ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def race(args, overrides: dict) -> int:
+    """--time-to-loss: nanoGPT's loop and each jaxgpt recipe, seed by seed, side by side."""
+    runs: dict[str, list[dict]] = {"nanoGPT loop": []}
+    for config in args.time_to_loss:
+        runs[f"jaxgpt {pathlib.Path(config).stem}"] = []
+    for seed in args.seeds:
+        runs["nanoGPT loop"].append(run_seed_torch(args.config, args.data, seed, overrides))
+        for config in args.time_to_loss:
+            runs[f"jaxgpt {pathlib.Path(config).stem}"].append(run_seed(config, args.data, seed, overrides))
+        for name, rows in runs.items():
+            print(json.dumps({"recipe": name, **{k: v for k, v in rows[-1].items() if k != "curve"}}), flush=True)
+    target = args.target or statistics.median(r["best_val_estimate"] for r in runs["nanoGPT loop"])
+    print(f"\ntime to loss: {len(args.seeds)} seeds, {machine()}, jax {jax.__version__}\n")
+    print(race_table(runs, target))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({"target": target, "runs": runs}, indent=1))
+    if args.plot:
+        plot_race(runs, target, args.plot)
+        print(f"\nplot: {args.plot}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "shakespeare_char_cpu.py"))
@@ -148,8 +225,15 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2, 3, 4])
     p.add_argument("--impl", choices=("jax", "torch"), default="jax")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. max_iters=200")
+    p.add_argument("--time-to-loss", nargs="+", metavar="CONFIG", help="race nanoGPT's loop (on --config's "
+                   "settings) against jaxgpt on each CONFIG: val loss against seconds")
+    p.add_argument("--target", type=float, help="the val loss to reach (default: nanoGPT's median best val)")
+    p.add_argument("--plot", help="with --time-to-loss: draw the curves into this PNG")
+    p.add_argument("--json", help="with --time-to-loss: write every run and curve here")
     args = p.parse_args(argv)
     overrides = dict(s.split("=", 1) for s in args.set)
+    if args.time_to_loss:
+        return race(args, overrides)
     rows = []
     for seed in args.seeds:
         run = run_seed if args.impl == "jax" else run_seed_torch

@@ -35,7 +35,8 @@ CPU_RECIPE = dict(batch_size=12, block_size=64, n_layer=4, n_head=4, n_embd=128,
 
 def train(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int, *, seed: int = 1337, log=print,
           **settings) -> tuple[torch.nn.Module, dict]:
-    """nanoGPT's loop for `settings` (CPU_RECIPE's keys): returns the model and {'val', 'best_val', 'wall_s'}."""
+    """nanoGPT's loop for `settings` (CPU_RECIPE's keys): returns the model and {'val', 'best_val', 'wall_s', 'curve'},
+    `curve` a list of (seconds since the loop started, step, val loss) at every evaluation."""
     s = dict(CPU_RECIPE, **settings)
     B, T = s["batch_size"], s["block_size"]
     torch.set_num_threads(os.cpu_count() or 1)
@@ -61,7 +62,7 @@ def train(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int, *, seed: 
         model.train()
         return out
 
-    t0, val, best = time.time(), None, float("inf")
+    t0, val, best, curve = time.time(), None, float("inf"), []
     x, y = get_batch("train")
     for it in range(s["max_iters"] + 1):
         lr = torch_gpt.get_lr(it, s["learning_rate"], s["warmup_iters"], s["lr_decay_iters"], s["min_lr"])
@@ -70,6 +71,7 @@ def train(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int, *, seed: 
         if it % s["eval_interval"] == 0:
             losses = estimate_loss()
             val, best = losses["val"], min(best, losses["val"])
+            curve.append((time.time() - t0, it, val))
             log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         if it == s["max_iters"]:
             break
@@ -82,7 +84,7 @@ def train(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int, *, seed: 
         opt.zero_grad(set_to_none=True)
         if it % s["log_interval"] == 0:
             log(f"iter {it}: loss {loss.item():.4f}, time {1000 * (time.time() - t_step):.2f}ms")
-    return model, {"val": val, "best_val": best, "wall_s": time.time() - t0}
+    return model, {"val": val, "best_val": best, "wall_s": time.time() - t0, "curve": curve}
 
 
 def main(argv: list[str] | None = None) -> int:
