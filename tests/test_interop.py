@@ -212,7 +212,7 @@ def test_saved_ckpt_loads_the_way_nanogpt_sample_and_resume_do(tmp_path):
 
     torch_opt = configure_optimizers(ref, 0.1, 1e-3, (0.9, 0.95))
     torch_opt.load_state_dict(checkpoint["optimizer"])
-    adam = jaxgpt.convert.nanogpt._adam_state(opt_state)
+    adam = jaxgpt.convert.nanogpt.adam_state(opt_state)
     c_fc = ref.transformer.h[1].mlp.c_fc.weight
     np.testing.assert_array_equal(
         torch_opt.state[c_fc]["exp_avg"].numpy(), np.asarray(variable_value(adam.mu["h"][1]["mlp"]["c_fc"]["kernel"])).T

@@ -145,7 +145,7 @@ def _to_torch(torch, value) -> object:
     return torch.from_numpy(np.ascontiguousarray(value).copy())
 
 
-def _adam_state(opt_state) -> optax.ScaleByAdamState | None:
+def adam_state(opt_state) -> optax.ScaleByAdamState | None:
     is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)  # noqa: E731
     found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(s)]
     return found[0] if found else None
@@ -172,7 +172,7 @@ def _torch_optimizer_state(torch, model: GPT, optimizer, config: Mapping) -> dic
         betas=(float(config.get("beta1", 0.9)), float(config.get("beta2", 0.95))),
     )
     state = opt.state_dict()
-    adam = _adam_state(optimizer) if optimizer is not None else None
+    adam = adam_state(optimizer) if optimizer is not None else None
     if adam is not None:
         mu, nu = torch_named(adam.mu, model.config), torch_named(adam.nu, model.config)
         step = float(np.asarray(adam.count))
