@@ -146,7 +146,7 @@ def _to_torch(torch, value) -> object:
 
 
 def adam_state(opt_state) -> optax.ScaleByAdamState | None:
-    """AdamW's moments (`mu`, `nu`, `count`) inside an optax state, where nanoGPT's `ckpt.pt` keeps torch's; None without."""
+    """AdamW's moments (`mu`, `nu`, `count`) in an optax state: what a `ckpt.pt` keeps as torch's; None without."""
     is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)  # noqa: E731
     found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(s)]
     return found[0] if found else None
