@@ -176,7 +176,7 @@ def prepare_generate(
     drawing no token, so that the later `generate` starts at once.
 
     Compiling takes seconds and a sample a fraction of that: call this in a thread while something else runs
-    (train.py does during training). Any parameters of the same shapes and shardings will do, and any `key` of the
+    (a server before its first request, say). Any parameters of the same shapes and shardings will do, and any `key` of the
     kind `generate` will get (a raw `PRNGKey` or a typed `jax.random.key`).
     """
     check_settings(max_new_tokens, temperature, top_k, top_p)
