@@ -13,6 +13,10 @@ fused kernels: `jax.nn.dot_product_attention` (XLA's, or cuDNN's flash attention
 JAX's Pallas flash attention. 'auto' takes the flash kernel the program's devices have (cuDNN's on a GPU in
 16-bit, Pallas's on a TPU) and XLA's elsewhere.
 
+Two rules of modern GPTs act on the queries and keys before the scores (`GPTConfig.pos_encoding='rotary'`,
+`GPTConfig.qk_norm`): `rotary` turns each pair of channels by an angle proportional to the position, so that a
+query-key score depends on their distance only; `rms_norm` scales each vector to unit root-mean-square.
+
 `causal=False` gives the encoder (unmasked) form: the lecture's note that an encoder block simply drops the
 mask, as in the Transformer paper ("Attention Is All You Need", Vaswani et al., 2017).
 """
@@ -114,6 +118,30 @@ def attention(
     wei = dropout(wei, dropout_rate, key)
     y = jnp.einsum("...ts,...sd->...td", wei.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return y.astype(v.dtype)
+
+
+def rms_norm(x: jax.Array, eps: float) -> jax.Array:
+    """x / sqrt(mean(x**2) + eps) over the last axis, with no weights; computed in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+ROTARY_BASE = 10000.0
+
+
+def rotary(x_TD: jax.Array, positions_T: jax.Array, base: float = ROTARY_BASE) -> jax.Array:
+    """Rotary position embedding (RoPE, Su et al. 2021) in the rotate-half layout (GPT-NeoX, Llama).
+
+    Channel i of the first half and channel i of the second half form a pair, turned by the angle
+    positions * base**(-2i / D): (a, b) -> (a cos - b sin, b cos + a sin). x: (..., T, D) with D even,
+    positions: (T,) -> x's shape and dtype; the angles and the rotation are computed in float32.
+    """
+    D = x_TD.shape[-1]
+    inv_freq = base ** (-jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # (D/2,)
+    angles_TD2 = jnp.asarray(positions_T, jnp.float32)[:, None] * inv_freq[None, :]
+    cos, sin = jnp.cos(angles_TD2), jnp.sin(angles_TD2)
+    a, b = jnp.split(x_TD.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1).astype(x_TD.dtype)
 
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "reference")

@@ -201,7 +201,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 # The model fields that say what a trained model is; with init_from or resume they come from its checkpoint.
 ARCH_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "activation", "tie_embeddings",
-               "pos_encoding", "attention", "norm_position", "ln_eps", "param_dtype")
+               "pos_encoding", "attention", "norm_position", "ln_eps", "norm", "qk_norm", "zero_init_proj",
+               "logit_softcap", "param_dtype")
 # The others (dropout, dtype, attention_impl, remat, scan_layers) say how to compute and stay the config's.
 COMPUTE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not in ARCH_FIELDS)
 

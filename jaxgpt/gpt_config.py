@@ -18,6 +18,7 @@ ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf GELU, as torch's nn.GELU()
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # GPT-2's original approximation
     "relu": jax.nn.relu,  # the lecture's gpt.py
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),  # ReLU squared (Primer; modded-nanogpt's speedruns)
 }
 
 
@@ -32,12 +33,17 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers (nanoGPT's `bias`)
-    activation: str = "gelu"  # 'gelu' (exact) | 'gelu_tanh' | 'relu'
+    activation: str = "gelu"  # 'gelu' (exact) | 'gelu_tanh' | 'relu' | 'relu2' (relu(x)**2)
     tie_embeddings: bool = True  # lm_head shares wte's matrix (nanoGPT, GPT-2)
-    pos_encoding: str = "learned"  # 'learned' (wpe table) | 'sinusoidal' (the Transformer paper)
+    # 'learned' (wpe table) | 'sinusoidal' (the Transformer paper) | 'rotary' (RoPE: q and k rotated by position)
+    pos_encoding: str = "learned"
     attention: str = "fused"  # 'fused' (nanoGPT's one c_attn) | 'heads' (the lecture's list of Head)
     norm_position: str = "pre"  # 'pre' (GPT-2) | 'post' (the Transformer paper's Add & Norm)
-    ln_eps: float = 1e-5
+    ln_eps: float = 1e-5  # the epsilon of every LayerNorm or RMSNorm, qk_norm's included
+    norm: str = "layernorm"  # 'layernorm' (nanoGPT) | 'rmsnorm' (x / rms(x), no weights) for ln_1, ln_2, ln_f
+    qk_norm: bool = False  # RMSNorm (no weights) on each head's queries and keys before the scores
+    zero_init_proj: bool = False  # the residual projections (attention's and MLP's c_proj) start at zero
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap), in float32; 0: off
     dtype: str = "float32"  # computation dtype ('bfloat16' for mixed precision)
     param_dtype: str = "float32"
     # 'auto' (cuDNN's flash attention in a 16-bit GPU program, else XLA's) | 'xla' | 'cudnn' | 'reference' (the ladder)
@@ -59,7 +65,8 @@ class GPTConfig:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         choices = {
             "activation": tuple(ACTIVATIONS),
-            "pos_encoding": ("learned", "sinusoidal"),
+            "pos_encoding": ("learned", "sinusoidal", "rotary"),
+            "norm": ("layernorm", "rmsnorm"),
             "attention": ("fused", "heads"),
             "norm_position": ("pre", "post"),
             "attention_impl": ATTENTION_IMPLS,
@@ -67,6 +74,11 @@ class GPTConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.pos_encoding == "rotary" and self.head_size % 2:
+            raise ValueError(f"model.pos_encoding='rotary' rotates pairs of channels: the head size "
+                             f"n_embd // n_head = {self.head_size} must be even")
+        if not 0.0 <= self.logit_softcap < float("inf"):
+            raise ValueError(f"model.logit_softcap must be >= 0 (0: off), got {self.logit_softcap}")
         for name in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, name))

@@ -8,7 +8,9 @@
     Block                 communication (attention) then computation (MLP), each with a residual
     GPT                   embeddings, a stack of Blocks, a final LayerNorm and the language-model head
 
-Their hyper-parameters are a `GPTConfig` (jaxgpt.gpt_config, importable from here too).
+Their hyper-parameters are a `GPTConfig` (jaxgpt.gpt_config, importable from here too): nanoGPT's model by default,
+with switches for a modern GPT's parts (rotary positions, qk_norm, ReLU², RMSNorm, zero-initialised projections,
+soft-capped logits, an untied head).
 
 Names of parameters follow nanoGPT (`wte`, `wpe`, `h`, `ln_1`, `attn`, `c_attn`, `c_proj`, `ln_2`,
 `mlp`, `c_fc`, `ln_f`, `lm_head`) so checkpoints map one to one. Modules hold parameters only;
@@ -34,7 +36,7 @@ import optax
 from flax import nnx
 
 from jaxgpt import kv_cache
-from jaxgpt.attention import attention, dot_product_attention, dropout
+from jaxgpt.attention import attention, dot_product_attention, dropout, rms_norm, rotary
 from jaxgpt.cpu_matmul import dense_dot_general
 from jaxgpt.gpt_config import ACTIVATIONS, GPTConfig
 from jaxgpt.initializers import normal
@@ -96,7 +98,7 @@ def _linear(config: GPTConfig, n_in: int, n_out: int, rngs: nnx.Rngs, std: float
         use_bias=config.bias,
         dtype=jnp.dtype(config.dtype),
         param_dtype=jnp.dtype(config.param_dtype),
-        kernel_init=normal(std),
+        kernel_init=normal(std) if std else nnx.initializers.zeros,
         bias_init=nnx.initializers.zeros,
         dot_general=dense_dot_general,
         rngs=rngs,
@@ -104,21 +106,18 @@ def _linear(config: GPTConfig, n_in: int, n_out: int, rngs: nnx.Rngs, std: float
 
 
 def _residual_std(config: GPTConfig) -> float:
-    """nanoGPT's special init for projections into the residual stream (GPT-2 paper)."""
-    return 0.02 / math.sqrt(2 * config.n_layer)
+    """nanoGPT's special init for projections into the residual stream (GPT-2 paper); 0 with `zero_init_proj`,
+    so that each block starts as the identity (modded-nanogpt)."""
+    return 0.0 if config.zero_init_proj else 0.02 / math.sqrt(2 * config.n_layer)
 
 
-def _layer_norm(config: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def _layer_norm(config: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm | nnx.RMSNorm:
+    dtypes = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
+    if config.norm == "rmsnorm":  # x / sqrt(mean(x^2) + eps): no mean, no weights
+        return nnx.RMSNorm(config.n_embd, epsilon=config.ln_eps, use_scale=False, rngs=rngs, **dtypes)
     # use_fast_variance=False: E[(x - mean)^2] like torch, not E[x^2] - mean^2.
-    return nnx.LayerNorm(
-        config.n_embd,
-        epsilon=config.ln_eps,
-        use_bias=config.bias,
-        use_fast_variance=False,
-        dtype=jnp.dtype(config.dtype),
-        param_dtype=jnp.dtype(config.param_dtype),
-        rngs=rngs,
-    )
+    return nnx.LayerNorm(config.n_embd, epsilon=config.ln_eps, use_bias=config.bias, use_fast_variance=False,
+                         rngs=rngs, **dtypes)
 
 
 def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
@@ -136,6 +135,16 @@ def sinusoidal_positions(T: int, C: int) -> jax.Array:
     return jnp.asarray(pe, dtype=jnp.float32)
 
 
+def _position_qk(config: GPTConfig, q: jax.Array, k: jax.Array, positions_T: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Queries and keys (..., T, head_size) at `positions`: RMS-normalised (`qk_norm`), then rotated (rotary)."""
+    if config.qk_norm:
+        q, k = rms_norm(q, config.ln_eps), rms_norm(k, config.ln_eps)
+    if config.pos_encoding == "rotary":
+        q, k = rotary(q, positions_T), rotary(k, positions_T)
+    return q, k
+
+
 # --------------------------------------------------------------------------------------------------
 # Attention: one head, many heads, the fused form
 # --------------------------------------------------------------------------------------------------
@@ -149,10 +158,14 @@ class Head(nnx.Module):
         self.query = _linear(config, config.n_embd, config.head_size, rngs)
         self.value = _linear(config, config.n_embd, config.head_size, rngs)
         self.dropout_rate = config.dropout
+        self.config = config
+
+    def _qk(self, x_BTC: jax.Array, start: int | jax.Array) -> tuple[jax.Array, jax.Array]:
+        return _position_qk(self.config, self.query(x_BTC), self.key(x_BTC), start + jnp.arange(x_BTC.shape[1]))
 
     def __call__(self, x_BTC: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
-        k_BTD, q_BTD, v_BTD = self.key(x_BTC), self.query(x_BTC), self.value(x_BTC)
-        return attention(q_BTD, k_BTD, v_BTD, causal=True, dropout_rate=self.dropout_rate, key=key)
+        q_BTD, k_BTD = self._qk(x_BTC, 0)
+        return attention(q_BTD, k_BTD, self.value(x_BTC), causal=True, dropout_rate=self.dropout_rate, key=key)
 
     def init_cache(self, batch_size: int, block_size: int, dtype: jnp.dtype
                    ) -> kv_cache.LayerCache:
@@ -162,7 +175,7 @@ class Head(nnx.Module):
     def decode(self, x_BTC: jax.Array, cache: kv_cache.LayerCache, pos: int | jax.Array
                ) -> tuple[jax.Array, kv_cache.LayerCache]:
         """The tokens of x sit at positions pos..: adds their keys and values to the cache, attends -> (y, cache)."""
-        return kv_cache.attend(cache, self.query(x_BTC), self.key(x_BTC), self.value(x_BTC), pos)
+        return kv_cache.attend(cache, *self._qk(x_BTC, pos), self.value(x_BTC), pos)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -199,13 +212,14 @@ class CausalSelfAttention(nnx.Module):
         self.n_head = config.n_head
         self.dropout_rate = config.dropout
         self.attention_impl = config.attention_impl
+        self.config = config
 
-    def _heads(self, x_BTC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """q, k, v of every head, each (B, n_head, T, head_size)."""
+    def _heads(self, x_BTC: jax.Array, start: int | jax.Array = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q, k, v of every head, each (B, n_head, T, head_size), the tokens at positions start, start + 1, ..."""
         B, T, C = x_BTC.shape
         q, k, v = jnp.split(self.c_attn(x_BTC), 3, axis=-1)
         to_heads = lambda t: t.reshape(B, T, self.n_head, C // self.n_head).transpose(0, 2, 1, 3)  # noqa: E731
-        return to_heads(q), to_heads(k), to_heads(v)
+        return *_position_qk(self.config, to_heads(q), to_heads(k), start + jnp.arange(T)), to_heads(v)
 
     def __call__(self, x_BTC: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
         B, T, C = x_BTC.shape
@@ -228,7 +242,7 @@ class CausalSelfAttention(nnx.Module):
         B, T, C = x_BTC.shape
         H, D = self.n_head, C // self.n_head
         to_rows = lambda t: t.reshape(B * H, T, D)  # noqa: E731 - (B, H, T, D) -> (B * H, T, D)
-        y_NTD, cache = kv_cache.attend(cache, *map(to_rows, self._heads(x_BTC)), pos)
+        y_NTD, cache = kv_cache.attend(cache, *map(to_rows, self._heads(x_BTC, pos)), pos)
         y_BTC = y_NTD.reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, C)
         return self.c_proj(y_BTC), cache
 
@@ -369,6 +383,8 @@ class GPT(nnx.Module):
         """Token embeddings plus the embeddings of positions start, start + 1, ..."""
         T = idx_BT.shape[1]
         tok_emb_BTC = self.wte(idx_BT)
+        if self.config.pos_encoding == "rotary":  # positions enter in the attention, by rotating q and k
+            return tok_emb_BTC
         if self.wpe is not None:
             pos_emb_TC = self.wpe(start + jnp.arange(T))
         else:
@@ -404,10 +420,11 @@ class GPT(nnx.Module):
         return x_BTC
 
     def head(self, x_BTC: jax.Array) -> jax.Array:
-        """Final LayerNorm and projection to vocabulary logits (float32)."""
+        """Final LayerNorm and projection to vocabulary logits (float32), soft-capped when `logit_softcap` > 0."""
         x_BTC = self.ln_f(x_BTC)
-        logits_BTV = self.wte.attend(x_BTC) if self.lm_head is None else self.lm_head(x_BTC)
-        return logits_BTV.astype(jnp.float32)
+        logits_BTV = (self.wte.attend(x_BTC) if self.lm_head is None else self.lm_head(x_BTC)).astype(jnp.float32)
+        cap = self.config.logit_softcap
+        return cap * jnp.tanh(logits_BTV / cap) if cap else logits_BTV
 
     def init_cache(self, batch_size: int) -> tuple:
         """An empty key/value cache for `decode`: one per layer, for `batch_size` sequences of up to block_size

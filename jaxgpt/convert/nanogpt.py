@@ -24,7 +24,8 @@ from jaxgpt.safe_pickle import UnsafePickleError, load_torch_checkpoint
 NANOGPT_MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 # The architecture nanoGPT's model.py implements, in jaxgpt's terms.
 _NANOGPT_ARCH = dict(
-    activation="gelu", tie_embeddings=True, pos_encoding="learned", attention="fused", norm_position="pre", ln_eps=1e-5
+    activation="gelu", tie_embeddings=True, pos_encoding="learned", attention="fused", norm_position="pre", ln_eps=1e-5,
+    norm="layernorm", qk_norm=False, logit_softcap=0.0,
 )
 _JAXGPT_CONFIG_KEY = "jaxgpt_config"  # extra top-level key: the full GPTConfig, for non-nanoGPT variants
 NANOGPT_DEFAULT_BEST_VAL_LOSS = 1e9  # nanoGPT's train.py starts from this
