@@ -11,8 +11,9 @@ but its last token is prefilled into the cache in one call, then a compiled `lax
 per step at its position, reading the keys and values of the past from the cache instead of recomputing them.
 
 Past `block_size`, as nanoGPT, each token is conditioned on the last `block_size` tokens at positions
-0 .. block_size-1. Positions enter at the input (learned or sinusoidal), so when the window slides every
-cached key and value changes: a second compiled loop then runs a full forward over the window per token.
+0 .. block_size-1. Learned or sinusoidal positions enter at the input, and rotary ones rotate the cached keys, so
+when the window slides every cached key and value changes: a second compiled loop then runs a full forward over the
+window per token.
 A sample mostly past the context (more than twice `block_size` in all, like the CPU recipe's end-of-run
 sample) runs that loop from its first token, the window right-padded until it fills (causal attention: the
 padding changes nothing before it), so that one program is compiled instead of two.
@@ -175,9 +176,9 @@ def prepare_generate(
     """Compiles (or reads from the compile cache) the programs `generate` will run for these shapes and settings,
     drawing no token, so that the later `generate` starts at once.
 
-    Compiling takes seconds and a sample a fraction of that: call this in a thread while something else runs
-    (a server before its first request, say). Any parameters of the same shapes and shardings will do, and any `key` of the
-    kind `generate` will get (a raw `PRNGKey` or a typed `jax.random.key`).
+    Compiling takes seconds and a sample a fraction of that: call this in a thread while something else runs (a
+    server before its first request, say). Any parameters of the same shapes and shardings will do, and any `key` of
+    the kind `generate` will get (a raw `PRNGKey` or a typed `jax.random.key`).
     """
     check_settings(max_new_tokens, temperature, top_k, top_p)
     idx_BT = np.zeros((batch_size, prompt_length), np.int32)
