@@ -25,10 +25,10 @@ def get_config():
     c.model.n_embd = 128
     c.model.dropout = 0.0
     c.model.bias = False
-    # The lecture's attention (an explicit masked softmax): on a CPU its step is ~11 % faster than
+    # The lecture's attention (an explicit masked softmax): on a CPU its step is faster than
     # jax.nn.dot_product_attention's (benchmarks/RESULTS.md), with the same numbers.
     c.model.attention_impl = "reference"
-    # Two CPU devices, each training half of every batch on its own core: 0.87x the step time of one device on a
+    # Two CPU devices, each training half of every batch on its own core: a shorter step than one device's on a
     # 2-core host (benchmarks/RESULTS.md). Results equal one device's to float32 rounding (the gradient's sum order).
     c.mesh.cpu_devices = 2
     return c
