@@ -383,6 +383,11 @@ def _step_names(ckpt_dir: pathlib.Path) -> list[str]:
     return []
 
 
+def _all_step_names(out_dir: str | os.PathLike) -> list[list[str]]:
+    """The step folders of every checkpoint kind: what a training run changes as it saves and prunes."""
+    return [_step_names(checkpoint_dir(out_dir, which)) for which in CHECKPOINT_KINDS]
+
+
 def _read_newest(ckptr: Checkpointer, which: str) -> tuple[nnx.GraphDef, Any, dict, int]:
     """(graphdef, params on one device, meta, step) of the newest whole `which` step."""
     if not ckptr.steps(which):
@@ -412,14 +417,15 @@ def load_model(out_dir: str | os.PathLike, which: str = "best") -> tuple[nnx.Mod
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"no {which} checkpoint in {ckpt_dir}")
     for attempt in range(READ_ATTEMPTS):
-        on_disk, ckptr = _step_names(ckpt_dir), None
+        on_disk, ckptr = _all_step_names(out_dir), None
         try:
             ckptr = Checkpointer(out_dir, read_only=True)  # lists the steps: one may go while it looks
             graphdef, params, meta, step = _read_newest(ckptr, which)
             break
         except (CheckpointError, OSError):
-            # A run training in out_dir pruned or replaced the step while it was read: read the newest again.
-            if attempt + 1 == READ_ATTEMPTS or _step_names(ckpt_dir) == on_disk:
+            # A run training in out_dir pruned or replaced a step while it was read (the Checkpointer lists both
+            # kinds, and 'latest' may be a link of a 'best' step): read the newest again.
+            if attempt + 1 == READ_ATTEMPTS or _all_step_names(out_dir) == on_disk:
                 raise
         finally:
             if ckptr is not None:
