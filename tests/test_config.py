@@ -15,7 +15,8 @@ from jaxgpt.model import GPT, BigramLanguageModel, GPTConfig
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["shakespeare_char", "shakespeare_char_cpu", "lecture", "bigram"])
+@pytest.mark.parametrize("name", ["shakespeare_char", "shakespeare_char_cpu", "shakespeare_char_speedrun", "lecture",
+                                  "bigram"])
 def test_shipped_configs_are_valid(name):
     c = config_lib.load_config_file(CONFIGS / f"{name}.py")
     config_lib.validate(c)
@@ -61,6 +62,19 @@ def test_shipped_configs_hold_the_recipes_they_are_named_after(name):
     c = config_lib.load_config_file(CONFIGS / f"{name}.py")
     got = {key: functools.reduce(lambda node, k: node[k], key.split("."), c) for key in RECIPES[name]}
     assert got == RECIPES[name]
+
+
+def test_the_speedrun_is_the_cpu_recipe_with_the_modern_switches_and_fewer_steps():
+    cpu, fast = (config_lib.load_config_file(CONFIGS / f"{n}.py") for n in ("shakespeare_char_cpu",
+                                                                           "shakespeare_char_speedrun"))
+    switches = {"pos_encoding": "rotary", "qk_norm": True, "activation": "relu2", "norm": "rmsnorm",
+                "zero_init_proj": True, "logit_softcap": 15.0}
+    assert {k: fast.model[k] for k in switches} == switches
+    assert {k: v for k, v in fast.model.items() if k not in switches} == {
+        k: v for k, v in cpu.model.items() if k not in switches}  # the same model's size and layout
+    assert fast.max_iters < cpu.max_iters and fast.batch_size == cpu.batch_size
+    model = config_lib.build_model(fast, 65, 0)
+    assert model.wpe is None and model.config.norm == "rmsnorm"
 
 
 def test_build_model_follows_model_name():
