@@ -33,7 +33,7 @@ from jaxgpt import host_feed, optim
 from jaxgpt import mfu as mfu_lib
 from jaxgpt import run_dir as run_dir_lib
 from jaxgpt import sharding as sharding_lib
-from jaxgpt.run_dir import Interrupt, TrainingError, read_metrics
+from jaxgpt.run_dir import CHECKPOINTS, Interrupt, TrainingError, checkpoint_dir, read_metrics
 from jaxgpt.train_step import make_estimate_loss, train_chunk_fn
 
 FIRST_CALL_STEPS = 8  # the first compiled call of a run trains this many steps at most, so progress shows early
@@ -180,7 +180,7 @@ class TrainLoop:
         self.save("latest")  # at the end, or on Ctrl-C / SIGTERM: between calls, so the state is whole
         if signum is not None:
             self.log(f"interrupted ({signal.Signals(signum).name}) at step {s.step}: checkpoint saved in "
-                     f"{self.out_dir / 'checkpoints' / 'latest'}; continue with --config.resume=True")
+                     f"{checkpoint_dir(self.out_dir, 'latest')}; continue with --config.resume=True")
         return signum
 
     def host_batches(self, a: int, b: int, offsets: np.ndarray | None = None) -> tuple[jax.Array, jax.Array]:
@@ -225,7 +225,7 @@ class TrainLoop:
             what = (f"loss is {losses[bad[0]]}" if not np.isfinite(losses[bad[0]])
                     else f"a gradient is not finite (loss {losses[bad[0]]:.4f})")
             raise TrainingError(f"{what} at step {a + int(bad[0])}: training stopped; {kept} in "
-                                f"{self.out_dir / 'checkpoints' / 'latest'} (--config.skip_nonfinite=True skips "
+                                f"{checkpoint_dir(self.out_dir, 'latest')} (--config.skip_nonfinite=True skips "
                                 "such steps)")
         for i in bad:
             self.log(f"step {a + int(i)}: non-finite loss or gradient (loss {losses[i]}): update skipped")
@@ -266,7 +266,7 @@ class TrainLoop:
         self.call_started = None
         if not all(math.isfinite(v) for v in losses.values()):
             raise TrainingError(f"non-finite eval loss at step {step} (train {losses['train']}, val {losses['val']}): "
-                                f"training stopped; the last good checkpoint is kept in {self.out_dir / 'checkpoints'}")
+                                f"training stopped; the last good checkpoint is kept in {self.out_dir / CHECKPOINTS}")
         self.metrics.record({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
                              "time": time.time() - self.t0})
         improved = losses["val"] < s.best_val
