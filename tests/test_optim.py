@@ -4,6 +4,7 @@ import json
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -242,6 +243,28 @@ def test_muon_on_stacked_layers_is_muon_on_each_layer():
     want, got = _flat(stack_layers(per_layer)), _flat(stacked)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-9, err_msg=k)
+
+
+def _dot_products(jaxpr) -> int:
+    """dot_general equations of a jaxpr, those of its sub-jaxprs (loops, vmaps, calls) included."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "dot_general"
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            n += _dot_products(sub)
+    return n
+
+
+def test_muon_orthogonalises_same_shaped_matrices_in_one_chain():
+    """One batched Newton-Schulz chain per matrix shape, however many blocks: the products do not grow with depth
+    (each block adds four matrices of the four shapes it already has)."""
+    tx = optim.make_optimizer(_muon_config())
+
+    def products(n_layer: int) -> int:
+        params = _gpt_params(n_layer=n_layer)
+        return _dot_products(jax.make_jaxpr(tx.update)(params, tx.init(params), params).jaxpr)
+
+    assert products(1) == products(3) > 0
 
 
 @pytest.mark.parametrize("key, value", [("optimizer", "sgd"), ("muon_learning_rate", 0.0), ("muon_momentum", 1.0),
