@@ -15,8 +15,8 @@ from jaxgpt.model import GPT, BigramLanguageModel, GPTConfig
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["shakespeare_char", "shakespeare_char_cpu", "shakespeare_char_speedrun", "lecture",
-                                  "bigram"])
+@pytest.mark.parametrize("name", ["shakespeare_char", "shakespeare_char_cpu", "shakespeare_char_speedrun",
+                                  "shakespeare_char_speedrun_gpu", "lecture", "bigram"])
 def test_shipped_configs_are_valid(name):
     c = config_lib.load_config_file(CONFIGS / f"{name}.py")
     config_lib.validate(c)
@@ -64,17 +64,33 @@ def test_shipped_configs_hold_the_recipes_they_are_named_after(name):
     assert got == RECIPES[name]
 
 
-def test_the_speedrun_is_the_cpu_recipe_with_the_modern_switches_and_fewer_steps():
-    cpu, fast = (config_lib.load_config_file(CONFIGS / f"{n}.py") for n in ("shakespeare_char_cpu",
-                                                                           "shakespeare_char_speedrun"))
+@pytest.mark.parametrize("base, speedrun, gpu", [("shakespeare_char_cpu", "shakespeare_char_speedrun", False),
+                                               ("shakespeare_char", "shakespeare_char_speedrun_gpu", True)])
+def test_a_speedrun_is_its_recipe_with_the_modern_switches_and_fewer_steps(base, speedrun, gpu):
+    old, fast = (config_lib.load_config_file(CONFIGS / f"{n}.py") for n in (base, speedrun))
     switches = {"pos_encoding": "rotary", "qk_norm": True, "activation": "relu2", "norm": "rmsnorm",
-                "zero_init_proj": True, "logit_softcap": 15.0}
+                "zero_init_proj": True, "logit_softcap": 15.0} | ({"tie_embeddings": False} if gpu else {})
     assert {k: fast.model[k] for k in switches} == switches
     assert {k: v for k, v in fast.model.items() if k not in switches} == {
-        k: v for k, v in cpu.model.items() if k not in switches}  # the same model's size and layout
-    assert fast.max_iters < cpu.max_iters and fast.batch_size == cpu.batch_size
+        k: v for k, v in old.model.items() if k not in switches}  # the same model's size and layout
+    assert fast.batch_size == old.batch_size and fast.optimizer == ("muon" if gpu else "adamw")
+    assert fast.max_iters <= old.max_iters / 2 and fast.lr_decay_iters == fast.max_iters
     model = config_lib.build_model(fast, 65, 0)
     assert model.wpe is None and model.config.norm == "rmsnorm"
+
+
+def test_the_gpu_speedrun_starts_near_a_uniform_guess():
+    """Its untied head keeps the first loss near ln(65): tied, each token's own logit would start at 0.02 * 384."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxgpt.model import loss_fn
+
+    c = config_lib.load_config_file(CONFIGS / "shakespeare_char_speedrun_gpu.py")
+    c.model.block_size, c.model.n_layer = 32, 2  # the width, the one that matters here, stays 384
+    model = config_lib.build_model(c, 65, 0)
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 65, (4, 33)), jnp.int32)
+    assert abs(float(loss_fn(model(x[:, :-1]), x[:, 1:])) - np.log(65)) < 0.3
 
 
 def test_build_model_follows_model_name():
