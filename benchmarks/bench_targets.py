@@ -16,6 +16,8 @@ program's on the TPU v5e (the math is the same) and bytes are each kernel's oper
     python benchmarks/bench_targets.py --quick                    # tiny shapes, v5e-1 and H100 (~1-2 min)
     python benchmarks/bench_targets.py --json targets.json        # everything (long: GPT-2 compiles for minutes)
     python benchmarks/bench_targets.py --targets h100 --configs shakespeare_char --hlo /tmp/hlo
+    python benchmarks/bench_targets.py --targets tpu-v5e-1,h100 --configs shakespeare_char_speedrun_gpu \\
+        --dtypes bfloat16
 
 The packages folder (`--packages`, default `.targets` in the checkout) is put on the path of a child process with
 JAX_PLATFORMS=cpu; the environment's own JAX stays CPU-only.
@@ -59,9 +61,10 @@ def load(name: str, **overrides):
     return c
 
 
-def jobs_for(target: targets_lib.Target, configs: list[str], quick: bool, gpt2_batch: int | None) -> list[Job]:
-    """The configs compiled for `target`: float32 and bfloat16 (bf16 only where the chip has bf16 units)."""
-    dtypes = ["float32"] + (["bfloat16"] if target.peak_bf16 else [])
+def jobs_for(target: targets_lib.Target, configs: list[str], quick: bool, gpt2_batch: int | None,
+             dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> list[Job]:
+    """The configs compiled for `target` in each of `dtypes` (bf16 only where the chip has bf16 units)."""
+    dtypes = [d for d in dtypes if d == "float32" or target.peak_bf16]
     meshes = [(-1, 1), (1, target.chips)] if target.chips > 1 else [None]
     out = []
     for mesh in meshes:
@@ -70,9 +73,12 @@ def jobs_for(target: targets_lib.Target, configs: list[str], quick: bool, gpt2_b
             tiny = dict(model__n_layer=2, model__n_head=2, model__n_embd=64, model__block_size=128, batch_size=8,
                         eval_iters=2, steps_per_call=2, model__dropout=0.0)
             out += [Job(f"tiny {d}{tag}", load("shakespeare_char", model__dtype=d, **tiny), mesh) for d in dtypes]
+            # The modern recipe (every model switch and Muon) in the precision accelerators run it in.
+            out.append(Job(f"tiny-speedrun {dtypes[-1]}{tag}",
+                           load("shakespeare_char_speedrun_gpu", model__dtype=dtypes[-1], **tiny), mesh))
             continue
-        if "shakespeare_char" in configs:
-            out += [Job(f"shakespeare_char {d}{tag}", load("shakespeare_char", model__dtype=d), mesh) for d in dtypes]
+        for name in (n for n in configs if n != "gpt2_124m"):
+            out += [Job(f"{name} {d}{tag}", load(name, model__dtype=d), mesh) for d in dtypes]
         if "gpt2_124m" in configs and target.peak_bf16:
             batches = [12 * target.chips] + ([gpt2_batch] if gpt2_batch and target.chips == 1 else [])
             for b in batches:  # one micro-batch per step, as nanoGPT's bench.py times it
@@ -244,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes, tpu-v5e-1 and h100 only")
     p.add_argument("--targets", default="", help=f"comma-separated, of {','.join(targets_lib.TARGETS)}")
-    p.add_argument("--configs", default="shakespeare_char,gpt2_124m")
+    p.add_argument("--configs", default="shakespeare_char,gpt2_124m",
+                   help="comma-separated configs/ names (shakespeare_char_speedrun_gpu: the modern GPU recipe)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="model.dtype of each compiled config but GPT-2's")
     p.add_argument("--gpt2-batch", type=int, help="GPT-2's largest batch on a v5e chip, if known (else searched)")
     p.add_argument("--json", type=pathlib.Path, help="write the rows as a JSON list here")
     p.add_argument("--hlo", type=pathlib.Path, help="write each compiled program's HLO text into this folder")
@@ -275,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names.sort(key=lambda n: targets_lib.TARGETS[n].platform != "tpu")  # TPU FLOPs first: the GPU rows reuse them
     configs = a.configs.split(",")
+    missing = [n for n in configs if not (ROOT / "configs" / f"{n}.py").is_file()]
+    if missing:
+        print(f"error: no config configs/{missing[0]}.py: --configs takes names of files in configs/", file=sys.stderr)
+        return 2
+    if not set(a.dtypes.split(",")) <= {"float32", "bfloat16"}:
+        print(f"error: --dtypes {a.dtypes!r}: choose from float32,bfloat16", file=sys.stderr)
+        return 2
     rows: list[dict] = []
     tpu_flops: dict = {}
     gpt2_batch = a.gpt2_batch
@@ -288,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if name == "tpu-v5e-1" and not a.quick and "gpt2_124m" in configs and gpt2_batch is None:
             gpt2_batch = gpt2_largest_batch(devs)
-        for job in jobs_for(target, configs, a.quick, gpt2_batch):
+        for job in jobs_for(target, configs, a.quick, gpt2_batch, tuple(a.dtypes.split(","))):
             print(f"compiling {name}: {job.label}", file=sys.stderr, flush=True)
             rows += measure(target, job, devs, a.hlo, tpu_flops)
             if a.json:  # rewritten after every config: a long run keeps what it compiled

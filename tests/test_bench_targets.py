@@ -29,8 +29,8 @@ def quick_rows(tmp_path_factory) -> list[dict]:
 def test_every_program_compiles_and_fits_on_each_target(quick_rows):
     seen = {(r["target"], r["config"], r["program"]) for r in quick_rows if r["compiled"] and r["fits"]}
     for target in ("tpu-v5e-1", "h100"):
-        for dtype in ("float32", "bfloat16"):
-            assert {(target, f"tiny {dtype}", p) for p in PROGRAMS} <= seen
+        for config in ("tiny float32", "tiny bfloat16", "tiny-speedrun bfloat16"):  # speedrun: switches and Muon
+            assert {(target, config, p) for p in PROGRAMS} <= seen
 
 
 @pytest.mark.slow
@@ -47,6 +47,7 @@ def test_a_gpu_program_compiled_on_a_cpu_takes_the_gpu_paths(quick_rows):
     rows = {(r["config"], r["program"]): r for r in quick_rows if r["target"] == "h100"}
     assert rows[("tiny bfloat16", "train_chunk")]["cudnn"] >= 2  # forward and backward
     assert rows[("tiny bfloat16", "evaluation")]["cudnn"] >= 1
+    assert rows[("tiny-speedrun bfloat16", "train_chunk")]["cudnn"] >= 2  # rotary and QK-norm keep the fused kernel
     assert rows[("tiny float32", "train_chunk")]["cudnn"] == 0  # cuDNN's flash kernel is 16-bit only
 
 
@@ -55,6 +56,7 @@ def test_a_tpu_program_compiled_on_a_cpu_runs_pallas_flash_attention(quick_rows)
     rows = {(r["config"], r["program"]): r for r in quick_rows if r["target"] == "tpu-v5e-1"}
     assert rows[("tiny bfloat16", "train_chunk")]["pallas"] >= 2  # forward, and the backward's kernels
     assert rows[("tiny bfloat16", "evaluation")]["pallas"] >= 1
+    assert rows[("tiny-speedrun bfloat16", "train_chunk")]["pallas"] >= 2
     assert rows[("tiny float32", "train_chunk")]["pallas"] == 0  # in float32, XLA's attention moves fewer bytes
 
 
