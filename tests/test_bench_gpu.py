@@ -90,13 +90,16 @@ def test_tiny_recipe_runs_train_py_and_reads_its_metrics(tmp_path, shakespeare_p
     out = tmp_path / "recipe.json"
     proc = _run(["--tiny", "--only", "recipe", "--data", str(shakespeare_path), "--json", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["section"].startswith("recipe") and "error" not in row
-    assert _positive(row["wall_s"]) and row["median_s"] == row["wall_s"]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["section"] for r in rows] == [f"recipe: train.py --config configs/{n}.py" for n in bench_gpu.RECIPES]
     overrides = dict(o.split("=") for o in gpu_programs.TINY.recipe_overrides)
     max_iters, interval = int(overrides["max_iters"]), int(overrides["eval_interval"])
-    assert row["final_step"] == max_iters and row["evals"] == max_iters // interval + 1
-    assert 0 < row["best_val"] < math.log(65) + 0.5  # a character model's loss, near or below uniform's
+    for row in rows:
+        assert "error" not in row, row
+        assert _positive(row["wall_s"]) and row["median_s"] == row["wall_s"]
+        assert row["final_step"] == max_iters and row["evals"] == max_iters // interval + 1
+        assert 0 < row["best_val"] < math.log(65) + 0.5  # a character model's loss, near or below uniform's
+        assert row["step_to_target"] is None and row["target_val"] == 1.47  # 20 tiny steps do not reach it
 
 
 @pytest.mark.slow
@@ -126,15 +129,18 @@ def test_xla_dump_is_set_before_jax_starts(tmp_path, shakespeare_path):
 @pytest.mark.slow
 def test_gpu_check_script_runs_the_benchmark_the_trace_and_the_recipe(tmp_path, shakespeare_path):
     """`gpu_check.sh --recipe` end to end with tiny shapes on this CPU (its GPU tests fail here, and it goes on)."""
-    env = dict(os.environ, OUT=str(tmp_path), BENCH_ARGS="--tiny", PYTEST_TIMEOUT_S="1", BUDGET_S="900",
-               PYTHON=sys.executable, JAXGPT_SHAKESPEARE=str(shakespeare_path))
+    # --recipe-target 9: above a character model's first loss, so the step that reaches it is the first evaluation
+    env = dict(os.environ, OUT=str(tmp_path), BENCH_ARGS="--tiny --recipe-target 9", PYTEST_TIMEOUT_S="1",
+               BUDGET_S="900", PYTHON=sys.executable, JAXGPT_SHAKESPEARE=str(shakespeare_path))
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--recipe"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     bench = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert bench["complete"] and bench["rows"] and not [r for r in bench["rows"] if "error" in r]
-    (recipe,) = json.loads((tmp_path / "recipe.json").read_text())["rows"]
-    assert recipe["section"].startswith("recipe") and "error" not in recipe
+    recipes = json.loads((tmp_path / "recipe.json").read_text())["rows"]
+    assert len(recipes) == len(bench_gpu.RECIPES) and not [r for r in recipes if "error" in r]
+    assert [(r["step_to_target"], r["target_val"]) for r in recipes] == [(0, 9.0)] * len(recipes)
+    assert "val <= 9.0 at step 0" in proc.stdout
     assert any(p.name.endswith(".xplane.pb.gz") for p in (tmp_path / "trace").iterdir())
     assert "=== " in (tmp_path / "log.txt").read_text() and "recipe exit status: 0" in proc.stdout
 
