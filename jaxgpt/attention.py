@@ -140,8 +140,25 @@ def rotary(x_TD: jax.Array, positions_T: jax.Array, base: float = ROTARY_BASE) -
     inv_freq = base ** (-jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # (D/2,)
     angles_TD2 = jnp.asarray(positions_T, jnp.float32)[:, None] * inv_freq[None, :]
     cos, sin = jnp.cos(angles_TD2), jnp.sin(angles_TD2)
-    a, b = jnp.split(x_TD.astype(jnp.float32), 2, axis=-1)
+    x = x_TD.astype(jnp.float32)
+    if target.platform() == "tpu":  # the same numbers, laid out for a TPU (`_rotate_half`)
+        return (x * jnp.tile(cos, 2) + _rotate_half(x) * jnp.tile(sin, 2)).astype(x_TD.dtype)
+    a, b = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1).astype(x_TD.dtype)
+
+
+def _rotate_half(x_TD: jax.Array) -> jax.Array:
+    """(a, b) -> (-b, a) on the last axis, as a product with a signed permutation (exact at HIGHEST precision).
+
+    On a TPU, splitting a 64-wide head into halves lays each 32-wide half out padded to the 128 lanes of a vector
+    register; the product keeps the head whole. In a v5e program of shakespeare_char_speedrun_gpu (bf16) it cuts the
+    evaluation's bytes from 12.2 to 7.1 GB and the training step's from 28.8 to 27.9 (`bench_targets.py`); on an
+    H100 it adds bytes (training step 20.9 -> 24.0 GB), so only TPU programs take it.
+    """
+    D, half = x_TD.shape[-1], x_TD.shape[-1] // 2
+    i = jnp.arange(half)
+    signed_permutation_DD = jnp.zeros((D, D), x_TD.dtype).at[half + i, i].set(-1).at[i, half + i].set(1)
+    return jnp.matmul(x_TD, signed_permutation_DD, precision=jax.lax.Precision.HIGHEST)
 
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "reference")

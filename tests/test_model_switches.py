@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt import GPT, GPTConfig, checkpoint, data, decode, optim, sampling, training
+from jaxgpt import GPT, GPTConfig, checkpoint, data, decode, optim, sampling, target, training
 from jaxgpt import config as config_lib
 from jaxgpt.attention import attention, rms_norm, rotary
 from jaxgpt.gpt_config import ACTIVATIONS
@@ -62,6 +62,18 @@ def test_rotary_is_the_rotation_written_out():
     np.testing.assert_allclose(rotary(jnp.asarray(x), jnp.asarray(positions)), rotary_written_out(x, positions),
                                atol=1e-4)
     np.testing.assert_array_equal(rotary(jnp.asarray(x), jnp.zeros(7, jnp.int32)), x)  # position 0: no turn
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rotary_laid_out_for_a_tpu_gives_the_same_numbers(dtype):
+    """A TPU program turns the halves by a signed-permutation product (`attention._rotate_half`): bit for bit the
+    same as splitting them, here on the CPU with the TPU's choice made (`target.compiling_for`)."""
+    x = jax.random.normal(jax.random.key(1), (2, 3, 11, 64)).astype(dtype)
+    positions = jnp.arange(5, 16)
+    with target.compiling_for("tpu"):  # a fresh function each: a compiled program is cached by its function
+        on_tpu = jax.jit(lambda x, p: rotary(x, p))(x, positions)
+    elsewhere = jax.jit(lambda x, p: rotary(x, p))(x, positions)
+    np.testing.assert_array_equal(np.asarray(on_tpu, np.float32), np.asarray(elsewhere, np.float32))
 
 
 def test_rotary_scores_depend_only_on_the_distance():
