@@ -159,7 +159,8 @@ def _executed(comps: dict[str, str]) -> list[str]:
 
 def gpu_kernels(text: str) -> dict:
     """Kernels of an optimized GPU HLO text (each instruction that launches work, loops counted once) by kind:
-    cuBLAS / cuDNN custom calls, Triton fusions, other fusions, others; and `convert`s to float32 (in fusions too)."""
+    cuBLAS / cuDNN custom calls, Pallas kernels (Triton custom calls), XLA's Triton fusions, other fusions, others;
+    and `convert`s to float32 (in fusions too)."""
     comps = _computations(text)
     kinds: Counter = Counter()
     for name in _executed(comps):
@@ -171,13 +172,14 @@ def gpu_kernels(text: str) -> dict:
             if op == "custom-call":
                 target = re.search(r'custom_call_target="([^"]+)"', line)
                 t = target.group(1) if target else ""
-                kinds["cublas" if "cublas" in t else "cudnn" if "cudnn" in t else "custom"] += 1
+                kinds["cublas" if "cublas" in t else "cudnn" if "cudnn" in t else
+                      "pallas" if t == "__gpu$xla.gpu.triton" else "custom"] += 1  # pallas: jaxgpt's own kernels
             elif op == "fusion":
                 kinds["triton" if "__triton" in line else "fusion"] += 1
             else:
                 kinds["other"] += 1
     f32_converts = len(re.findall(r"= f32\[[^\]]*\](?:\{[^}]*\})? convert\(", text))
-    return {"kernels": sum(kinds.values()), **{k: kinds[k] for k in ("cublas", "cudnn", "triton", "fusion")},
+    return {"kernels": sum(kinds.values()), **{k: kinds[k] for k in ("cublas", "cudnn", "pallas", "triton", "fusion")},
             "f32_converts": f32_converts}
 
 

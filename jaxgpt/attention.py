@@ -8,10 +8,11 @@ Each rung is a pure function with the same contract: tokens at time t may only l
     attention_weights    data-dependent weights: softmax(q @ k^T / sqrt(head_size)), masked
     attention            weights @ v, with dropout on the weights (nanoGPT's attn_dropout)
 
-`dot_product_attention` picks how a model computes the last rung: the ladder's `attention`, or JAX's
-fused kernels: `jax.nn.dot_product_attention` (XLA's, or cuDNN's flash attention on NVIDIA GPUs) and, on TPUs,
-JAX's Pallas flash attention. 'auto' takes the flash kernel the program's devices have (cuDNN's on a GPU in
-16-bit, Pallas's on a TPU) and XLA's elsewhere.
+`dot_product_attention` picks how a model computes the last rung: the ladder's `attention`, or fused kernels:
+`jax.nn.dot_product_attention` (XLA's, or cuDNN's flash attention on NVIDIA GPUs), JAX's Pallas flash attention
+on TPUs, and with attention dropout on GPUs jaxgpt's own (`flash_dropout`). 'auto' takes the flash kernel the
+program's devices have (cuDNN's on a GPU in 16-bit, `flash_dropout` there when training with attention dropout,
+Pallas's on a TPU) and XLA's elsewhere.
 
 Two rules of modern GPTs act on the queries and keys before the scores (`GPTConfig.pos_encoding='rotary'`,
 `GPTConfig.qk_norm`): `rotary` turns each pair of channels by an angle proportional to the position, so that a
@@ -175,20 +176,25 @@ def dot_product_attention(
 ) -> jax.Array:
     """Causal attention by `impl` (GPTConfig.attention_impl) -> (B, H, T, D).
 
-    'reference' is `attention` above. The fused kernels have no dropout: when attention dropout is active
-    (`dropout_rate > 0` and a key), 'xla' and 'auto' take the reference path, so the dropout nanoGPT applies to the
-    weights still happens ('cudnn' with dropout is refused by GPTConfig). 'auto' is, by the devices the program is
-    compiled for (`jaxgpt.target`, not the host): in a 16-bit program, cuDNN's flash kernel on a GPU and Pallas's on
-    a TPU (sequences in 128-token blocks); XLA's otherwise (in float32 on a TPU, XLA's moves fewer bytes).
+    'reference' is `attention` above. 'auto' is, by the devices the program is compiled for (`jaxgpt.target`, not
+    the host): in a 16-bit program, cuDNN's flash kernel on a GPU and Pallas's on a TPU (sequences in 128-token
+    blocks); XLA's otherwise (in float32 on a TPU, XLA's moves fewer bytes). With attention dropout
+    (`dropout_rate > 0` and a key) XLA's, cuDNN's and Pallas's kernels do not apply nanoGPT's dropout to the
+    weights: 'auto' runs `flash_dropout`'s kernels in a 16-bit GPU program, and 'auto' elsewhere and 'xla' take the
+    reference path ('cudnn' with dropout is refused by GPTConfig).
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    if impl == "reference" or (impl in ("auto", "xla") and dropout_rate > 0.0 and key is not None):
-        return attention(q_BHTD, k_BHSD, v_BHSD, causal=True, dropout_rate=dropout_rate, key=key)
     platform = target.platform()
     half = q_BHTD.dtype in (jnp.bfloat16, jnp.float16)
+    if impl == "reference" or (impl in ("auto", "xla") and dropout_rate > 0.0 and key is not None):
+        if impl == "auto" and platform == "gpu" and half:
+            y_BHTD = _gpu_flash_dropout(q_BHTD, k_BHSD, v_BHSD, dropout_rate, key)
+            if y_BHTD is not None:
+                return y_BHTD
+        return attention(q_BHTD, k_BHSD, v_BHSD, causal=True, dropout_rate=dropout_rate, key=key)
     if impl == "auto" and platform == "tpu" and half and _tpu_flash_fits(q_BHTD, k_BHSD):
-        y_BHTD = _tpu_flash_attention(q_BHTD, k_BHSD, v_BHSD)
+        y_BHTD = per_batch_shard(_tpu_flash_attention, q_BHTD, k_BHSD, v_BHSD)
         if y_BHTD is not None:
             return y_BHTD
     if impl == "auto":
@@ -214,22 +220,50 @@ def _tpu_flash_fits(q_BHTD: jax.Array, k_BHSD: jax.Array) -> bool:
     return q_BHTD.ndim == 4 and T == S and T % _TPU_BLOCK == 0
 
 
-def _tpu_flash_attention(q_BHTD: jax.Array, k_BHSD: jax.Array, v_BHSD: jax.Array) -> jax.Array | None:
-    """JAX's Pallas flash attention for TPUs: the (T, S) scores stay in the chip's fast memory, block by block.
-
-    A Pallas kernel is not split by XLA's partitioner, so on a mesh it runs per shard of the batch (`shard_map`
-    over the mesh axes the batch is split on: attention never mixes batch rows). None when the batch does not
-    split evenly over the mesh."""
+def _tpu_flash_attention(q_BHTD: jax.Array, k_BHSD: jax.Array, v_BHSD: jax.Array, first_row: jax.Array) -> jax.Array:
+    """JAX's Pallas flash attention for TPUs: the (T, S) scores stay in the chip's fast memory, block by block."""
     from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
 
-    def flash(q, k, v):
-        return flash_attention(q, k, v, causal=True, sm_scale=q.shape[-1] ** -0.5)
+    return flash_attention(q_BHTD, k_BHSD, v_BHSD, causal=True, sm_scale=q_BHTD.shape[-1] ** -0.5)
 
-    mesh = jax.typeof(q_BHTD).sharding.mesh
-    if mesh.empty or mesh.size == 1:
-        return flash(q_BHTD, k_BHSD, v_BHSD)
-    if q_BHTD.shape[0] % mesh.size:
+
+def _gpu_flash_dropout(q_BHTD: jax.Array, k_BHSD: jax.Array, v_BHSD: jax.Array, rate: float,
+                       key: jax.Array) -> jax.Array | None:
+    """jaxgpt's fused causal attention with dropout for NVIDIA GPUs (`jaxgpt.flash_dropout`); None where its
+    blocks do not fit the shapes or the batch does not split evenly over the mesh."""
+    from jaxgpt import flash_dropout  # Pallas: imported only for the GPU programs that use it
+
+    if q_BHTD.ndim != 4:  # the lecture's per-head modules: (B, T, D)
         return None
-    spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))  # the batch over every axis: data x fsdp
-    return jax.shard_map(flash, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
-        q_BHTD, k_BHSD, v_BHSD)
+    to_bthd = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731 - the kernels read the model's (B, T, H, D) layout
+    q_BTHD, k_BSHD, v_BSHD = to_bthd(q_BHTD), to_bthd(k_BHSD), to_bthd(v_BHSD)
+    if not flash_dropout.fits(q_BTHD, k_BSHD):
+        return None
+
+    def flash(q, k, v, first_row):
+        return flash_dropout.attention(q, k, v, rate=rate, key=key, first_row=first_row)
+
+    y_BTHD = per_batch_shard(flash, q_BTHD, k_BSHD, v_BSHD)
+    return None if y_BTHD is None else to_bthd(y_BTHD)
+
+
+def per_batch_shard(kernel, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array | None:
+    """`kernel(q, k, v, first_row)` on each shard of the batch; None when the batch does not split evenly.
+
+    A Pallas kernel is not split by XLA's partitioner, so on a mesh it runs per shard of the batch (`shard_map`
+    over the mesh axes the batch is split on: attention never mixes batch rows); `first_row` is the batch row a
+    shard starts at."""
+    mesh = jax.typeof(q).sharding.mesh
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k, v, 0)
+    if q.shape[0] % mesh.size:
+        return None
+    axes = tuple(mesh.axis_names)
+    rows = q.shape[0] // mesh.size
+
+    def per_shard(q, k, v):
+        return kernel(q, k, v, jax.lax.axis_index(axes) * rows)
+
+    spec = jax.sharding.PartitionSpec(axes)  # the batch over every axis: data x fsdp
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
+        q, k, v)

@@ -89,7 +89,7 @@ class GPTConfig:
             if self.dropout > 0:
                 raise ValueError(
                     f"model.attention_impl='cudnn' has no attention dropout but model.dropout={self.dropout}: "
-                    "set model.dropout=0 or model.attention_impl='xla'"
+                    "set model.dropout=0, or model.attention_impl='auto' (a fused kernel with dropout on GPUs)"
                 )
             if jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
                 raise ValueError(

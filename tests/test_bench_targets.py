@@ -29,7 +29,8 @@ def quick_rows(tmp_path_factory) -> list[dict]:
 def test_every_program_compiles_and_fits_on_each_target(quick_rows):
     seen = {(r["target"], r["config"], r["program"]) for r in quick_rows if r["compiled"] and r["fits"]}
     for target in ("tpu-v5e-1", "h100"):
-        for config in ("tiny float32", "tiny bfloat16", "tiny-speedrun bfloat16"):  # speedrun: switches and Muon
+        for config in ("tiny float32", "tiny bfloat16", "tiny-speedrun bfloat16",  # speedrun: switches and Muon
+                       "tiny-dropout bfloat16"):
             assert {(target, config, p) for p in PROGRAMS} <= seen
 
 
@@ -49,6 +50,18 @@ def test_a_gpu_program_compiled_on_a_cpu_takes_the_gpu_paths(quick_rows):
     assert rows[("tiny bfloat16", "evaluation")]["cudnn"] >= 1
     assert rows[("tiny-speedrun bfloat16", "train_chunk")]["cudnn"] >= 2  # rotary and QK-norm keep the fused kernel
     assert rows[("tiny float32", "train_chunk")]["cudnn"] == 0  # cuDNN's flash kernel is 16-bit only
+
+
+@pytest.mark.slow
+def test_gpu_attention_dropout_runs_jaxgpts_fused_kernels(quick_rows):
+    """With attention dropout a 16-bit GPU training step runs flash_dropout's three Pallas kernels a layer (forward,
+    dK/dV, dQ), not the (T, T) weights in memory."""
+    rows = {(r["config"], r["program"]): r for r in quick_rows if r["target"] == "h100"}
+    train = rows[("tiny-dropout bfloat16", "train_chunk")]
+    assert train["pallas"] == 3 * 2  # the tiny model's 2 layers
+    assert rows[("tiny-dropout bfloat16", "evaluation")]["pallas"] == 0  # no dropout when evaluating: cuDNN's
+    assert rows[("tiny-dropout bfloat16", "evaluation")]["cudnn"] >= 1
+    assert rows[("tiny bfloat16", "train_chunk")]["pallas"] == 0
 
 
 @pytest.mark.slow
@@ -72,6 +85,7 @@ HLO = """HloModule m
   %x = bf16[4,8]{1,0} get-tuple-element(%t), index=1
   %g = bf16[4,8]{1,0} custom-call(%x, %x), custom_call_target="__cublas$gemm"
   %c = f32[4,8]{1,0} convert(%g)
+  %p = bf16[4,8]{1,0} custom-call(%g), custom_call_target="__gpu$xla.gpu.triton"
   ROOT %r = (s32[], bf16[4,8]{1,0}) tuple(%i, %g)
 }
 
@@ -86,13 +100,14 @@ ENTRY %main (a: f32[4]) -> f32[4] {
 
 def test_gpu_kernels_counts_launches_not_fusion_bodies():
     k = targets.gpu_kernels(HLO)
-    assert (k["kernels"], k["cublas"], k["triton"], k["fusion"]) == (4, 1, 1, 1)  # fusion, triton, gemm, convert
+    # fusion, triton, gemm, convert, Pallas kernel
+    assert (k["kernels"], k["cublas"], k["triton"], k["fusion"], k["pallas"]) == (5, 1, 1, 1, 1)
     assert k["f32_converts"] == 1
 
 
 def test_kernel_bytes_reads_operands_and_writes_results():
-    # fusion: 16 in + 16 out; triton: 16 + 16; gemm: 2 x 64 in + 64 out; convert: 64 in + 128 out
-    assert targets.kernel_bytes(HLO) == 32 + 32 + 192 + 192
+    # fusion: 16 in + 16 out; triton: 16 + 16; gemm: 2 x 64 in + 64 out; convert: 64 in + 128 out; Pallas: 64 + 64
+    assert targets.kernel_bytes(HLO) == 32 + 32 + 192 + 192 + 128
 
 
 def test_gpu_target_config_names_the_chip():
