@@ -77,8 +77,8 @@ def jobs_for(target: targets_lib.Target, configs: list[str], quick: bool, gpt2_b
             out.append(Job(f"tiny-speedrun {dtypes[-1]}{tag}",
                            load("shakespeare_char_speedrun_gpu", model__dtype=dtypes[-1], **tiny), mesh))
             # Attention dropout, as shakespeare_char trains: on a GPU, jaxgpt's fused kernels (flash_dropout).
-            out.append(Job(f"tiny-dropout {dtypes[-1]}{tag}",
-                           load("shakespeare_char", model__dtype=dtypes[-1], **{**tiny, "model__dropout": 0.2}), mesh))
+            out += [Job(f"tiny-dropout {d}{tag}", load("shakespeare_char", model__dtype=d,
+                                                        **{**tiny, "model__dropout": 0.2}), mesh) for d in dtypes]
             continue
         for name in (n for n in configs if n != "gpt2_124m"):
             out += [Job(f"{name} {d}{tag}", load(name, model__dtype=d), mesh) for d in dtypes]

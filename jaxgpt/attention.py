@@ -11,7 +11,7 @@ Each rung is a pure function with the same contract: tokens at time t may only l
 `dot_product_attention` picks how a model computes the last rung: the ladder's `attention`, or fused kernels:
 `jax.nn.dot_product_attention` (XLA's, or cuDNN's flash attention on NVIDIA GPUs), JAX's Pallas flash attention
 on TPUs, and with attention dropout on GPUs jaxgpt's own (`flash_dropout`). 'auto' takes the flash kernel the
-program's devices have (cuDNN's on a GPU in 16-bit, `flash_dropout` there when training with attention dropout,
+program's devices have (cuDNN's on a GPU in 16-bit, `flash_dropout` on a GPU when training with attention dropout,
 Pallas's on a TPU) and XLA's elsewhere.
 
 Two rules of modern GPTs act on the queries and keys before the scores (`GPTConfig.pos_encoding='rotary'`,
@@ -180,7 +180,7 @@ def dot_product_attention(
     the host): in a 16-bit program, cuDNN's flash kernel on a GPU and Pallas's on a TPU (sequences in 128-token
     blocks); XLA's otherwise (in float32 on a TPU, XLA's moves fewer bytes). With attention dropout
     (`dropout_rate > 0` and a key) XLA's, cuDNN's and Pallas's kernels do not apply nanoGPT's dropout to the
-    weights: 'auto' runs `flash_dropout`'s kernels in a 16-bit GPU program, and 'auto' elsewhere and 'xla' take the
+    weights: 'auto' runs `flash_dropout`'s kernels in a GPU program, and 'auto' elsewhere and 'xla' take the
     reference path ('cudnn' with dropout is refused by GPTConfig).
     """
     if impl not in ATTENTION_IMPLS:
@@ -188,7 +188,7 @@ def dot_product_attention(
     platform = target.platform()
     half = q_BHTD.dtype in (jnp.bfloat16, jnp.float16)
     if impl == "reference" or (impl in ("auto", "xla") and dropout_rate > 0.0 and key is not None):
-        if impl == "auto" and platform == "gpu" and half:
+        if impl == "auto" and platform == "gpu":
             y_BHTD = _gpu_flash_dropout(q_BHTD, k_BHSD, v_BHSD, dropout_rate, key)
             if y_BHTD is not None:
                 return y_BHTD

@@ -11,7 +11,7 @@ dropout key, so a resumed run draws the same masks) and Bernoulli(1 - rate) elem
     softmax(q·kᵀ / √D) with causal masking   -> P        (online: running max and sum, never stored)
     dropout: P · keep / (1 - rate)            -> O = (P · keep / (1 - rate)) · v
 
-Used by `attention.dot_product_attention` in 16-bit GPU programs with attention dropout. `interpret=True` runs
+Used by `attention.dot_product_attention` in GPU programs with attention dropout. `interpret=True` runs
 the same kernels on any backend (the tests check them on a CPU against `reference`).
 """
 
@@ -29,9 +29,11 @@ BLOCK = 64  # query and key rows a kernel instance holds: (64, 64) scores fit in
 
 
 def fits(q_BTHD: jax.Array, k_BSHD: jax.Array) -> bool:
-    """Whether the kernels take these shapes: self-attention, whole blocks, a power-of-two head size (Triton)."""
+    """Whether the kernels take these arrays: self-attention, whole blocks, a power-of-two head size (Triton),
+    16- or 32-bit floats."""
     T, S, D = q_BTHD.shape[1], k_BSHD.shape[1], q_BTHD.shape[-1]
-    return q_BTHD.ndim == 4 and T == S and T % BLOCK == 0 and D in (16, 32, 64, 128) and T * S < 2**31
+    return (q_BTHD.ndim == 4 and T == S and T % BLOCK == 0 and D in (16, 32, 64, 128) and T * S < 2**31
+            and q_BTHD.dtype in (jnp.float32, jnp.bfloat16, jnp.float16))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -81,7 +83,8 @@ def reference(q_BTHD: jax.Array, k_BSHD: jax.Array, v_BSHD: jax.Array, *, rate: 
 
 
 def _dot(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
-    """a·b accumulated in float32 (the operands stay 16-bit: Triton's tensor-core dot)."""
+    """a·b accumulated in float32, the operands as they come (16-bit: Triton's tensor-core dot; float32: the
+    precision `jax.default_matmul_precision` says, TF32 by default as in XLA's GPU dots)."""
     a = a.T if trans_a else a
     b = b.T if trans_b else b
     return jnp.dot(a, b, preferred_element_type=jnp.float32)

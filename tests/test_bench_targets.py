@@ -30,7 +30,7 @@ def test_every_program_compiles_and_fits_on_each_target(quick_rows):
     seen = {(r["target"], r["config"], r["program"]) for r in quick_rows if r["compiled"] and r["fits"]}
     for target in ("tpu-v5e-1", "h100"):
         for config in ("tiny float32", "tiny bfloat16", "tiny-speedrun bfloat16",  # speedrun: switches and Muon
-                       "tiny-dropout bfloat16"):
+                       "tiny-dropout float32", "tiny-dropout bfloat16"):
             assert {(target, config, p) for p in PROGRAMS} <= seen
 
 
@@ -54,11 +54,11 @@ def test_a_gpu_program_compiled_on_a_cpu_takes_the_gpu_paths(quick_rows):
 
 @pytest.mark.slow
 def test_gpu_attention_dropout_runs_jaxgpts_fused_kernels(quick_rows):
-    """With attention dropout a 16-bit GPU training step runs flash_dropout's three Pallas kernels a layer (forward,
+    """With attention dropout a GPU training step runs flash_dropout's three Pallas kernels a layer (forward,
     dK/dV, dQ), not the (T, T) weights in memory."""
     rows = {(r["config"], r["program"]): r for r in quick_rows if r["target"] == "h100"}
-    train = rows[("tiny-dropout bfloat16", "train_chunk")]
-    assert train["pallas"] == 3 * 2  # the tiny model's 2 layers
+    for dtype in ("float32", "bfloat16"):
+        assert rows[(f"tiny-dropout {dtype}", "train_chunk")]["pallas"] == 3 * 2  # the tiny model's 2 layers
     assert rows[("tiny-dropout bfloat16", "evaluation")]["pallas"] == 0  # no dropout when evaluating: cuDNN's
     assert rows[("tiny-dropout bfloat16", "evaluation")]["cudnn"] >= 1
     assert rows[("tiny bfloat16", "train_chunk")]["pallas"] == 0

@@ -1,6 +1,6 @@
 """The fused dropout attention kernels (`jaxgpt.flash_dropout`), run by Pallas's interpreter on the CPU.
 
-The kernels are what a 16-bit GPU program with attention dropout runs (`attention.dot_product_attention`);
+The kernels are what a GPU program with attention dropout runs (`attention.dot_product_attention`);
 `tests/test_bench_targets.py` checks that the GPU program compiles to them. Here: their numbers against the
 attention written out with the same mask, their gradients, and the mask's distribution."""
 
@@ -137,5 +137,6 @@ def test_shapes_the_kernels_take():
     assert flash_dropout.fits(q, q)
     assert not flash_dropout.fits(q[:, :100], q[:, :100])  # not whole 64-row blocks
     assert not flash_dropout.fits(jnp.zeros((1, 256, 6, 48)), jnp.zeros((1, 256, 6, 48)))  # Triton: power of two
+    assert not flash_dropout.fits(q.astype(jnp.int32), q.astype(jnp.int32))
     with pytest.raises(ValueError, match="dropout rate"):
         flash_dropout.attention(q, q, q, rate=1.0, key=jax.random.key(0))
