@@ -80,7 +80,8 @@ EOF
 
 phase "pytest on the GPU (timeout ${PYTEST_TIMEOUT_S}s)"
 JAX_PLATFORMS=cuda timeout "$PYTEST_TIMEOUT_S" "$PYTHON" -m pytest -q -p no:cacheprovider \
-  tests/test_model.py tests/test_attention.py tests/test_sampling.py tests/test_training.py 2>&1 | tail -n 60 \
+  tests/test_model.py tests/test_attention.py tests/test_flash_dropout.py tests/test_sampling.py tests/test_training.py \
+  2>&1 | tail -n 60 \
   | tee -a "$LOG"
 echo | tee -a "$LOG"
 echo "pytest exit status: ${PIPESTATUS[0]} (124: timed out)" | tee -a "$LOG"

@@ -1,4 +1,5 @@
-"""The fused dropout attention kernels (`jaxgpt.flash_dropout`), run by Pallas's interpreter on the CPU.
+"""The fused dropout attention kernels (`jaxgpt.flash_dropout`): run by Pallas's interpreter on a CPU, compiled by
+Triton on a GPU (`benchmarks/gpu_check.sh` runs this file there).
 
 The kernels are what a GPU program with attention dropout runs (`attention.dot_product_attention`);
 `tests/test_bench_targets.py` checks that the GPU program compiles to them. Here: their numbers against the
@@ -14,6 +15,7 @@ from jaxgpt import flash_dropout
 from tests.test_sharding import run_with_devices
 
 B, T, H, D = 2, 128, 2, 32
+INTERPRET = jax.default_backend() != "gpu"
 
 
 def _qkv(seed: int = 0, dtype=jnp.float32):
@@ -22,7 +24,7 @@ def _qkv(seed: int = 0, dtype=jnp.float32):
 
 
 def _flash(q, k, v, rate, key, **kw):
-    return flash_dropout.attention(q, k, v, rate=rate, key=key, interpret=True, **kw)
+    return flash_dropout.attention(q, k, v, rate=rate, key=key, interpret=INTERPRET, **kw)
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.2, 0.5])
