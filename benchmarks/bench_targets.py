@@ -3,7 +3,7 @@
 For each target (`benchmarks/targets.py`: TPU v5e 1 chip as on Colab, v6e 1 chip, v5e 8 chips with the data and the
 FSDP mesh, H100, A100, T4) and config, it compiles the training chunk, the evaluation, and the sampler's prefill and
 decode step, and prints one table: HBM needed per chip against the chip's, XLA's FLOPs and bytes, the roofline bound
-max(FLOPs / peak, bytes / bandwidth) as a time and as MFU, and on GPUs the kernels (cuBLAS, cuDNN, Triton, other
+max(FLOPs / peak, bytes / bandwidth) as a time and as MFU, and on GPUs the kernels (cuBLAS, cuDNN, Pallas, Triton, other
 fusions) and the converts to float32. Only a device measures a time (`benchmarks/gpu_check.sh`); these figures say
 what will run and what bounds it.
 
@@ -13,7 +13,7 @@ program's on the TPU v5e (the math is the same) and bytes are each kernel's oper
 (`targets.kernel_bytes`). Without a device XLA does not autotune, so GPU kernel choices are its defaults.
 
     python benchmarks/bench_targets.py --install .targets        # the compile-only packages (~2 GB), once
-    python benchmarks/bench_targets.py --quick                    # tiny shapes, v5e-1 and H100 (~1-2 min)
+    python benchmarks/bench_targets.py --quick                    # tiny shapes, v5e-1, H100, T4 (~2 min)
     python benchmarks/bench_targets.py --json targets.json        # everything (long: GPT-2 compiles for minutes)
     python benchmarks/bench_targets.py --targets h100 --configs shakespeare_char --hlo /tmp/hlo
     python benchmarks/bench_targets.py --targets tpu-v5e-1,h100 --configs shakespeare_char_speedrun_gpu \\
@@ -195,10 +195,12 @@ def measure(target: targets_lib.Target, job: Job, devs: list, hlo_dir: pathlib.P
             flops, nbytes = cost.get("flops"), cost.get("bytes accessed")
             row["pallas"] = sum(1 for line in text.splitlines()  # jaxgpt's Pallas kernels, not XLA's own Mosaic ones
                                 if 'custom_call_target="tpu_custom_call"' in line and "pallas_call" in line)
-            tpu_flops[(job.label.split(" ")[0], job.label.split(" ")[1], name)] = flops
+            config, dtype = job.label.split(" ")[:2]
+            tpu_flops[(config, dtype, name)] = tpu_flops[(config, name)] = flops  # the latter: any dtype's
         else:
             row.update(targets_lib.gpu_kernels(text))
-            flops = tpu_flops.get((job.label.split(" ")[0], job.label.split(" ")[1], name))
+            config, dtype = job.label.split(" ")[:2]
+            flops = tpu_flops.get((config, dtype, name), tpu_flops.get((config, name)))
             nbytes = targets_lib.kernel_bytes(text)
         row.update(gflops=flops and flops / 1e9, gbytes=nbytes / 1e9)
         if flops and nbytes:
@@ -251,7 +253,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny shapes, tpu-v5e-1 and h100 only")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, tpu-v5e-1, h100 and t4 only")
     p.add_argument("--targets", default="", help=f"comma-separated, of {','.join(targets_lib.TARGETS)}")
     p.add_argument("--configs", default="shakespeare_char,gpt2_124m",
                    help="comma-separated configs/ names (shakespeare_char_speedrun_gpu: the modern GPU recipe)")
@@ -279,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                "PYTHONPATH": os.pathsep.join(filter(None, [str(a.packages), os.environ.get("PYTHONPATH")]))}
         return subprocess.run([sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)], env=env).returncode
 
-    names = a.targets.split(",") if a.targets else (["tpu-v5e-1", "h100"] if a.quick else list(targets_lib.TARGETS))
+    quick_targets = ["tpu-v5e-1", "h100", "t4"]
+    names = a.targets.split(",") if a.targets else (quick_targets if a.quick else list(targets_lib.TARGETS))
     unknown = [n for n in names if n not in targets_lib.TARGETS]
     if unknown:
         print(f"error: unknown target {unknown[0]!r}: choose from {', '.join(targets_lib.TARGETS)}", file=sys.stderr)

@@ -229,11 +229,15 @@ def _tpu_flash_attention(q_BHTD: jax.Array, k_BHSD: jax.Array, v_BHSD: jax.Array
 
 def _gpu_flash_dropout(q_BHTD: jax.Array, k_BHSD: jax.Array, v_BHSD: jax.Array, rate: float,
                        key: jax.Array) -> jax.Array | None:
-    """jaxgpt's fused causal attention with dropout for NVIDIA GPUs (`jaxgpt.flash_dropout`); None where its
-    blocks do not fit the shapes or the batch does not split evenly over the mesh."""
+    """jaxgpt's fused causal attention with dropout for NVIDIA GPUs (`jaxgpt.flash_dropout`); None where Triton
+    does not compile for the GPU (older than Ampere, or not known), its blocks do not fit the shapes, or the batch
+    does not split evenly over the mesh."""
     from jaxgpt import flash_dropout  # Pallas: imported only for the GPU programs that use it
 
     if q_BHTD.ndim != 4:  # the lecture's per-head modules: (B, T, D)
+        return None
+    capability = target.gpu_compute_capability()
+    if capability is None or capability < flash_dropout.MIN_COMPUTE_CAPABILITY:
         return None
     to_bthd = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731 - the kernels read the model's (B, T, H, D) layout
     q_BTHD, k_BSHD, v_BSHD = to_bthd(q_BHTD), to_bthd(k_BHSD), to_bthd(v_BHSD)

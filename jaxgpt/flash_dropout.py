@@ -26,6 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 BLOCK = 64  # query and key rows a kernel instance holds: (64, 64) scores fit in registers with D up to 128
+MIN_COMPUTE_CAPABILITY = (8, 0)  # XLA compiles Triton kernels for Ampere and newer only (a T4, 7.5, takes the ladder)
 
 
 def fits(q_BTHD: jax.Array, k_BSHD: jax.Array) -> bool:

@@ -1,4 +1,4 @@
-"""Every program of a run compiles for a TPU v5e chip and an H100 on this CPU host (benchmarks/bench_targets.py)."""
+"""Every program of a run compiles for a TPU v5e chip, an H100 and a T4 on this CPU host (bench_targets.py)."""
 
 import json
 import os
@@ -32,6 +32,9 @@ def test_every_program_compiles_and_fits_on_each_target(quick_rows):
         for config in ("tiny float32", "tiny bfloat16", "tiny-speedrun bfloat16",  # speedrun: switches and Muon
                        "tiny-dropout float32", "tiny-dropout bfloat16"):
             assert {(target, config, p) for p in PROGRAMS} <= seen
+    # Colab's free GPU has no bf16 units and Triton does not compile for it (compute capability 7.5).
+    for config in ("tiny float32", "tiny-speedrun float32", "tiny-dropout float32"):
+        assert {("t4", config, p) for p in PROGRAMS} <= seen
 
 
 @pytest.mark.slow
@@ -62,6 +65,8 @@ def test_gpu_attention_dropout_runs_jaxgpts_fused_kernels(quick_rows):
     assert rows[("tiny-dropout bfloat16", "evaluation")]["pallas"] == 0  # no dropout when evaluating: cuDNN's
     assert rows[("tiny-dropout bfloat16", "evaluation")]["cudnn"] >= 1
     assert rows[("tiny bfloat16", "train_chunk")]["pallas"] == 0
+    t4 = {(r["config"], r["program"]): r for r in quick_rows if r["target"] == "t4"}
+    assert t4[("tiny-dropout float32", "train_chunk")]["pallas"] == 0  # the ladder: Triton needs Ampere or newer
 
 
 @pytest.mark.slow

@@ -1,10 +1,17 @@
 """Choices of how to compute follow the devices a program is compiled for, not the host (jaxgpt.target)."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxgpt import attention, target
+from jaxgpt import attention, flash_dropout, target
+
+
+def gpu(capability: str) -> list:
+    """A stand-in for one NVIDIA device as `jax.devices()` or a compile-only topology lists it."""
+    return [types.SimpleNamespace(platform="cuda", compute_capability=capability)]
 
 
 def test_platform_is_the_hosts_outside_compiling_for():
@@ -35,15 +42,43 @@ def test_auto_attention_picks_by_the_compile_target(monkeypatch, platform, dtype
     assert picked == [expected]
 
 
-@pytest.mark.parametrize("platform", ["gpu", "tpu", "cpu"])
-def test_auto_attention_keeps_attention_dropout(monkeypatch, platform):
-    """No fused kernel has nanoGPT's dropout on the weights: while it is active, every platform takes the ladder."""
+def test_gpu_compute_capability_comes_from_the_devices_compiled_for():
+    assert target.gpu_compute_capability() is None  # this host: a CPU
+    with target.compiling_for(gpu("9.0")):
+        assert (target.platform(), target.gpu_compute_capability()) == ("gpu", (9, 0))
+        with target.compiling_for("gpu"):
+            assert target.gpu_compute_capability() is None  # a platform name says no more
+        with target.compiling_for(gpu("7.5") + gpu("8.6")):
+            assert target.gpu_compute_capability() == (7, 5)  # the oldest decides
+    with target.compiling_for("tpu"):
+        assert target.gpu_compute_capability() is None
+
+
+@pytest.mark.parametrize("devices", [gpu("7.5"), "gpu", "tpu", "cpu"])
+def test_auto_attention_keeps_attention_dropout(monkeypatch, devices):
+    """Where jaxgpt's fused dropout kernels do not compile (a T4, an unknown GPU) and off GPUs, attention dropout
+    takes the ladder: cuDNN's and XLA's kernels have no dropout on the weights."""
     monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: pytest.fail("a fused kernel was taken"))
-    q = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 128, 8), jnp.bfloat16)
-    with target.compiling_for(platform):
+    monkeypatch.setattr(flash_dropout, "attention", lambda *a, **k: pytest.fail("flash_dropout was taken"))
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 128, 16), jnp.bfloat16)
+    with target.compiling_for(devices):
         y = attention.dot_product_attention(q, q, q, impl="auto", dropout_rate=0.5, key=jax.random.PRNGKey(1))
     expected = attention.attention(q, q, q, dropout_rate=0.5, key=jax.random.PRNGKey(1))
     assert jnp.array_equal(y, expected)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("impl,fused", [("auto", True), ("xla", False), ("reference", False)])
+def test_auto_attention_with_dropout_on_an_ampere_or_newer_gpu_takes_flash_dropout(monkeypatch, dtype, impl, fused):
+    taken = []
+    monkeypatch.setattr(flash_dropout, "attention",
+                        lambda q, k, v, *, rate, key, first_row: taken.append((q.shape, rate)) or q)
+    q_BHTD = jnp.zeros((1, 2, 128, 16), dtype)
+    with target.compiling_for(gpu("8.0")):
+        y = attention.dot_product_attention(q_BHTD, q_BHTD, q_BHTD, impl=impl, dropout_rate=0.2,
+                                            key=jax.random.PRNGKey(1))
+    assert taken == ([((1, 128, 2, 16), 0.2)] if fused else [])  # the kernels read (B, T, H, D)
+    assert y.shape == q_BHTD.shape
 
 
 def test_cudnn_outside_a_gpu_program_says_so():
