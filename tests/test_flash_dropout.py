@@ -121,13 +121,15 @@ def test_a_batch_split_over_devices_draws_the_masks_of_one_device():
 
         keys = jax.random.split(jax.random.key(0), 3)
         q, k, v = (jax.random.normal(x, (4, 64, 2, 16)) for x in keys)
-        key = jax.random.key(1)
-        flash = lambda q, k, v, first_row: flash_dropout.attention(q, k, v, rate=0.2, key=key, first_row=first_row,
-                                                                    interpret=True)
-        one = flash(q, k, v, 0)
+        def split_over_the_mesh(q, k, v, key):  # the key traced, as a training step's is
+            flash = lambda q, k, v, first_row: flash_dropout.attention(q, k, v, rate=0.2, key=key,
+                                                                        first_row=first_row, interpret=True)
+            return attention.per_batch_shard(flash, q, k, v)
+
+        one = flash_dropout.attention(q, k, v, rate=0.2, key=jax.random.key(1), interpret=True)
         mesh = sharding.make_mesh(2, 1)
         put = lambda t: jax.device_put(t, NamedSharding(mesh, PartitionSpec("data")))
-        split = jax.jit(lambda q, k, v: attention.per_batch_shard(flash, q, k, v))(put(q), put(k), put(v))
+        split = jax.jit(split_over_the_mesh)(put(q), put(k), put(v), jax.random.key(1))
         print(json.dumps({"equal": bool(np.array_equal(np.asarray(split), np.asarray(one))),
                           "shards": len(split.sharding.device_set)}))
     """, n=2)
