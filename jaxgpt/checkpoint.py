@@ -359,8 +359,11 @@ class Checkpointer:
             manager.reload()
 
     def close(self) -> None:
+        """Closes the managers and waits for Orbax's clean-up of killed saves' temporary folders: a background
+        thread that lists the checkpoint folders, which a run interrupted before its first checkpoint removes."""
         for manager in self.managers.values():
             manager.close()
+        _join_orbax_threads()
 
 
 def _join_orbax_threads(timeout: float = 60.0) -> None:

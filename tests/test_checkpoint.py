@@ -59,6 +59,28 @@ def test_restore_gives_back_the_saved_arrays(run, tmp_path):
     assert int(restored["train"]["step"]) == 3 and restored["meta"]["x"] == 1
 
 
+def test_close_waits_for_orbaxs_clean_up_of_old_temporary_folders(tmp_path, monkeypatch):
+    """A run interrupted before its first checkpoint removes the empty checkpoint folders right after `close`: the
+    thread in which Orbax lists them for temporary folders must be done by then (else it prints a traceback)."""
+    import asyncio
+    import importlib
+    import threading
+
+    temporary_paths = importlib.import_module("orbax.checkpoint._src.path.temporary_paths")  # Orbax's own
+    original = temporary_paths.cleanup_temporary_paths
+    listed = []
+
+    async def slow_clean_up(*args, **kwargs):
+        await asyncio.sleep(0.5)  # a busy disk: the listing comes after `close` would have returned
+        listed.append(await original(*args, **kwargs))
+
+    monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow_clean_up)
+    ckptr = checkpoint.Checkpointer(tmp_path / "out")
+    ckptr.close()
+    assert len(listed) == len(checkpoint.CHECKPOINT_KINDS)  # every manager's clean-up finished inside close()
+    assert not [t for t in threading.enumerate() if "orbax" in type(t).__module__]
+
+
 def test_missing_checkpoint_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing")):
         checkpoint.load_model(tmp_path / "nothing")
