@@ -24,6 +24,8 @@ mask, as in the Transformer paper ("Attention Is All You Need", Vaswani et al., 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -220,9 +222,12 @@ def _tpu_flash_fits(q_BHTD: jax.Array, k_BHSD: jax.Array) -> bool:
     return q_BHTD.ndim == 4 and T == S and T % _TPU_BLOCK == 0
 
 
-def _tpu_flash_attention(q_BHTD: jax.Array, k_BHSD: jax.Array, v_BHSD: jax.Array, first_row: jax.Array) -> jax.Array:
+def _tpu_flash_attention(q_BHTD: jax.Array, k_BHSD: jax.Array, v_BHSD: jax.Array,
+                         first_row: jax.Array | int) -> jax.Array:
     """JAX's Pallas flash attention for TPUs: the (T, S) scores stay in the chip's fast memory, block by block."""
     from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
+
+    del first_row  # no dropout: where a shard sits in the batch does not matter
 
     return flash_attention(q_BHTD, k_BHSD, v_BHSD, causal=True, sm_scale=q_BHTD.shape[-1] ** -0.5)
 
@@ -251,7 +256,7 @@ def _gpu_flash_dropout(q_BHTD: jax.Array, k_BHSD: jax.Array, v_BHSD: jax.Array, 
     return None if y_BTHD is None else to_bthd(y_BTHD)
 
 
-def per_batch_shard(kernel, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array | None:
+def per_batch_shard(kernel: Callable[..., jax.Array], q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array | None:
     """`kernel(q, k, v, first_row)` on each shard of the batch; None when the batch does not split evenly.
 
     A Pallas kernel is not split by XLA's partitioner, so on a mesh it runs per shard of the batch (`shard_map`
