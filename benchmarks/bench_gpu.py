@@ -5,7 +5,9 @@ One command, one table (markdown on stdout) and, with `--json PATH`, the same ro
     step      shakespeare_char training step (batch 64 x 256, 6 layers x 384, dropout 0.2, nanoGPT's AdamW:
               warmup + cosine, weight decay 0.1 on >= 2-D parameters, betas (0.9, 0.99), clip 1.0):
               jaxgpt float32 and bfloat16 (`train_step.make_train_chunk`, 50 steps per call, batches drawn on
-              the device, as `configs/shakespeare_char.py` trains) and the PyTorch reference
+              the device, as `configs/shakespeare_char.py` trains; on a GPU attention dropout runs in
+              `jaxgpt.flash_dropout`'s kernels, and a bfloat16 row with `attention_impl='xla'` times the step
+              without them, the (T, T) weights in memory) and the PyTorch reference
               (tests/reference/torch_gpt.py) under `torch.compile` + bf16 autocast, fused AdamW as nanoGPT
               picks on CUDA, batches drawn on the device
     eval      one evaluation: eval_iters=200 batches of the train split and 200 of val, no dropout
@@ -185,6 +187,9 @@ class Bench:
         shape = self.plan.shakespeare
         want_step, want_eval = "step" in self.sections, "eval" in self.sections
         variants = [("jaxgpt float32", {"dtype": "float32"}), ("jaxgpt bfloat16", {"dtype": "bfloat16"})]
+        if self.on_gpu or self.args.tiny:  # what the fused dropout attention is worth, side by side (--tiny: the path)
+            variants.append(("jaxgpt bfloat16, dropout unfused (attention_impl='xla')",
+                             {"dtype": "bfloat16", "attention_impl": "xla"}))
         if not want_step:  # eval only: float32 and torch are trained (their step rows dropped) to be evaluated
             variants = variants[:1]
         trainers = self.train_section("shakespeare_char step", shape, self.plan.shakespeare_k, variants,
@@ -196,7 +201,7 @@ class Bench:
         if not want_eval:
             return
         section = f"evaluation ({self.plan.eval_iters} x 2 batches)"
-        for impl in [name for name, _ in variants] + ["torch"]:
+        for impl in [name for name, _ in variants[:2]] + ["torch"]:  # as trained: float32, bfloat16
             label = self.torch_label() if impl == "torch" else impl
             t = trainers.get(impl)
             if t is None:
