@@ -174,6 +174,7 @@ def measure(target: targets_lib.Target, job: Job, devs: list, hlo_dir: pathlib.P
             lowered = lowered_programs(job, devs)
     except Exception as e:  # noqa: BLE001 - a row, not a crash: the other targets still compile
         return [{**base, "program": "all", "compiled": False, "fits": False, "error": _one_line(e)}]
+    config, dtype = job.label.split(" ")[:2]
     for name, low in lowered.items():
         row = {**base, "program": name, "peak_tflops": peak / 1e12}
         t0 = time.perf_counter()
@@ -195,11 +196,9 @@ def measure(target: targets_lib.Target, job: Job, devs: list, hlo_dir: pathlib.P
             flops, nbytes = cost.get("flops"), cost.get("bytes accessed")
             row["pallas"] = sum(1 for line in text.splitlines()  # jaxgpt's Pallas kernels, not XLA's own Mosaic ones
                                 if 'custom_call_target="tpu_custom_call"' in line and "pallas_call" in line)
-            config, dtype = job.label.split(" ")[:2]
             tpu_flops[(config, dtype, name)] = tpu_flops[(config, name)] = flops  # the latter: any dtype's
         else:
             row.update(targets_lib.gpu_kernels(text))
-            config, dtype = job.label.split(" ")[:2]
             flops = tpu_flops.get((config, dtype, name), tpu_flops.get((config, name)))
             nbytes = targets_lib.kernel_bytes(text)
         row.update(gflops=flops and flops / 1e9, gbytes=nbytes / 1e9)

@@ -367,8 +367,9 @@ class Checkpointer:
 
 
 def _join_orbax_threads(timeout: float = 60.0) -> None:
-    """Waits for the threads a failed Orbax save left running (each waits for the other items of the step to be
-    written). Left alone, they outlive the run and at its exit each prints a traceback around the one error line."""
+    """Waits for Orbax's background threads: those a failed save left running (each waits for the other items of
+    the step to be written) and a manager's clean-up of temporary folders. Left alone, they outlive the run or the
+    folders they list, and each prints a traceback around the one error line."""
     from orbax.checkpoint._src.futures import future  # private: Orbax has no public way to wait for them
 
     deadline = time.monotonic() + timeout
