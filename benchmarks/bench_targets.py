@@ -70,7 +70,7 @@ def jobs_for(target: targets_lib.Target, configs: list[str], quick: bool, gpt2_b
     for mesh in meshes:
         tag = "" if mesh is None else (" data" if mesh[1] == 1 else " fsdp")
         if quick:
-            tiny = dict(model__n_layer=2, model__n_head=2, model__n_embd=64, model__block_size=128, batch_size=8,
+            tiny = dict(model__n_layer=2, model__n_head=2, model__n_embd=128, model__block_size=128, batch_size=8,
                         eval_iters=2, steps_per_call=2, model__dropout=0.0)
             out += [Job(f"tiny {d}{tag}", load("shakespeare_char", model__dtype=d, **tiny), mesh) for d in dtypes]
             # The modern recipe (every model switch and Muon) in the precision accelerators run it in.

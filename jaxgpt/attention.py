@@ -9,10 +9,10 @@ Each rung is a pure function with the same contract: tokens at time t may only l
     attention            weights @ v, with dropout on the weights (nanoGPT's attn_dropout)
 
 `dot_product_attention` picks how a model computes the last rung: the ladder's `attention`, or fused kernels:
-`jax.nn.dot_product_attention` (XLA's, or cuDNN's flash attention on NVIDIA GPUs), JAX's Pallas flash attention
-on TPUs, and with attention dropout on GPUs jaxgpt's own (`flash_dropout`). 'auto' takes the flash kernel the
-program's devices have (cuDNN's on a GPU in 16-bit, `flash_dropout` on a GPU when training with attention dropout,
-Pallas's on a TPU) and XLA's elsewhere.
+`jax.nn.dot_product_attention` (XLA's, or cuDNN's flash attention on NVIDIA GPUs), jaxgpt's own with nanoGPT's
+attention dropout (`flash_dropout` for GPUs, `flash_dropout_tpu` for TPUs) and JAX's Pallas flash attention on TPUs.
+'auto' takes the flash kernel the program's devices have (on a TPU jaxgpt's, with or without dropout; on a GPU
+cuDNN's in 16-bit and jaxgpt's when training with attention dropout) and XLA's elsewhere.
 
 Two rules of modern GPTs act on the queries and keys before the scores (`GPTConfig.pos_encoding='rotary'`,
 `GPTConfig.qk_norm`): `rotary` turns each pair of channels by an angle proportional to the position, so that a
@@ -179,17 +179,23 @@ def dot_product_attention(
     """Causal attention by `impl` (GPTConfig.attention_impl) -> (B, H, T, D).
 
     'reference' is `attention` above. 'auto' is, by the devices the program is compiled for (`jaxgpt.target`, not
-    the host): in a 16-bit program, cuDNN's flash kernel on a GPU and Pallas's on a TPU (sequences in 128-token
-    blocks); XLA's otherwise (in float32 on a TPU, XLA's moves fewer bytes). With attention dropout
-    (`dropout_rate > 0` and a key) XLA's, cuDNN's and Pallas's kernels do not apply nanoGPT's dropout to the
-    weights: 'auto' runs `flash_dropout`'s kernels in a GPU program, and 'auto' elsewhere and 'xla' take the
-    reference path ('cudnn' with dropout is refused by GPTConfig).
+    the host): on a TPU `flash_dropout_tpu`'s kernels (sequences in 128-token blocks, heads that tile 128 lanes;
+    else in 16-bit JAX's Pallas flash kernel); on a GPU cuDNN's flash kernel in a 16-bit program; XLA's otherwise.
+    With attention dropout (`dropout_rate > 0` and a key) XLA's, cuDNN's and JAX's Pallas kernels do not apply
+    nanoGPT's dropout to the weights: 'auto' runs jaxgpt's kernels (`flash_dropout` on a GPU, `flash_dropout_tpu`
+    on a TPU), and where they do not fit, 'auto' and 'xla' take the reference path ('cudnn' with dropout is
+    refused by GPTConfig).
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     platform = target.platform()
     half = q_BHTD.dtype in (jnp.bfloat16, jnp.float16)
-    if impl == "reference" or (impl in ("auto", "xla") and dropout_rate > 0.0 and key is not None):
+    dropping = dropout_rate > 0.0 and key is not None
+    if impl == "auto" and platform == "tpu":
+        y_BHTD = _tpu_flash_dropout(q_BHTD, k_BHSD, v_BHSD, dropout_rate if dropping else 0.0, key)
+        if y_BHTD is not None:
+            return y_BHTD
+    if impl == "reference" or (impl in ("auto", "xla") and dropping):
         if impl == "auto" and platform == "gpu":
             y_BHTD = _gpu_flash_dropout(q_BHTD, k_BHSD, v_BHSD, dropout_rate, key)
             if y_BHTD is not None:
@@ -224,7 +230,9 @@ def _tpu_flash_fits(q_BHTD: jax.Array, k_BHSD: jax.Array) -> bool:
 
 def _tpu_flash_attention(q_BHTD: jax.Array, k_BHSD: jax.Array, v_BHSD: jax.Array,
                          first_row: jax.Array | int) -> jax.Array:
-    """JAX's Pallas flash attention for TPUs: the (T, S) scores stay in the chip's fast memory, block by block."""
+    """JAX's Pallas flash attention for TPUs: the (T, S) scores stay in the chip's fast memory, block by block. It
+    reads (B, H, T, D), each head's rows padded to 128 lanes: 'auto' takes it for the heads `flash_dropout_tpu`
+    does not take (48 or 96 wide, say)."""
     from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
 
     del first_row  # no dropout: where a shard sits in the batch does not matter
@@ -254,6 +262,28 @@ def _gpu_flash_dropout(q_BHTD: jax.Array, k_BHSD: jax.Array, v_BHSD: jax.Array, 
 
     y_BTHD = per_batch_shard(flash, q_BTHD, k_BSHD, v_BSHD)
     return None if y_BTHD is None else to_bthd(y_BTHD)
+
+
+def _tpu_flash_dropout(q_BHTD: jax.Array, k_BHSD: jax.Array, v_BHSD: jax.Array, rate: float,
+                       key: jax.Array | None) -> jax.Array | None:
+    """jaxgpt's fused causal attention for TPUs (`jaxgpt.flash_dropout_tpu`), with dropout `rate` (0: none, no key
+    needed), on the heads side by side (B, T, C); None where its blocks do not fit the shapes or the batch does not
+    split evenly over the mesh."""
+    from jaxgpt import flash_dropout_tpu  # Pallas: imported only for the TPU programs that use it
+
+    if q_BHTD.ndim != 4:  # the lecture's per-head modules: (B, T, D)
+        return None
+    B, H, T, D = q_BHTD.shape
+    to_btc = lambda t: jnp.swapaxes(t, 1, 2).reshape(B, t.shape[2], H * D)  # noqa: E731 - the model's own layout
+    q_BTC, k_BSC, v_BSC = to_btc(q_BHTD), to_btc(k_BHSD), to_btc(v_BHSD)
+    if not flash_dropout_tpu.fits(q_BTC, k_BSC, H):
+        return None
+
+    def flash(q, k, v, first_row):
+        return flash_dropout_tpu.attention(q, k, v, n_head=H, rate=rate, key=key, first_row=first_row)
+
+    y_BTC = per_batch_shard(flash, q_BTC, k_BSC, v_BSC)
+    return None if y_BTC is None else jnp.swapaxes(y_BTC.reshape(B, T, H, D), 1, 2)
 
 
 def per_batch_shard(kernel: Callable[..., jax.Array], q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array | None:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxgpt import attention, flash_dropout, target
+from jaxgpt import attention, flash_dropout, flash_dropout_tpu, target
 
 
 def gpu(capability: str) -> list:
@@ -56,10 +56,12 @@ def test_gpu_compute_capability_comes_from_the_devices_compiled_for():
 
 @pytest.mark.parametrize("devices", [gpu("7.5"), "gpu", "tpu", "cpu"])
 def test_auto_attention_keeps_attention_dropout(monkeypatch, devices):
-    """Where jaxgpt's fused dropout kernels do not compile (a T4, an unknown GPU) and off GPUs, attention dropout
-    takes the ladder: cuDNN's and XLA's kernels have no dropout on the weights."""
+    """Where jaxgpt's fused dropout kernels do not compile (a T4, an unknown GPU), do not fit (16-wide heads, 32
+    channels: not a TPU's 128 lanes) or do not exist (a CPU), attention dropout takes the ladder: cuDNN's, XLA's and
+    JAX's Pallas kernels have no dropout on the weights."""
     monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: pytest.fail("a fused kernel was taken"))
     monkeypatch.setattr(flash_dropout, "attention", lambda *a, **k: pytest.fail("flash_dropout was taken"))
+    monkeypatch.setattr(flash_dropout_tpu, "attention", lambda *a, **k: pytest.fail("flash_dropout_tpu was taken"))
     q = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 128, 16), jnp.bfloat16)
     with target.compiling_for(devices):
         y = attention.dot_product_attention(q, q, q, impl="auto", dropout_rate=0.5, key=jax.random.PRNGKey(1))
@@ -87,9 +89,30 @@ def test_cudnn_outside_a_gpu_program_says_so():
         attention.dot_product_attention(q, q, q, impl="cudnn")
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("impl,rate,fused", [("auto", 0.0, True), ("auto", 0.2, True), ("xla", 0.0, False),
+                                             ("reference", 0.2, False)])
+def test_auto_attention_on_a_tpu_takes_flash_dropout_tpu(monkeypatch, dtype, impl, rate, fused):
+    """With dropout and without, in both precisions: the heads side by side, (B, T, C), 64-wide heads two to a lane
+    group of 128."""
+    taken = []
+    monkeypatch.setattr(flash_dropout_tpu, "attention",
+                        lambda q, k, v, *, n_head, rate, key, first_row: taken.append((q.shape, n_head, rate)) or q)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda q, *a, **k: q)
+    q_BHTD = jnp.zeros((1, 2, 128, 64), dtype)
+    with target.compiling_for("tpu"):
+        y = attention.dot_product_attention(q_BHTD, q_BHTD, q_BHTD, impl=impl, dropout_rate=rate,
+                                            key=jax.random.PRNGKey(1))
+    assert taken == ([((1, 128, 128), 2, rate)] if fused else [])
+    assert y.shape == q_BHTD.shape
+
+
 @pytest.mark.parametrize("dtype,T,flash", [(jnp.bfloat16, 128, True), (jnp.bfloat16, 64, False),
                                            (jnp.float32, 128, False)])
-def test_auto_attention_on_a_tpu_takes_pallas_flash_in_16_bit_blocks(monkeypatch, dtype, T, flash):
+def test_auto_attention_on_a_tpu_takes_pallas_flash_for_the_heads_flash_dropout_tpu_does_not(monkeypatch, dtype, T,
+                                                                                              flash):
+    """8-wide heads, 16 channels: not whole 128-lane groups. JAX's Pallas kernel takes them in 16-bit and whole
+    128-token blocks."""
     from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
 
     taken = []

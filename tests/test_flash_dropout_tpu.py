@@ -1,0 +1,110 @@
+"""The TPU's fused attention kernels (`jaxgpt.flash_dropout_tpu`): run by Pallas's interpreter on a CPU, compiled
+by Mosaic on a TPU.
+
+The kernels are what a TPU program runs for its attention (`attention.dot_product_attention`);
+`tests/test_bench_targets.py` checks that the TPU programs compile to them. Here: their numbers against the
+attention written out with the GPU kernels' mask (the same weights are dropped on both), their gradients, and the
+heads' lane groups (64-wide heads two to a 128-lane group, 32-wide four, 128-wide one)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt import attention as attention_lib
+from jaxgpt import flash_dropout, flash_dropout_tpu
+
+B, T = 2, 256  # two 128-row blocks: the diagonal block and the one below it
+INTERPRET = jax.default_backend() != "tpu"
+
+
+def _qkv(seed: int = 0, H: int = 4, D: int = 64, dtype=jnp.float32):
+    """q, k, v as (B, T, H, D): the GPU kernels' layout, and the heads side by side after a reshape."""
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return tuple(jax.random.normal(k, (B, T, H, D), dtype) for k in keys)
+
+
+def _flash(q_BTHD, k_BTHD, v_BTHD, rate, key, **kw):
+    """The TPU kernels on (B, T, H, D) arrays, through the model's (B, T, C) layout."""
+    B_, T_, H, D = q_BTHD.shape
+    to_btc = lambda t: t.reshape(t.shape[0], T_, H * D)  # noqa: E731
+    y = flash_dropout_tpu.attention(to_btc(q_BTHD), to_btc(k_BTHD), to_btc(v_BTHD), n_head=H, rate=rate, key=key,
+                                    interpret=INTERPRET, **kw)
+    return y.reshape(q_BTHD.shape)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.2, 0.5])
+@pytest.mark.parametrize("H,D", [(4, 64), (4, 32), (1, 128)])
+def test_kernels_give_the_attention_written_out_with_the_gpu_kernels_mask(rate, H, D):
+    q, k, v = _qkv(H=H, D=D)
+    key = jax.random.key(7)
+    with jax.default_matmul_precision("highest"):
+        y = _flash(q, k, v, rate, key)
+        want = flash_dropout.reference(q, k, v, rate=rate, key=key)
+    np.testing.assert_allclose(y, want, atol=2e-5, rtol=1e-5)
+
+
+def test_without_dropout_it_is_the_lectures_causal_attention():
+    q, k, v = _qkv(1)
+    to_bhtd = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        y = _flash(q, k, v, 0.0, jax.random.key(0))
+        want = attention_lib.attention(to_bhtd(q), to_bhtd(k), to_bhtd(v), causal=True)
+    np.testing.assert_allclose(to_bhtd(y), want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.2])
+def test_gradients_equal_the_written_out_attentions(rate):
+    """The backward kernel recomputes the scores and the mask, transposed; its dq, dk, dv equal autodiff of the
+    reference, head by head (a lane group's two heads do not leak into each other)."""
+    q, k, v = _qkv(2)
+    key = jax.random.key(3)
+    weights = jnp.cos(jnp.arange(q.size, dtype=jnp.float32)).reshape(q.shape)
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum(f(q, k, v, rate=rate, key=key) * weights)
+
+    with jax.default_matmul_precision("highest"):
+        got = jax.grad(loss(lambda *a, **kw: _flash(*a, kw["rate"], kw["key"])), argnums=(0, 1, 2))(q, k, v)
+        want = jax.grad(loss(flash_dropout.reference), argnums=(0, 1, 2))(q, k, v)
+    for name, g, w in zip("qkv", got, want):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")
+    # Causality through the gradient: query 130 (in the second block) does not depend on any later key.
+    dk_130 = jax.grad(lambda k: jnp.sum(_flash(q, k, v, rate, key)[:, 130]))(k)
+    assert float(jnp.abs(dk_130[:, 131:]).max()) == 0.0
+    assert float(jnp.abs(dk_130[:, :131]).max()) > 0.0
+
+
+def test_bfloat16_inputs_stay_close_to_float32():
+    q, k, v = _qkv(4)
+    key = jax.random.key(5)
+    y16 = _flash(*(t.astype(jnp.bfloat16) for t in (q, k, v)), 0.2, key)
+    assert y16.dtype == jnp.bfloat16
+    with jax.default_matmul_precision("highest"):
+        y32 = flash_dropout.reference(q, k, v, rate=0.2, key=key)
+    np.testing.assert_allclose(y16.astype(jnp.float32), y32, atol=0.1, rtol=0.05)
+
+
+def test_the_mask_is_a_function_of_the_key_and_of_the_row_in_the_whole_batch():
+    q, k, v = _qkv(6)
+    a = _flash(q, k, v, 0.2, jax.random.key(1))
+    assert np.array_equal(a, _flash(q, k, v, 0.2, jax.random.key(1)))
+    assert not np.allclose(a, _flash(q, k, v, 0.2, jax.random.key(2)))
+    # A shard of the batch (`first_row`: its first row's place in the whole batch) draws what one device draws.
+    halves = [_flash(q[i:i + 1], k[i:i + 1], v[i:i + 1], 0.2, jax.random.key(1), first_row=i) for i in range(B)]
+    np.testing.assert_array_equal(jnp.concatenate(halves), a)
+
+
+def test_shapes_the_kernels_take():
+    q = jnp.zeros((1, 256, 384), jnp.bfloat16)
+    assert flash_dropout_tpu.fits(q, q, 6)  # 64-wide heads, two to a lane group
+    assert flash_dropout_tpu.fits(q, q, 3)  # 128-wide heads
+    assert not flash_dropout_tpu.fits(q, q, 8)  # 48-wide heads do not tile 128 lanes
+    assert not flash_dropout_tpu.fits(q[:, :192], q[:, :192], 6)  # not whole 128-row blocks
+    assert not flash_dropout_tpu.fits(jnp.zeros((1, 256, 320)), jnp.zeros((1, 256, 320)), 5)  # not whole groups
+    assert not flash_dropout_tpu.fits(q.astype(jnp.int32), q.astype(jnp.int32), 6)
+    long = jax.ShapeDtypeStruct((1, 4096, 384), jnp.bfloat16)  # its backward pass would not fit the fast memory
+    assert flash_dropout_tpu.fits(long, long, 6) is False
+    assert flash_dropout_tpu.backward_vmem_bytes(4096, jnp.bfloat16) > flash_dropout_tpu.VMEM_BUDGET
+    with pytest.raises(ValueError, match="dropout rate"):
+        flash_dropout_tpu.attention(q, q, q, n_head=6, rate=1.0, key=jax.random.key(0))
