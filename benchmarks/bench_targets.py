@@ -263,21 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--packages", type=pathlib.Path, default=ROOT / ".targets",
                    help="folder of the compile-only packages (default: .targets in the checkout)")
     p.add_argument("--install", type=pathlib.Path, metavar="FOLDER", help="install the compile-only packages, exit")
+    p.add_argument("--tpu-only", action="store_true", help="with --install: libtpu alone (the TPU compiler)")
     a = p.parse_args(argv)
     if a.install:
-        targets_lib.install(str(a.install))
+        targets_lib.install(str(a.install), tpu_only=a.tpu_only)
         return 0
     if os.environ.get("JAXGPT_TARGETS_CHILD") != "1":  # run again with the compilers on the path, JAX on the CPU
         if not (a.packages / "libtpu").is_dir():
             print(f"error: no compile-only packages in {a.packages}: run `python benchmarks/bench_targets.py "
                   f"--install {a.packages}` first", file=sys.stderr)
             return 2
-        # libtpu takes a lock file per host unless told that several processes may load it (tests run beside), and
-        # looks for a TPU host's metadata unless told what it is on: a name and a worker, which the compile ignores.
-        env = {**os.environ, "JAXGPT_TARGETS_CHILD": "1", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
-               "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-1",
-               "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(a.packages), os.environ.get("PYTHONPATH")]))}
+        env = {**targets_lib.compile_env(a.packages), "JAXGPT_TARGETS_CHILD": "1"}
         return subprocess.run([sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)], env=env).returncode
 
     quick_targets = ["tpu-v5e-1", "h100", "t4"]

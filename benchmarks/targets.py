@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import os
 import re
 import subprocess
 import sys
@@ -112,10 +113,23 @@ def compiler_packages() -> list[str]:
     return [libtpu, f"jax-cuda12-plugin=={version}", f"jax-cuda12-pjrt=={version}", "nvidia-cudnn-cu12>=9.8,<10"]
 
 
-def install(folder: str) -> None:
-    """pip-installs `compiler_packages()` into `folder` (not into the environment: the tests' JAX stays CPU-only)."""
+def install(folder: str, tpu_only: bool = False) -> None:
+    """pip-installs `compiler_packages()` (with `tpu_only`, libtpu alone) into `folder`, not into the environment:
+    the tests' JAX stays CPU-only."""
+    packages = compiler_packages()[:1] if tpu_only else compiler_packages()
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", folder,
-                    *compiler_packages()], check=True)
+                    *packages], check=True)
+
+
+def compile_env(folder: str | os.PathLike) -> dict[str, str]:
+    """The environment of a process that compiles for TPUs and GPUs with the packages in `folder`, JAX on the CPU.
+
+    libtpu takes a lock file per host unless told that several processes may load it (tests run side by side), and
+    looks for a TPU host's metadata unless told what it is on: a name and a worker, which the compile ignores."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+            "TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-1", "TPU_WORKER_HOSTNAMES": "localhost",
+            "TPU_WORKER_ID": "0",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
 
 
 # ---------------------------------------------------------------------------------------------------------------

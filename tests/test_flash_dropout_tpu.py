@@ -1,10 +1,17 @@
 """The TPU's fused attention kernels (`jaxgpt.flash_dropout_tpu`): run by Pallas's interpreter on a CPU, compiled
-by Mosaic on a TPU.
+by Mosaic on a TPU, and compiled for a TPU v5e on this CPU by the environment's own libtpu (CI's second environment:
+Colab's TPU stack).
 
 The kernels are what a TPU program runs for its attention (`attention.dot_product_attention`);
 `tests/test_bench_targets.py` checks that the TPU programs compile to them. Here: their numbers against the
 attention written out with the GPU kernels' mask (the same weights are dropped on both), their gradients, and the
 heads' lane groups (64-wide heads two to a 128-lane group, 32-wide four, 128-wide one)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +20,10 @@ import pytest
 
 from jaxgpt import attention as attention_lib
 from jaxgpt import flash_dropout, flash_dropout_tpu
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import targets  # noqa: E402
 
 B, T = 2, 256  # two 128-row blocks: the diagonal block and the one below it
 INTERPRET = jax.default_backend() != "tpu"
@@ -108,3 +119,40 @@ def test_shapes_the_kernels_take():
     assert flash_dropout_tpu.backward_vmem_bytes(4096, jnp.bfloat16) > flash_dropout_tpu.VMEM_BUDGET
     with pytest.raises(ValueError, match="dropout rate"):
         flash_dropout_tpu.attention(q, q, q, n_head=6, rate=1.0, key=jax.random.key(0))
+
+
+COMPILE = """
+import json
+import jax, jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import SingleDeviceSharding
+from jaxgpt import flash_dropout_tpu
+
+chip = topologies.get_topology_desc(topology_name="v5e:1x1", platform="tpu", chips_per_host_bounds=(1, 1, 1)).devices[0]
+on_chip = SingleDeviceSharding(chip)
+kernels = {}
+for dtype in ("bfloat16", "float32"):
+    for rate in (0.0, 0.2):
+        x = jax.ShapeDtypeStruct((2, 256, 384), jnp.dtype(dtype), sharding=on_chip)
+        key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=on_chip)
+
+        def loss(q, k, v, key_data, rate=rate):
+            y = flash_dropout_tpu.attention(q, k, v, n_head=6, rate=rate, key=jax.random.wrap_key_data(key_data))
+            return jnp.sum(jnp.square(y.astype(jnp.float32)))
+
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x, key).lower().compile().as_text()
+        kernels[f"{dtype} {rate}"] = text.count('custom_call_target="tpu_custom_call"')
+print(json.dumps({"jax": jax.__version__, "kernels": kernels}))
+"""
+
+
+def test_the_kernels_compile_for_a_tpu_v5e_with_this_jax():
+    """Mosaic, in the libtpu that matches the installed jax (`bench_targets.py --install`), compiles the forward and
+    the backward kernel in both precisions, with dropout and without: 64-wide heads, 6 to a 384-wide model."""
+    packages = os.environ.get("JAXGPT_TARGETS_PACKAGES", str(ROOT / ".targets"))
+    run = subprocess.run([sys.executable, "-c", COMPILE], env=targets.compile_env(packages), capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["jax"] == jax.__version__
+    assert result["kernels"] == {f"{d} {r}": 2 for d in ("bfloat16", "float32") for r in (0.0, 0.2)}
