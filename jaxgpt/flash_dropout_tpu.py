@@ -39,14 +39,14 @@ VMEM_BUDGET = 12 * 2**20  # below the 16 MiB of fast memory a TPU v4 / v5e kerne
 
 
 def backward_vmem_bytes(T: int, dtype: jnp.dtype) -> int:
-    """Fast memory the backward kernel holds: a lane group's whole sequence of q, k, v, dO, dQ, dK, dV (each twice:
-    the pipeline fetches the next instance's while this one runs) and dQ's float32 sum."""
-    return T * LANES * (7 * 2 * jnp.dtype(dtype).itemsize + 4)
+    """Fast memory the backward kernel holds: a lane group's whole sequence of q, k, v, O, dO, dQ, dK, dV (each
+    twice: the pipeline fetches the next instance's while this one runs), dQ's float32 sum and delta's rows."""
+    return T * LANES * (8 * 2 * jnp.dtype(dtype).itemsize + 4) + T * 8 * 4
 
 
 def fits(q_BTC: jax.Array, k_BSC: jax.Array, n_head: int) -> bool:
     """Whether the kernels take these arrays: self-attention, whole blocks, heads that tile 128 lanes, bfloat16 or
-    float32, and a sequence whose backward pass fits `VMEM_BUDGET` (up to 3,072 tokens in bf16, 1,024 in float32)."""
+    float32, and a sequence whose backward pass fits `VMEM_BUDGET` (up to 2,688 tokens in bf16, 1,408 in float32)."""
     if q_BTC.ndim != 3 or q_BTC.shape != k_BSC.shape or q_BTC.dtype not in (jnp.float32, jnp.bfloat16):
         return False
     _, T, C = q_BTC.shape
@@ -113,14 +113,24 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, head_size:
     lse_ref[...] = lse.T[:heads_per_group]  # (heads, BLOCK): each head's row over the queries
 
 
-def _backward_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, dq_acc, *,
-                     head_size: int, n_head: int, rate: float):
+def _backward_kernel(seed_ref, q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dq_ref, dk_ref, dv_ref, dq_acc, delta_ref,
+                     *, head_size: int, n_head: int, rate: float):
     heads_per_group = LANES // head_size
     seed, head0 = _head_ids(seed_ref, n_head, heads_per_group)
     n_blocks = q_ref.shape[0] // BLOCK
     n_cols = q_ref.shape[0]  # self-attention: S == T
     scale = head_size**-0.5
     dq_acc[...] = jnp.zeros(dq_acc.shape, jnp.float32)
+
+    def delta_rows(i_q, _):
+        """delta = Σ_j P_ij dP_ij over the dropped weights = dO_i · O_i, a head's channels summed: a row per head."""
+        queries = pl.ds(i_q * BLOCK, BLOCK)
+        product_t = (do_ref[queries, :].astype(jnp.float32) * o_ref[queries, :].astype(jnp.float32)).T
+        for r in range(heads_per_group):
+            delta_ref[i_q, r:r + 1, :] = product_t[r * head_size:(r + 1) * head_size].sum(axis=0, keepdims=True)
+        return 0
+
+    lax.fori_loop(0, n_blocks, delta_rows, 0)
     keys_in_block = lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0)  # transposed scores: keys down, queries across
     queries_in_block = lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1)
     for r in range(heads_per_group):
@@ -215,7 +225,7 @@ def _forward(q, k, v, seed, n_head, rate, interpret):
     return o, lse
 
 
-def _backward(q, k, v, seed, do, lse, delta, n_head, rate, interpret):
+def _backward(q, k, v, seed, o, do, lse, n_head, rate, interpret):
     from jax.experimental.pallas import tpu as pltpu
 
     B, T, C = q.shape
@@ -227,14 +237,14 @@ def _backward(q, k, v, seed, do, lse, delta, n_head, rate, interpret):
     return pl.pallas_call(
         functools.partial(_backward_kernel, head_size=D, n_head=n_head, rate=rate),
         grid=(B, G),
-        in_specs=[_seed_spec(), whole, whole, whole, whole, rows, rows],
+        in_specs=[_seed_spec(), whole, whole, whole, whole, whole, rows],
         out_specs=[whole, whole, whole],
         out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM((T, LANES), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((T, LANES), jnp.float32), pltpu.VMEM((n_blocks, R, BLOCK), jnp.float32)],
         compiler_params=_compiler_params(2),
-        cost_estimate=_cost(q, n_head, 5, _nbytes(q, k, v, do, lse, delta, *out_shape)),
+        cost_estimate=_cost(q, n_head, 5, _nbytes(q, k, v, o, do, lse, *out_shape)),
         interpret=interpret,
-    )(seed, q, k, v, do, lse, delta)
+    )(seed, q, k, v, o, do, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -249,13 +259,7 @@ def _flash_forward(q_BTC, k_BTC, v_BTC, seed, n_head, rate, interpret):
 
 def _flash_backward(n_head, rate, interpret, residuals, do_BTC):
     q, k, v, seed, o, lse = residuals
-    B, T, C = q.shape
-    # delta = Σ_j P_ij dP_ij over the dropped weights = dO_i · O_i per head: one elementwise pass, XLA fuses it;
-    # laid out as the log-sum-exp is, (B, groups, query blocks, heads of a group, BLOCK).
-    delta_BTH = jnp.einsum("bthd,bthd->bth", do_BTC.astype(jnp.float32).reshape(B, T, n_head, -1),
-                           o.astype(jnp.float32).reshape(B, T, n_head, -1))
-    delta = delta_BTH.reshape(B, T // BLOCK, BLOCK, C // LANES, -1).transpose(0, 3, 1, 4, 2)
-    dq, dk, dv = _backward(q, k, v, seed, do_BTC, lse, delta, n_head, rate, interpret)
+    dq, dk, dv = _backward(q, k, v, seed, o, do_BTC, lse, n_head, rate, interpret)
     return dq, dk, dv, None
 
 
