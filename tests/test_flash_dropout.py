@@ -1,5 +1,6 @@
 """The fused dropout attention kernels (`jaxgpt.flash_dropout`): run by Pallas's interpreter on a CPU, compiled by
-Triton on a GPU (`benchmarks/gpu_check.sh` runs this file there).
+Triton on a GPU (`benchmarks/gpu_check.sh` runs this file there). The contract tests run the TPU's kernels too
+(`jaxgpt.flash_dropout_tpu`, more in `tests/test_flash_dropout_tpu.py`).
 
 The kernels are what a GPU program with attention dropout runs (`attention.dot_product_attention`);
 `tests/test_bench_targets.py` checks that the GPU program compiles to them. Here: their numbers against the
@@ -12,36 +13,47 @@ import pytest
 
 from jaxgpt import attention as attention_lib
 from jaxgpt import flash_dropout
+from tests import test_flash_dropout_tpu as tpu_kernels
 from tests.test_sharding import run_with_devices
 
 B, T, H, D = 2, 128, 2, 32
 INTERPRET = jax.default_backend() != "gpu"
 
 
-def _qkv(seed: int = 0, dtype=jnp.float32):
+def _qkv(seed: int = 0, dtype=jnp.float32, shape=(B, T, H, D)):
     keys = jax.random.split(jax.random.key(seed), 3)
-    return tuple(jax.random.normal(k, (B, T, H, D), dtype) for k in keys)
+    return tuple(jax.random.normal(k, shape, dtype) for k in keys)
 
 
 def _flash(q, k, v, rate, key, **kw):
     return flash_dropout.attention(q, k, v, rate=rate, key=key, interpret=INTERPRET, **kw)
 
 
+# The contract both fused kernels keep, on (B, T, H, D) arrays: the GPU's here, the TPU's (`flash_dropout_tpu`) in
+# tpu_kernels, each at shapes its blocks take.
+KERNELS = {"gpu": (_flash, (B, T, H, D)), "tpu": (tpu_kernels._flash, (tpu_kernels.B, tpu_kernels.T, 4, 64))}
+
+
 @pytest.mark.parametrize("rate", [0.0, 0.2, 0.5])
-def test_kernels_give_the_attention_written_out_with_the_same_mask(rate):
-    q, k, v = _qkv()
+@pytest.mark.parametrize("kernel,head_size", [("gpu", D), ("tpu", 64), ("tpu", 32), ("tpu", 128)])
+def test_kernels_give_the_attention_written_out_with_the_same_mask(rate, kernel, head_size):
+    """The TPU's at three head sizes: 64 and 32 share a 128-lane group (two heads, four), 128 fills one."""
+    flash, (b, t, h, d) = KERNELS[kernel]
+    q, k, v = _qkv(shape=(b, t, h * d // head_size, head_size))
     key = jax.random.key(7)
     with jax.default_matmul_precision("highest"):
-        y = _flash(q, k, v, rate, key)
+        y = flash(q, k, v, rate, key)
         want = flash_dropout.reference(q, k, v, rate=rate, key=key)
     np.testing.assert_allclose(y, want, atol=2e-5, rtol=1e-5)
 
 
-def test_without_dropout_it_is_the_lectures_causal_attention():
-    q, k, v = _qkv(1)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_without_dropout_it_is_the_lectures_causal_attention(kernel):
+    flash, shape = KERNELS[kernel]
+    q, k, v = _qkv(1, shape=shape)
     to_bhtd = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731
     with jax.default_matmul_precision("highest"):
-        y = _flash(q, k, v, 0.0, jax.random.key(0))
+        y = flash(q, k, v, 0.0, jax.random.key(0))
         want = attention_lib.attention(to_bhtd(q), to_bhtd(k), to_bhtd(v), causal=True)
     np.testing.assert_allclose(to_bhtd(y), want, atol=2e-5, rtol=1e-5)
 
@@ -66,21 +78,25 @@ def test_gradients_equal_the_written_out_attentions():
     assert float(jnp.abs(dk_first[:, 0]).max()) > 0.0
 
 
-def test_bfloat16_inputs_stay_close_to_float32():
-    q, k, v = _qkv(4)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bfloat16_inputs_stay_close_to_float32(kernel):
+    flash, shape = KERNELS[kernel]
+    q, k, v = _qkv(4, shape=shape)
     key = jax.random.key(5)
-    y16 = _flash(*(t.astype(jnp.bfloat16) for t in (q, k, v)), 0.2, key)
+    y16 = flash(*(t.astype(jnp.bfloat16) for t in (q, k, v)), 0.2, key)
     assert y16.dtype == jnp.bfloat16
     with jax.default_matmul_precision("highest"):
         y32 = flash_dropout.reference(q, k, v, rate=0.2, key=key)
     np.testing.assert_allclose(y16.astype(jnp.float32), y32, atol=0.1, rtol=0.05)
 
 
-def test_the_mask_is_a_function_of_the_key_and_differs_between_keys():
-    q, k, v = _qkv(6)
-    a = _flash(q, k, v, 0.2, jax.random.key(1))
-    assert np.array_equal(a, _flash(q, k, v, 0.2, jax.random.key(1)))
-    assert not np.allclose(a, _flash(q, k, v, 0.2, jax.random.key(2)))
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_mask_is_a_function_of_the_key_and_differs_between_keys(kernel):
+    flash, shape = KERNELS[kernel]
+    q, k, v = _qkv(6, shape=shape)
+    a = flash(q, k, v, 0.2, jax.random.key(1))
+    assert np.array_equal(a, flash(q, k, v, 0.2, jax.random.key(1)))
+    assert not np.allclose(a, flash(q, k, v, 0.2, jax.random.key(2)))
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.2, 0.5])
