@@ -38,8 +38,9 @@ def _cmd(*args: str) -> list[str]:
 
 
 def _env(tmp_path: pathlib.Path, n_devices: int, **extra: str) -> dict:
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_devices}"
     return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", JAXGPT_CACHE=str(tmp_path / "cache"),
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}", **extra)
+                XLA_FLAGS=flags, **extra)
 
 
 def _one_process(tmp_path, *args: str) -> subprocess.CompletedProcess:

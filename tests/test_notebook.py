@@ -116,7 +116,7 @@ def test_notebook_trains_plots_and_samples_on_cpu(tmp_path, shakespeare_path, n_
         JAXGPT_DIR=ROOT,  # the project folder, where the notebook finds configs/shakespeare_char.py
         MPLBACKEND="Agg",
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_devices}",
     )
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     script = notebook_code() + "\n\nprint('NOTEBOOK-SUMMARY', json.dumps({'step': summary['step'], "
