@@ -160,8 +160,11 @@ def lowered_programs(job: Job, devs: list) -> dict:
 
 
 def measure(target: targets_lib.Target, job: Job, devs: list, hlo_dir: pathlib.Path | None,
-            tpu_flops: dict) -> list[dict]:
-    """Compiles `job`'s programs for `target`; one row each (a failed compile is a row with its error)."""
+            tpu_flops: dict, compiled_before: dict | None = None) -> list[dict]:
+    """Compiles `job`'s programs for `target`; one row each (a failed compile is a row with its error).
+
+    `compiled_before` (lowered program text -> compiled program) skips compiling a program again: configs that
+    differ only in training (dropout, say) lower the same evaluation and sampler programs, byte for byte."""
     from jaxgpt import target as target_lib
 
     rows = []
@@ -178,11 +181,15 @@ def measure(target: targets_lib.Target, job: Job, devs: list, hlo_dir: pathlib.P
     for name, low in lowered.items():
         row = {**base, "program": name, "peak_tflops": peak / 1e12}
         t0 = time.perf_counter()
+        source = (target.name, low.as_text())
         try:
-            compiled = low.compile()
+            compiled = compiled_before.get(source) if compiled_before is not None else None
+            compiled = compiled or low.compile()
         except Exception as e:  # noqa: BLE001
             rows.append({**row, "compiled": False, "fits": False, "error": _one_line(e)})
             continue
+        if compiled_before is not None:
+            compiled_before[source] = compiled
         row["compile_s"] = round(time.perf_counter() - t0, 1)
         m = compiled.memory_analysis()
         need = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
@@ -293,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows: list[dict] = []
     tpu_flops: dict = {}
+    compiled_before: dict = {}
     gpt2_batch = a.gpt2_batch
     for name in names:
         target = targets_lib.TARGETS[name]
@@ -306,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             gpt2_batch = gpt2_largest_batch(devs)
         for job in jobs_for(target, configs, a.quick, gpt2_batch, tuple(a.dtypes.split(","))):
             print(f"compiling {name}: {job.label}", file=sys.stderr, flush=True)
-            rows += measure(target, job, devs, a.hlo, tpu_flops)
+            rows += measure(target, job, devs, a.hlo, tpu_flops, compiled_before)
             if a.json:  # rewritten after every config: a long run keeps what it compiled
                 a.json.write_text(json.dumps(rows, indent=1))
     import jax
