@@ -13,7 +13,7 @@ program's on the TPU v5e (the math is the same) and bytes are each kernel's oper
 (`targets.kernel_bytes`). Without a device XLA does not autotune, so GPU kernel choices are its defaults.
 
     python benchmarks/bench_targets.py --install .targets        # the compile-only packages (~2 GB), once
-    python benchmarks/bench_targets.py --quick                    # tiny shapes, v5e-1, H100, T4 (~2 min)
+    python benchmarks/bench_targets.py --quick                    # tiny shapes, v5e-1, H100, T4 (~4 min on 2 cores)
     python benchmarks/bench_targets.py --json targets.json        # everything (long: GPT-2 compiles for minutes)
     python benchmarks/bench_targets.py --targets h100 --configs shakespeare_char --hlo /tmp/hlo
     python benchmarks/bench_targets.py --targets tpu-v5e-1,h100 --configs shakespeare_char_speedrun_gpu \\
