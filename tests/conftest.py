@@ -41,20 +41,6 @@ def pytest_sessionstart(session):
         pytest.exit(f"error: tiny Shakespeare is needed by the tests: {e}", returncode=2)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _xla_cache_per_worker(tmp_path_factory):
-    """A persistent compilation cache for each test process (an xdist worker) and the train.py / sample.py runs it
-    starts: many of them compile the same tiny programs (the CLI tests' files ran 20 % faster with it). One per
-    worker, so that no process reads an entry while a process beside it writes that entry. Tests that need a cache
-    of their own set one; a cache the caller set (JAX_COMPILATION_CACHE_DIR) is kept."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return
-    path = str(tmp_path_factory.mktemp("xla"))
-    os.environ.update(JAX_COMPILATION_CACHE_DIR=path, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
 @pytest.fixture(scope="session")
 def torch_highest():
     """PyTorch at full float32 matmul precision on every core, for the tests that compare with it.
