@@ -160,11 +160,11 @@ def lowered_programs(job: Job, devs: list) -> dict:
 
 
 def measure(target: targets_lib.Target, job: Job, devs: list, hlo_dir: pathlib.Path | None,
-            tpu_flops: dict, compiled_before: dict | None = None) -> list[dict]:
+            tpu_flops: dict, compiled_before: dict) -> list[dict]:
     """Compiles `job`'s programs for `target`; one row each (a failed compile is a row with its error).
 
-    `compiled_before` (lowered program text -> compiled program) skips compiling a program again: configs that
-    differ only in training (dropout, say) lower the same evaluation and sampler programs, byte for byte."""
+    `compiled_before` (lowered program text -> compiled program, for this target) skips compiling a program again:
+    configs that differ only in training (dropout, say) lower the same evaluation and sampler programs."""
     from jaxgpt import target as target_lib
 
     rows = []
@@ -181,15 +181,13 @@ def measure(target: targets_lib.Target, job: Job, devs: list, hlo_dir: pathlib.P
     for name, low in lowered.items():
         row = {**base, "program": name, "peak_tflops": peak / 1e12}
         t0 = time.perf_counter()
-        source = (target.name, low.as_text())
+        source = low.as_text()
         try:
-            compiled = compiled_before.get(source) if compiled_before is not None else None
-            compiled = compiled or low.compile()
+            compiled = compiled_before.get(source) or low.compile()
         except Exception as e:  # noqa: BLE001
             rows.append({**row, "compiled": False, "fits": False, "error": _one_line(e)})
             continue
-        if compiled_before is not None:
-            compiled_before[source] = compiled
+        compiled_before[source] = compiled
         row["compile_s"] = round(time.perf_counter() - t0, 1)
         m = compiled.memory_analysis()
         need = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
@@ -300,7 +298,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows: list[dict] = []
     tpu_flops: dict = {}
-    compiled_before: dict = {}
     gpt2_batch = a.gpt2_batch
     for name in names:
         target = targets_lib.TARGETS[name]
@@ -312,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if name == "tpu-v5e-1" and not a.quick and "gpt2_124m" in configs and gpt2_batch is None:
             gpt2_batch = gpt2_largest_batch(devs)
+        compiled_before: dict = {}  # this target's programs only: they are let go with the next target
         for job in jobs_for(target, configs, a.quick, gpt2_batch, tuple(a.dtypes.split(","))):
             print(f"compiling {name}: {job.label}", file=sys.stderr, flush=True)
             rows += measure(target, job, devs, a.hlo, tpu_flops, compiled_before)
