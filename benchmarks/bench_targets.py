@@ -242,7 +242,7 @@ def gpt2_largest_batch(devs: list) -> int:
 
 FIELDS = [("target", "{}"), ("config", "{}"), ("program", "{}"), ("need_gb", "{:.2f}"), ("fits", "{}"),
           ("gflops", "{:.1f}"), ("gbytes", "{:.2f}"), ("bound_ms", "{:.3f}"), ("roofline_mfu", "{:.0%}"),
-          ("kernels", "{}"), ("pallas", "{}"), ("cublas", "{}"), ("cudnn", "{}"), ("triton", "{}"),
+          ("kernels", "{}"), ("once", "{}"), ("pallas", "{}"), ("cublas", "{}"), ("cudnn", "{}"), ("triton", "{}"),
           ("f32_converts", "{}"), ("compile_s", "{}")]
 
 

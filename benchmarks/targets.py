@@ -155,8 +155,9 @@ def _computations(text: str) -> dict[str, str]:
     return out
 
 
-def _executed(comps: dict[str, str]) -> list[str]:
-    """The computations the host steps through (ENTRY, loop bodies and conditions, branches): not fusion bodies."""
+def _executed(comps: dict[str, str], inside_loops: bool = False) -> list[str]:
+    """The computations the host steps through (ENTRY, loop bodies and conditions, branches): not fusion bodies.
+    `inside_loops`: only those a loop runs, at any depth."""
     seen, todo = [], ["ENTRY"]
     while todo:
         name = todo.pop()
@@ -168,20 +169,28 @@ def _executed(comps: dict[str, str]) -> list[str]:
         for group in re.findall(r"branch_computations=\{([^}]*)\}", body):
             todo += [b.strip().lstrip("%") for b in group.split(",")]
         todo += re.findall(r" call\([^\n]*to_apply=%?([\w.\-]+)", body)
+    if inside_loops:
+        loops = [n for name in seen for n in re.findall(r"(?:body|condition)=%?([\w.\-]+)", comps[name])]
+        inner = {n for loop in loops if loop in comps for n in _executed({**comps, "ENTRY": comps[loop]})} - {"ENTRY"}
+        return [n for n in seen if n in inner or n in loops]
     return seen
 
 
 def gpu_kernels(text: str) -> dict:
     """Kernels of an optimized GPU HLO text (each instruction that launches work, loops counted once) by kind:
     cuBLAS / cuDNN custom calls, Pallas kernels (Triton custom calls), XLA's Triton fusions, other fusions, others;
+    `once`, those of them outside every loop (a training chunk launches them once a call, not once a step);
     and `convert`s to float32 (in fusions too)."""
     comps = _computations(text)
     kinds: Counter = Counter()
+    once = 0
+    looped = set(_executed(comps, inside_loops=True))
     for name in _executed(comps):
         for line in comps[name].splitlines():
             m = _INSTRUCTION.match(line)
             if not m or m.group(2) in _FREE:
                 continue
+            once += name not in looped
             op = m.group(2)
             if op == "custom-call":
                 target = re.search(r'custom_call_target="([^"]+)"', line)
@@ -193,8 +202,8 @@ def gpu_kernels(text: str) -> dict:
             else:
                 kinds["other"] += 1
     f32_converts = len(re.findall(r"= f32\[[^\]]*\](?:\{[^}]*\})? convert\(", text))
-    return {"kernels": sum(kinds.values()), **{k: kinds[k] for k in ("cublas", "cudnn", "pallas", "triton", "fusion")},
-            "f32_converts": f32_converts}
+    return {"kernels": sum(kinds.values()), "once": once,
+            **{k: kinds[k] for k in ("cublas", "cudnn", "pallas", "triton", "fusion")}, "f32_converts": f32_converts}
 
 
 def kernel_bytes(text: str) -> int:

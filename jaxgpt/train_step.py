@@ -84,6 +84,7 @@ def train_chunk_fn(
     skip_nonfinite: bool = False,
     max_steps: int | None = None,
     lr_schedule: optax.Schedule | None = None,
+    compute_dtype: jnp.dtype | str | None = None,
 ) -> Callable:
     """The pure `train_chunk(params, opt_state, data, base_key, step0, n_steps) -> (params, opt_state, metrics)`:
     `n_steps` optimizer steps from step `step0`.
@@ -99,10 +100,28 @@ def train_chunk_fn(
 
     With a `mesh`, every batch is split over its ('data', 'fsdp') axes and params / opt_state keep the
     shardings of `jaxgpt.sharding.state_shardings` (`scan_layers`: the model stacks its blocks), in and out.
+
+    `compute_dtype` is the dtype the model computes in (`model.dtype`). When it is narrower than the parameters,
+    the loop carries the weight matrices already cast to it, each step's update writing the cast beside the new
+    weights: the model would cast them itself, the same values, but a GPU then runs each cast as a kernel of
+    its own (a weight feeds its forward and its backward matmul). Losses and gradients are unchanged: the
+    gradient of a cast weight is its copy's, cast back.
     """
     grad_fn = jax.value_and_grad(partial(model_loss, graphdef, use_dropout=use_dropout))
 
-    def one_step(params, opt_state, data, base_key, step, xy_ABT):
+    def cast_weights(params):  # the matrices in compute_dtype; None where the model computes in their own dtype
+        if compute_dtype is None:
+            return None
+        dtype = jnp.dtype(compute_dtype)
+        return jax.tree.map(lambda p: p.astype(dtype) if p.ndim >= 2 and p.dtype.itemsize > dtype.itemsize else None,
+                            params)
+
+    def with_weights(params, weights):  # the parameters the model reads: the cast matrices where there are any
+        if weights is None:
+            return params
+        return jax.tree.map(lambda w, p: p if w is None else w, weights, params, is_leaf=lambda x: x is None)
+
+    def one_step(params, weights, opt_state, data, base_key, step, xy_ABT):
         batch_keys, drop_keys = step_keys(base_key, step, grad_accum_steps)
 
         def micro(grads, inputs):
@@ -112,7 +131,8 @@ def train_chunk_fn(
             else:
                 x_BT, y_BT = xy_ABT[0][i], xy_ABT[1][i]
             x_BT, y_BT = _constrain_batch(x_BT, mesh), _constrain_batch(y_BT, mesh)
-            loss, g = grad_fn(params, x_BT, y_BT, drop_key)
+            loss, g = grad_fn(with_weights(params, weights), x_BT, y_BT, drop_key)
+            g = jax.tree.map(lambda g, p: g.astype(p.dtype), g, params)
             return (g if grads is None else jax.tree.map(jnp.add, grads, g)), loss
 
         if grad_accum_steps == 1:
@@ -126,30 +146,31 @@ def train_chunk_fn(
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         if not skip_nonfinite:
-            return new_params, new_opt_state, loss, finite
+            return new_params, cast_weights(new_params), new_opt_state, loss, finite
         keep_new = finite & _all_finite(updates)  # a NaN learning rate spoils the updates, not the gradients
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(keep_new, new, old),
                                          (new_params, new_opt_state), (params, opt_state))
-        return params, opt_state, loss, keep_new
+        return params, cast_weights(params), opt_state, loss, keep_new
 
     def train_chunk(params, opt_state, data, base_key, step0, n_steps):
         on_device = not isinstance(data, tuple)
         length = max_steps if max_steps is not None else n_steps
 
         def body(i, carry):
-            params, opt_state, metrics = carry
+            params, weights, opt_state, metrics = carry
             xy = None if on_device else jax.tree.map(lambda a: a[i], data)
-            params, opt_state, loss, ok = one_step(params, opt_state, data, base_key, step0 + i, xy)
+            params, weights, opt_state, loss, ok = one_step(params, weights, opt_state, data, base_key, step0 + i, xy)
             new = {"loss": loss, "finite": ok}
             if lr_schedule is not None:
                 new["lr"] = jnp.asarray(lr_schedule(step0 + i), jnp.float32)
-            return params, opt_state, {k: metrics[k].at[i].set(v) for k, v in new.items()}
+            return params, weights, opt_state, {k: metrics[k].at[i].set(v) for k, v in new.items()}
 
         params, opt_state = _constrain_state((params, opt_state), mesh, scan_layers)
         metrics = {"loss": jnp.zeros(length, jnp.float32), "finite": jnp.zeros(length, bool)}
         if lr_schedule is not None:
             metrics["lr"] = jnp.zeros(length, jnp.float32)
-        params, opt_state, metrics = jax.lax.fori_loop(0, n_steps, body, (params, opt_state, metrics))
+        carry = (params, cast_weights(params), opt_state, metrics)
+        params, _, opt_state, metrics = jax.lax.fori_loop(0, n_steps, body, carry)
         # Outputs sharded as the inputs were, so the donated buffers are reused.
         params, opt_state = _constrain_state((params, opt_state), mesh, scan_layers)
         return params, opt_state, metrics

@@ -110,6 +110,7 @@ def test_gpu_kernels_counts_launches_not_fusion_bodies():
     k = targets.gpu_kernels(HLO)
     # fusion, triton, gemm, convert, Pallas kernel
     assert (k["kernels"], k["cublas"], k["triton"], k["fusion"], k["pallas"]) == (5, 1, 1, 1, 1)
+    assert k["once"] == 2  # ENTRY's fusion and Triton gemm; the loop's three launch each step
     assert k["f32_converts"] == 1
 
 

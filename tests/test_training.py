@@ -168,6 +168,36 @@ def test_grad_accumulation_equals_one_big_batch():
     assert not all(np.array_equal(a, b) for a, b in zip(_leaves(pa), _leaves(params)))
 
 
+@pytest.mark.parametrize("grad_accum_steps", [1, 2])
+def test_carried_bf16_weights_train_as_the_model_casting_them_itself(grad_accum_steps):
+    """A bf16 model with float32 parameters: the loop that carries the matrices cast to bf16 (`compute_dtype`)
+    trains bit for bit as the loop whose model casts them each step, across chunk boundaries; the carried copy
+    is never in the state it returns."""
+    cfg = model_lib.GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=16, dropout=0.1,
+                              dtype="bfloat16")
+    graphdef, params = nnx.split(model_lib.GPT(cfg, rngs=nnx.Rngs(0)))
+    tx = optim.adamw(1e-2, weight_decay=0.1, grad_clip=1.0)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 11, 400), jnp.int32)
+    key = jax.random.PRNGKey(4)
+    runs = []
+    for compute_dtype in (None, "bfloat16"):
+        chunk = train_step.make_train_chunk(graphdef, tx, batch_size=3, block_size=8, use_dropout=True, max_steps=4,
+                                            grad_accum_steps=grad_accum_steps, compute_dtype=compute_dtype)
+        p, o = jax.tree.map(jnp.copy, params), tx.init(params)
+        p, o, m1 = chunk(p, o, tokens, key, jnp.int32(0), 3)
+        p, o, m2 = chunk(p, o, tokens, key, jnp.int32(3), 4)
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((p, o)) if jnp.issubdtype(x.dtype, jnp.floating))
+        runs.append((np.concatenate([m1["loss"][:3], m2["loss"]]), _leaves(p), _leaves(o)))
+        text = chunk.lower(params, tx.init(params), tokens, key, jnp.int32(0), 3).as_text()
+        runs[-1] += (text.count("convert"),)
+    (loss_a, p_a, o_a, converts_a), (loss_b, p_b, o_b, converts_b) = runs
+    np.testing.assert_array_equal(loss_a, loss_b)
+    for a, b in zip(p_a + o_a, p_b + o_b):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(p_a, _leaves(params)))  # it did train
+    assert converts_b != converts_a  # and the two loops are different programs
+
+
 def test_host_batches_are_the_device_batches():
     tokens = np.random.default_rng(2).integers(0, 50, 300).astype(np.uint16)
     keys = jax.random.split(jax.random.PRNGKey(5), 6).reshape(2, 3, 2)
