@@ -1,5 +1,6 @@
 """Shared test settings: full float32 matmul precision (JAX here, PyTorch via `torch_highest`), the corpus path."""
 
+import functools
 import os
 import pathlib
 
@@ -39,6 +40,26 @@ def pytest_sessionstart(session):
         os.environ["JAXGPT_SHAKESPEARE"] = str(default_text_path())
     except DataError as e:
         pytest.exit(f"error: tiny Shakespeare is needed by the tests: {e}", returncode=2)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist hands out tests one by one (`-n 2`), except that a module with a module-scoped fixture goes to one
+    worker whole: each worker that ran one of its tests would set the fixture up again (the compile check, a
+    gpu_check.sh run, a trained run: minutes each). Such modules start first (xdist orders groups by size)."""
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ModuleFixturesStayTogether(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if _has_module_fixture(path) else nodeid
+
+    return ModuleFixturesStayTogether(config, log)
+
+
+@functools.cache
+def _has_module_fixture(path: str) -> bool:
+    file = ROOT / path
+    return file.is_file() and 'scope="module"' in file.read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="session")

@@ -33,8 +33,7 @@ def test_every_program_compiles_and_fits_on_each_target(quick_rows):
                        "tiny-dropout float32", "tiny-dropout bfloat16"):
             assert {(target, config, p) for p in PROGRAMS} <= seen
     # Colab's free GPU has no bf16 units and Triton does not compile for it (compute capability 7.5).
-    for config in ("tiny float32", "tiny-speedrun float32", "tiny-dropout float32"):
-        assert {("t4", config, p) for p in PROGRAMS} <= seen
+    assert {("t4", "tiny-dropout float32", p) for p in PROGRAMS} <= seen
 
 
 @pytest.mark.slow
