@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxgpt.attention import keep_mask
+
 BLOCK = 64  # query and key rows a kernel instance holds: (64, 64) scores fit in registers with D up to 128
 MIN_COMPUTE_CAPABILITY = (8, 0)  # XLA compiles Triton kernels for Ampere and newer only (a T4, 7.5, takes the ladder)
 
@@ -35,32 +37,6 @@ def fits(q_BTHD: jax.Array, k_BSHD: jax.Array) -> bool:
     T, S, D = q_BTHD.shape[1], k_BSHD.shape[1], q_BTHD.shape[-1]
     return (q_BTHD.ndim == 4 and T == S and T % BLOCK == 0 and D in (16, 32, 64, 128) and T * S < 2**31
             and q_BTHD.dtype in (jnp.float32, jnp.bfloat16, jnp.float16))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The dropout mask: a pure function of (seed, head, query, key)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _mix32(x: jax.Array) -> jax.Array:
-    """murmur3's 32-bit finaliser: each input bit flips each output bit with probability close to 1/2."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = x * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def keep_mask(seed: jax.Array, head: jax.Array, rows: jax.Array, cols: jax.Array, n_cols: int,
-              rate: float) -> jax.Array:
-    """True where attention weight (row, col) of head `head` (b·H + h) is kept: Bernoulli(1 - rate), independent.
-
-    The position's counter row·S + col and the head's key (from the uint32 `seed`) go through two rounds of a
-    32-bit mixer; the top 24 bits are compared with rate·2²⁴, so P(drop) is `rate` to within 2⁻²⁴."""
-    head_key = _mix32(seed ^ _mix32(head.astype(jnp.uint32) + jnp.uint32(0x9E3779B9)))
-    counter = (rows * n_cols + cols).astype(jnp.uint32)
-    bits = _mix32(_mix32(counter ^ head_key) + head_key)
-    return (bits >> 8).astype(jnp.int32) >= jnp.int32(round(rate * 2**24))
 
 
 def reference(q_BTHD: jax.Array, k_BSHD: jax.Array, v_BSHD: jax.Array, *, rate: float, key: jax.Array) -> jax.Array:

@@ -4,7 +4,7 @@ Triton on a GPU (`benchmarks/gpu_check.sh` runs this file there). The contract t
 
 The kernels are what a GPU program with attention dropout runs (`attention.dot_product_attention`);
 `tests/test_bench_targets.py` checks that the GPU program compiles to them. Here: their numbers against the
-attention written out with the same mask, their gradients, and the mask's distribution."""
+attention written out with the same mask and their gradients (the mask's distribution: `tests/test_attention.py`)."""
 
 import jax
 import jax.numpy as jnp
@@ -97,26 +97,6 @@ def test_the_mask_is_a_function_of_the_key_and_differs_between_keys(kernel):
     a = flash(q, k, v, 0.2, jax.random.key(1))
     assert np.array_equal(a, flash(q, k, v, 0.2, jax.random.key(1)))
     assert not np.allclose(a, flash(q, k, v, 0.2, jax.random.key(2)))
-
-
-@pytest.mark.parametrize("rate", [0.1, 0.2, 0.5])
-def test_keep_mask_is_bernoulli_and_independent(rate):
-    """Each weight is kept with probability 1 - rate; neighbours along rows, columns, heads and seeds are not
-    correlated (pair frequencies match (1 - rate)^2 to within 5 standard errors)."""
-    n_heads, n = 8, 256
-    rows, cols = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
-    seed = jax.random.bits(jax.random.key(0), (), jnp.uint32)
-    keep = np.asarray(flash_dropout.keep_mask(seed, jnp.arange(n_heads)[:, None, None], rows, cols, n, rate))
-    other_seed = np.asarray(flash_dropout.keep_mask(seed + 1, jnp.arange(n_heads)[:, None, None], rows, cols, n,
-                                                    rate))
-    p = 1.0 - rate
-    size = keep.size
-    assert abs(keep.mean() - p) < 5 * np.sqrt(p * (1 - p) / size)
-    pairs = {"columns": (keep[:, :, 1:], keep[:, :, :-1]), "rows": (keep[:, 1:], keep[:, :-1]),
-             "heads": (keep[1:], keep[:-1]), "seeds": (keep, other_seed)}
-    for name, (a, b) in pairs.items():
-        both = (a & b).mean()
-        assert abs(both - p * p) < 5 * np.sqrt(p * p * (1 - p * p) / a.size), name
 
 
 def test_a_batch_split_over_devices_draws_the_masks_of_one_device():
