@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxgpt.attention import keep_mask
+from jaxgpt.dropout import keep_mask
 
 BLOCK = 64  # query and key rows a kernel instance holds: (64, 64) scores fit in registers with D up to 128
 MIN_COMPUTE_CAPABILITY = (8, 0)  # XLA compiles Triton kernels for Ampere and newer only (a T4, 7.5, takes the ladder)

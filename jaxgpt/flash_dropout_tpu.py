@@ -1,7 +1,7 @@
 """Causal flash attention with attention dropout, for TPUs: two Pallas kernels that Mosaic compiles.
 
 The TPU twin of `jaxgpt.flash_dropout` (read that module first): the same online softmax, the same dropout mask
-(`attention.keep_mask`, a hash of the step's seed and each weight's (head, query, key) place, so a GPU and a TPU
+(`dropout.keep_mask`, a hash of the step's seed and each weight's (head, query, key) place, so a GPU and a TPU
 drop the same weights), laid out for a TPU. Two things differ, both for the TPU's memory:
 
 - **The model's (B, T, C) layout, heads side by side.** A TPU tile is 128 lanes wide: a (B, H, T, 64) head array
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxgpt.attention import keep_mask
+from jaxgpt.dropout import keep_mask
 
 BLOCK = 128  # query and key rows a step of a kernel holds (the sequence comes in whole blocks)
 LANES = 128  # the width of a TPU vector register: a kernel instance's group of channels

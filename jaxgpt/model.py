@@ -36,8 +36,9 @@ import optax
 from flax import nnx
 
 from jaxgpt import kv_cache
-from jaxgpt.attention import attention, dot_product_attention, dropout, rms_norm, rotary
+from jaxgpt.attention import attention, dot_product_attention, rms_norm, rotary
 from jaxgpt.cpu_matmul import dense_dot_general
+from jaxgpt.dropout import dropout
 from jaxgpt.gpt_config import ACTIVATIONS, GPTConfig
 from jaxgpt.initializers import normal
 from jaxgpt.layout import stack_blocks
