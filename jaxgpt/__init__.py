@@ -25,8 +25,9 @@ _EXPORTS = {
 }
 _SUBMODULES = frozenset({
     "attention", "checkpoint", "config", "config_help", "convert", "cpu_matmul", "data", "data_meta", "decode",
-    "gpt_config", "host_feed", "initializers", "kv_cache", "layout", "mfu", "model", "optim", "plotting", "prepare",
-    "run_dir", "safe_pickle", "sampling", "sharding", "target", "tokenizer", "train_loop", "train_step", "training",
+    "dropout", "gpt_config", "host_feed", "initializers", "kv_cache", "layout", "mfu", "model", "optim", "plotting",
+    "prepare", "run_dir", "safe_pickle", "sampling", "sharding", "target", "tokenizer", "train_loop", "train_step",
+    "training",
 })
 
 __all__ = sorted(_EXPORTS)
