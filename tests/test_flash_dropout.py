@@ -4,7 +4,7 @@ Triton on a GPU (`benchmarks/gpu_check.sh` runs this file there). The contract t
 
 The kernels are what a GPU program with attention dropout runs (`attention.dot_product_attention`);
 `tests/test_bench_targets.py` checks that the GPU program compiles to them. Here: their numbers against the
-attention written out with the same mask and their gradients (the mask's distribution: `tests/test_attention.py`)."""
+attention written out with the same mask and their gradients (the mask's distribution: `tests/test_dropout.py`)."""
 
 import jax
 import jax.numpy as jnp
